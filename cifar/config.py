@@ -1,0 +1,255 @@
+"""Typed run configuration: dataclasses filled from YAML recipes and dotted command-line overrides.
+
+A recipe may extend another with `base: other.yaml` (relative to the recipe's folder). Overrides look like
+`optim.lr=0.1` (or `--optim.lr 0.1`); values are parsed as YAML. Anything unknown, mistyped or out of range is
+refused with a UserError naming the key, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tutorial_net"
+
+
+@dataclass
+class DataConfig:
+    source: Literal["cifar10", "synthetic"] = "cifar10"
+    root: str = "./data"
+    download: bool = True
+    batch_size: int = 4                      # per process
+    eval_batch_size: Optional[int] = None    # per process; default max(batch_size, 256)
+    augment: bool = False
+    num_workers: int = 2
+    limit_train: Optional[int] = None        # first N training images (synthetic: the set's size)
+    limit_test: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_steps: int = 0                    # optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    max_steps: Optional[int] = None          # optimizer steps; overrides epochs when set
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
+    eval_every_epochs: int = 1
+    log_every_steps: int = 50
+
+
+@dataclass
+class Config:
+    name: str = "tutorial"
+    seed: int = 0
+    output_dir: Optional[str] = None         # default runs/<name>-<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe file (or the defaults) + overrides -> validated Config."""
+    raw = _read_recipe(path, seen=()) if path else {}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config saved in a run folder (config.yaml)."""
+    cfg = _build(Config, dict(raw), prefix="")
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1`, `--a.b=1` and `--a.b 1` -> [("a.b", 1)]."""
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" not in arg:
+                if i + 1 >= len(args):
+                    raise UserError(f"override --{arg} has no value; write --{arg}=VALUE")
+                arg, i = f"{arg}={args[i + 1]}", i + 1
+        if "=" not in arg or arg.startswith("="):
+            raise UserError(f"cannot read override {args[i]!r}; write section.key=value, e.g. optim.lr=0.1")
+        key, text = arg.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text  # not YAML: keep the plain string, type checks still apply
+        out.append((key.strip(), value))
+        i += 1
+    return out
+
+
+def _read_recipe(path: str, seen: tuple) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise UserError(f"recipe {path} extends itself through 'base'; remove the cycle")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found; pass an existing recipe, e.g. --config configs/debug.yaml")
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax")
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"'base' in {path} must be a file name, e.g. base: tutorial.yaml")
+    parent = _read_recipe(os.path.join(os.path.dirname(path), base), seen + (path,))
+    return _merge(parent, raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {key}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- typing
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise UserError(f"unknown config key '{prefix}{key}'; allowed here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value is False:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
+        if value not in args:
+            raise UserError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(args[0], v, key) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}' must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise UserError(f"config key '{key}' must be a string; got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not user input
+
+
+# ----------------------------------------------------------------------------- ranges
+
+def _require(ok: bool, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' must be {allowed}; got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    from .models import MODELS  # the registry decides which names exist
+
+    _require(cfg.model.name in MODELS, "model.name", "one of " + ", ".join(sorted(MODELS)), cfg.model.name)
+    d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
+    _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
+             d.eval_batch_size)
+    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    for k in ("limit_train", "limit_test"):
+        v = getattr(d, k)
+        _require(v is None or v >= 1, f"data.{k}", ">= 1 or null", v)
+    _require(o.lr > 0, "optim.lr", "> 0", o.lr)
+    _require(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov",
+             "false unless optim.name is sgd with momentum > 0", o.nesterov)
+    _require(s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0", s.warmup_steps)
+    _require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", ">= 1 or null", t.max_steps)
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1", t.grad_accum_steps)
+    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "> 0 or null", t.grad_clip)
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", t.label_smoothing)
+    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", ">= 1", t.eval_every_epochs)
+    _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)

@@ -1,0 +1,25 @@
+"""User-facing errors: one clear line and exit code 2, never a traceback wall."""
+from __future__ import annotations
+
+import functools
+import sys
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input the user can fix (config, data, checkpoint). The message names the problem and the fix."""
+
+
+def cli(main):
+    """Wrap an entry point so a UserError prints one line on stderr and exits 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper

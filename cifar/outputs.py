@@ -1,0 +1,84 @@
+"""The run folder: config.yaml, metrics.jsonl, summary.json, model.safetensors. Main process only."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config
+from .errors import UserError
+
+WEIGHTS = "model.safetensors"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as null rather than produce a file other tools refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(obj) -> str:
+    return json.dumps(_clean(obj), allow_nan=False)
+
+
+class RunWriter:
+    def __init__(self, output_dir: str, cfg: Config):
+        self.dir = output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        write_atomic(os.path.join(output_dir, "config.yaml"), cfg.to_yaml().encode())
+        self._metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+
+    def log(self, row: dict) -> None:
+        self._metrics.write(to_json(row) + "\n")
+        self._metrics.flush()
+
+    def save_weights(self, model: torch.nn.Module) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        path = os.path.join(self.dir, WEIGHTS)
+        tmp = path + ".tmp"
+        save_file(state, tmp)
+        os.replace(tmp, path)
+
+    def save_summary(self, summary: dict) -> None:
+        write_atomic(os.path.join(self.dir, "summary.json"), (json.dumps(_clean(summary), indent=2) + "\n").encode())
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load safetensors weights, refusing a file made for another network with one clear line."""
+    state = load_file(path)
+    own = model.state_dict()
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        first = sorted(missing or unexpected or wrong)[0]
+        raise UserError(f"weights in {path} do not fit model {type(model).__name__} (first mismatch: {first}); "
+                        f"use the run's own config or the right checkpoint")
+    model.load_state_dict(state)

@@ -1,0 +1,23 @@
+"""Evaluate a trained run: overall and per-class accuracy, confusion matrix, a grid of predictions.
+
+    python evaluate.py --checkpoint runs/<run> [--tta] [--output DIR] [data.root=/datasets/cifar ...]
+    accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>
+"""
+import argparse
+
+from cifar.errors import cli
+from cifar.evaluation import run_evaluation
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    parser.add_argument("--tta", action="store_true", help="average predictions with the mirrored image")
+    parser.add_argument("--output", help="where eval.json and the PNGs go (default: beside the weights)")
+    args, overrides = parser.parse_known_args(argv)
+    run_evaluation(args.checkpoint, overrides, args.tta, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Recipes, overrides and the one-line refusals of bad input (exit code 2, the key named, no traceback)."""
+import pytest
+from conftest import run
+
+from cifar.config import Config, load_config, parse_overrides
+from cifar.errors import UserError
+
+
+def test_defaults_are_the_tutorial():
+    cfg = load_config(None, [])
+    t = load_config("configs/tutorial.yaml", [])
+    assert (t.model.name, t.data.batch_size, t.optim.lr, t.optim.momentum, t.train.epochs, t.data.augment) == \
+        ("tutorial_net", 4, 0.001, 0.9, 2, False)
+    assert (cfg.model.name, cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == ("tutorial_net", 4, 0.001, 2)
+
+
+def test_base_recipe_and_overrides(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\noptim: {lr: 0.5, momentum: 0.8}\ndata: {batch_size: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nname: child\noptim: {lr: 0.25}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["data.batch_size=9", "--train.epochs", "3",
+                                                      "--train.mixed_precision=bf16", "schedule.name=cosine"])
+    assert cfg.name == "child"
+    assert cfg.optim.lr == 0.25 and cfg.optim.momentum == 0.8     # merged, not replaced
+    assert cfg.data.batch_size == 9 and cfg.train.epochs == 3
+    assert cfg.train.mixed_precision == "bf16" and cfg.schedule.name == "cosine"
+    assert isinstance(cfg, Config)
+
+
+def test_yaml_no_stays_the_string_no():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_override_values_are_yaml():
+    assert parse_overrides(["a.b=0.1", "c=null", "d=[1, 2]", "e=true", "f=text"]) == \
+        [("a.b", 0.1), ("c", None), ("d", [1, 2]), ("e", True), ("f", "text")]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("bogus=1", "bogus"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.batch_size=2.5", "data.batch_size"),
+    ("model.name=vgg99", "model.name"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("optim.name=lion", "optim.name"),
+    ("schedule.name=step", "schedule.name"),
+    ("data.augment=maybe", "data.augment"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps"),
+    ("train.label_smoothing=1.5", "train.label_smoothing"),
+    ("data.source=imagenet", "data.source"),
+    ("optim=3", "optim"),
+])
+def test_bad_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config("configs/debug.yaml", [override])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lrr=0.1"], "optim.lrr"),
+    (["model.name=vgg99"], "model.name"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["--config", "configs/nope.yaml"], "nope.yaml"),
+    (["train.mixed_precision=fp16"], "fp16"),         # no GPU here: refused before any work
+])
+def test_cli_refuses_bad_input_with_one_line_and_exit_2(tmp_path, args, needle):
+    if args[0] != "--config":
+        args = ["--config", "configs/debug.yaml", *args]
+    proc = run("train.py", *args, f"output_dir={tmp_path}/r", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_yaml_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    proc = run("train.py", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+    root = tmp_path / "nowhere"
+    proc = run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", "data.download=false",
+               f"output_dir={tmp_path}/r", check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(root / "cifar-10-batches-py") in line and "data.root" in line

@@ -1,0 +1,113 @@
+"""The data layer: the real pickle format, download, and data that depends only on (seed, epoch, index)."""
+import functools
+import http.server
+import os
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import run, write_cifar
+
+from cifar.config import DataConfig
+from cifar.data import (CifarDataset, DataLoaderBatches, augment_params, denormalize, load_split, normalize,
+                        synthetic_split)
+
+
+def test_reads_the_official_pickle_layout(cifar_root):
+    cfg = DataConfig(root=cifar_root)
+    train, test = load_split(cfg, train=True), load_split(cfg, train=False)
+    assert train.images.shape == (84, 3, 32, 32) and train.images.dtype == np.uint8
+    assert test.images.shape == (37, 3, 32, 32) and train.labels.dtype == np.int64
+    limited = load_split(DataConfig(root=cifar_root, limit_train=20), train=True)
+    assert np.array_equal(limited.images, train.images[:20])
+
+
+def test_synthetic_is_deterministic_and_shaped_like_cifar():
+    a, b = synthetic_split(50, True), synthetic_split(50, True)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert a.images.shape == (50, 3, 32, 32) and set(a.labels) <= set(range(10))
+    assert not np.array_equal(synthetic_split(50, False).images, a.images)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(cifar_root):
+    split = load_split(DataConfig(root=cifar_root), train=True)
+    ds = CifarDataset(split, augment=True, seed=3)
+    x1, _ = ds[(2, 5)]
+    x2, _ = CifarDataset(split, augment=True, seed=3)[(2, 5)]
+    assert torch.equal(x1, x2)
+    params = {augment_params(3, e, 5) for e in range(40)}
+    assert len(params) > 10                                   # epochs really differ
+    dy, dx, flip = augment_params(3, 2, 5)
+    padded = np.zeros((3, 40, 40), np.uint8)
+    padded[:, 4:36, 4:36] = split.images[5]
+    expect = padded[:, dy:dy + 32, dx:dx + 32]
+    expect = expect[:, :, ::-1] if flip else expect
+    assert np.array_equal(x1.numpy(), expect)                 # crop with 4-px zero padding + flip
+    assert torch.equal(CifarDataset(split, augment=False, seed=3)[(2, 5)][0], torch.from_numpy(split.images[5]))
+
+
+def _epoch_batches(split, num_workers, epoch):
+    acc = Accelerator(cpu=True)
+    batches = DataLoaderBatches(acc, split, batch_size=16, train=True, augment=True, seed=7, num_workers=num_workers)
+    return [(x.clone(), y.clone()) for x, y in batches.epoch(epoch)]
+
+
+def test_batches_do_not_depend_on_num_workers_and_change_per_epoch(cifar_root):
+    split = load_split(DataConfig(root=cifar_root), train=True)
+    a0 = _epoch_batches(split, 0, epoch=1)
+    a2 = _epoch_batches(split, 2, epoch=1)
+    assert len(a0) == len(a2) == 6
+    for (x0, y0), (x2, y2) in zip(a0, a2):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    b0 = _epoch_batches(split, 0, epoch=2)
+    assert not torch.equal(a0[0][1], b0[0][1])                # a new shuffle each epoch
+    seen = torch.cat([y for _, y in a0])
+    assert sorted(seen.tolist()) == sorted(split.labels.tolist())   # each sample exactly once per epoch
+
+
+def test_normalize_round_trip():
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.allclose(denormalize(normalize(x)), x.float() / 255, atol=1e-6)
+
+
+def test_download_extracts_an_archive_when_missing(tmp_path):
+    src = write_cifar(str(tmp_path / "src"), n_train=40, n_test=10)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(os.path.join(src, "cifar-10-batches-py"), arcname="cifar-10-batches-py")
+    root = tmp_path / "fresh"
+    # a real HTTP download through torchvision's utilities, from a server on loopback
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", "data.num_workers=0",
+            "data.batch_size=20", "train.epochs=1", f"output_dir={tmp_path}/r", CIFAR10_URL=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (root / "cifar-10-batches-py" / "test_batch").exists()
+    assert (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_failed_download_is_one_clear_line(tmp_path):
+    proc = run("train.py", "--config", "configs/tutorial.yaml", f"data.root={tmp_path}/d", f"output_dir={tmp_path}/r",
+               check=False, CIFAR10_URL=(tmp_path / "missing.tar.gz").as_uri())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "downloading CIFAR-10" in lines[0] and str(tmp_path / "d") in lines[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_pickle_is_one_clear_line(tmp_path, damage):
+    root = write_cifar(str(tmp_path / "data"), n_train=20, n_test=10)
+    path = os.path.join(root, "cifar-10-batches-py", "data_batch_2")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:100] if damage == "truncate" else b"not a pickle" * 10)
+    proc = run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", f"output_dir={tmp_path}/r",
+               check=False)
+    assert proc.returncode == 2 and "data_batch_2" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,25 @@
+"""Train a CIFAR-10 classifier.
+
+    python train.py [--config configs/RECIPE.yaml] [section.key=value ...]
+    accelerate launch --multi_gpu --num_processes 4 train.py --config configs/resnet18.yaml optim.lr=0.2
+
+With no --config the defaults are the PyTorch 60-minute tutorial (configs/tutorial.yaml).
+"""
+import argparse
+
+from cifar.config import load_config
+from cifar.engine import train
+from cifar.errors import cli
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (default: the tutorial recipe)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
