@@ -1,0 +1,1 @@
+"""CIFAR-10 training on Accelerate: config, data, models, engine, evaluation."""
