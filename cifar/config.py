@@ -64,6 +64,28 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None        # also save every N optimizer steps
+    every_epochs: Optional[int] = 1          # save at the end of every N epochs
+    keep_last: int = 2                       # newest checkpoints kept
+    keep_best: int = 1                       # best by test accuracy, kept besides the newest
+    resume: str = "auto"                     # auto | never | <path to a checkpoint or run folder>
+    overwrite: bool = False                  # with resume: never, allow starting over in a folder with checkpoints
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[Literal["online", "offline", "disabled"]] = None   # null: $WANDB_MODE, else disabled
+    project: str = "cifar10"
+    entity: Optional[str] = None
+    name: Optional[str] = None               # default: the run folder's name
+    group: Optional[str] = None              # default: the recipe name
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+    notes: Optional[str] = None
+
+
+@dataclass
 class Config:
     name: str = "tutorial"
     seed: int = 0
@@ -73,6 +95,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,3 +277,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", t.label_smoothing)
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", ">= 1", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    c = cfg.checkpoint
+    for k in ("every_steps", "every_epochs"):
+        v = getattr(c, k)
+        _require(v is None or v >= 1, f"checkpoint.{k}", ">= 1 or null", v)
+    _require(c.keep_last >= 1, "checkpoint.keep_last", ">= 1 (the newest checkpoint is what resume needs)", c.keep_last)
+    _require(c.keep_best >= 0, "checkpoint.keep_best", ">= 0", c.keep_best)
+    _require(bool(c.resume), "checkpoint.resume", "auto, never or a checkpoint path", c.resume)

@@ -5,6 +5,9 @@ import functools
 import sys
 
 EXIT_USAGE = 2
+# Stopped early on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint: rerun the same command to resume.
+# 75 is sysexits' EX_TEMPFAIL, "temporary failure; the user is invited to retry".
+EXIT_RESUMABLE = 75
 
 
 class UserError(Exception):
