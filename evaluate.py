@@ -1,6 +1,6 @@
 """Evaluate a trained run: overall and per-class accuracy, confusion matrix, a grid of predictions.
 
-    python evaluate.py --checkpoint runs/<run> [--tta] [--output DIR] [data.root=/datasets/cifar ...]
+    python evaluate.py --checkpoint runs/<run> [--pick best] [--tta] [--output DIR] [data.root=/datasets/cifar ...]
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>
 """
 import argparse
@@ -12,11 +12,14 @@ from cifar.evaluation import run_evaluation
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run folder (or its model.safetensors)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder, checkpoint folder (checkpoints/step-N) or a model.safetensors")
+    parser.add_argument("--pick", choices=["auto", "final", "latest", "best"], default="auto",
+                        help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
     parser.add_argument("--tta", action="store_true", help="average predictions with the mirrored image")
     parser.add_argument("--output", help="where eval.json and the PNGs go (default: beside the weights)")
     args, overrides = parser.parse_known_args(argv)
-    run_evaluation(args.checkpoint, overrides, args.tta, args.output)
+    run_evaluation(args.checkpoint, overrides, args.tta, args.output, pick=args.pick)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,11 @@ def _coerce(tp, value, key: str):
             raise UserError(f"config key '{key}' must be an integer; got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; people write it all the time
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key '{key}' must be a number; got {value!r}")
         return float(value)

@@ -28,9 +28,11 @@ class Console:
         self.live = None
         self.table = None
 
-    def print(self, *args, **kwargs):
-        if self.enabled:
-            self.rich.print(*args, **kwargs)
+    def print(self, text: str):
+        if self.interactive:
+            self.rich.print(text, soft_wrap=True)
+        elif self.enabled:
+            print(text, flush=True)   # batch logs: whole lines, never wrapped or cut
 
     def config(self, yaml_text: str, output_dir: str):
         if not self.enabled:
@@ -83,10 +85,14 @@ class Console:
         if not self.enabled:
             return
         self.stop()
+        rows = [(key, f"{v:.2f}" if isinstance(v := summary.get(key), float) else str(v))
+                for key in ("final_test_acc", "best_test_acc", "wall_seconds", "train_seconds", "images_per_sec",
+                            "world_size", "mixed_precision", "output_dir")]
+        if not self.interactive:
+            print("summary " + "  ".join(f"{k}={v}" for k, v in rows), flush=True)
+            return
         table = Table(title="summary", show_header=False, title_justify="left")
-        for key in ("final_test_acc", "best_test_acc", "wall_seconds", "train_seconds", "images_per_sec",
-                    "world_size", "mixed_precision", "output_dir"):
-            value = summary.get(key)
-            table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+        for row in rows:
+            table.add_row(*row)
         self.rich.print(table)
         sys.stdout.flush()

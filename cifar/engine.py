@@ -9,17 +9,19 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
+from .checkpoint import Checkpoints, TrainState, rng_state
 from .config import Config
 from .console import Console
 from .data import build_batches
-from .errors import UserError
+from .errors import Stopped, UserError
 from .evaluation import evaluate
 from .models import build_model
 from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
+from .signals import StopRequest
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -33,37 +35,48 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 
-def resolve_output_dir(cfg: Config, accelerator: Accelerator) -> str:
-    """runs/<name>-<timestamp> unless given; every rank gets the main process's choice."""
-    chosen = [cfg.output_dir or os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")]
+def on_main(accelerator: Accelerator, fn):
+    """Run fn on the main process only and hand every rank its result, or the same UserError."""
+    box = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
     if accelerator.num_processes > 1:
-        broadcast_object_list(chosen, from_process=0)
-    return chosen[0]
+        broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 @dataclass
 class StepStats:
-    """Running sums on the device, read (one sync) only when a row is logged."""
+    """Running sums on the device, read (one sync) only when a row is logged or a checkpoint saved."""
     loss_sum: torch.Tensor
     correct: torch.Tensor
-    samples: int = 0
+    samples: torch.Tensor
 
     @classmethod
-    def zeros(cls, device):
-        return cls(torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device,
-                                                                                  dtype=torch.long))
+    def start(cls, device, sums=(0.0, 0, 0), mine: bool = True):
+        """Counters beginning at `sums` (global totals restored from a checkpoint) on one rank, zero elsewhere."""
+        loss, correct, samples = sums if mine else (0.0, 0, 0)
+        return cls(*(torch.tensor(float(v), device=device, dtype=torch.float64) for v in (loss, correct, samples)))
 
     def add(self, loss_sum, correct, n):
         self.loss_sum += loss_sum.detach().double()
         self.correct += correct
         self.samples += n
 
-    def totals(self, accelerator) -> tuple[float, float, int]:
-        """(mean loss, accuracy %, samples) over all ranks."""
-        sums = torch.stack([self.loss_sum, self.correct.double(),
-                            torch.tensor(float(self.samples), device=self.loss_sum.device, dtype=torch.float64)])
-        loss_sum, correct, samples = accelerator.reduce(sums, "sum").tolist()
-        return loss_sum / samples, 100.0 * correct / samples, int(samples)
+    def totals(self, accelerator) -> list:
+        """[loss sum, correct, samples] over all ranks; raises when training has diverged."""
+        loss_sum, correct, samples = accelerator.reduce(torch.stack([self.loss_sum, self.correct, self.samples]),
+                                                        "sum").tolist()
+        if not math.isfinite(loss_sum):
+            raise UserError(f"training diverged: the loss became {loss_sum}; lower optim.lr or set train.grad_clip "
+                            f"(the last good checkpoint is kept)")
+        return [loss_sum, int(correct), int(samples)]
 
 
 def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tuple[torch.Tensor, torch.Tensor,
@@ -108,12 +121,12 @@ def windows(batches, size: int):
 
 
 def train(cfg: Config) -> dict:
+    stop = StopRequest().install()     # first: a signal during start-up is honoured at the first step
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    output_dir = resolve_output_dir(cfg, accelerator)
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
+        "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     console = Console(enabled=main)
-    console.config(cfg.to_yaml(), output_dir)
-    writer = RunWriter(output_dir, cfg) if main else None
 
     set_seed(cfg.seed)
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
@@ -127,68 +140,138 @@ def train(cfg: Config) -> dict:
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer.optimizer, total_steps)
-    world = accelerator.num_processes
+    global_batch = cfg.data.batch_size * world * t.grad_accum_steps
 
-    step, best_acc, result = 0, None, None
-    train_seconds, samples_seen = 0.0, 0
-    wall_start = time.perf_counter()
-    console.start(total_steps)
-    for epoch in range(epochs):
-        model.train()
-        epoch_stats, log_stats = StepStats.zeros(accelerator.device), StepStats.zeros(accelerator.device)
-        epoch_start = log_start = time.perf_counter()
-        for window in windows(train_batches.epoch(epoch), t.grad_accum_steps):
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum, correct, n, grad_norm = train_step(accelerator, model, optimizer, loss_fn, window, t.grad_clip)
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
-                scheduler.step()
-            step += 1
-            epoch_stats.add(loss_sum, correct, n)
-            log_stats.add(loss_sum, correct, n)
-            row = None
-            if step % t.log_every_steps == 0 or step == total_steps:
-                loss, acc, samples = log_stats.totals(accelerator)
-                row = {"step": step, "epoch": epoch, "lr": lr, "train/loss": loss, "train/acc": acc,
-                       "images_per_sec": samples / (time.perf_counter() - log_start)}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                if not math.isfinite(row["train/loss"]):
-                    raise UserError(f"training diverged: loss is {row['train/loss']} at step {step}; lower optim.lr "
-                                    f"or set train.grad_clip")
-                if writer:
-                    writer.log(row)
-                log_stats, log_start = StepStats.zeros(accelerator.device), time.perf_counter()
-            console.step(step, row)
-            if step == total_steps:
-                break
-        epoch_time = time.perf_counter() - epoch_start
-        train_seconds += epoch_time
-        loss, acc, samples = epoch_stats.totals(accelerator)
-        samples_seen += samples
-        last_epoch = epoch == epochs - 1
-        row = {"step": step, "epoch": epoch, "lr": lr, "epoch_time": epoch_time, "train/epoch_loss": loss,
-               "train/epoch_acc": acc, "images_per_sec": samples / epoch_time}
-        if (epoch + 1) % t.eval_every_epochs == 0 or last_epoch:
-            result = evaluate(model, test_batches, accelerator)
-            best_acc = max(best_acc or 0.0, result.accuracy)
-            row.update(result.as_row())
+    # ---- resume: the main process picks the checkpoint (warning about unusable ones), every rank loads it
+    ckpts = Checkpoints(output_dir, cfg, main)
+    state = TrainState(global_batch=global_batch, world_size=world)
+    resume_from = on_main(accelerator, ckpts.resume_path)
+    if resume_from:
+        state = ckpts.load(resume_from, accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
+                           accelerator.scaler, accelerator.process_index)
+        if state.global_batch != global_batch:
+            raise UserError(f"checkpoint {resume_from} was trained with a global batch of {state.global_batch}, "
+                            f"this run has {global_batch} (batch_size x processes x grad_accum_steps); keep it equal")
+    console.config(cfg.to_yaml(), output_dir)
+    if resume_from:
+        console.print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch})")
+    writer = RunWriter(output_dir, cfg, resume_step=state.step if resume_from else None) if main else None
+    if writer:
+        writer.status("running", step=state.step, total_steps=total_steps, world_size=world, resumed_from=resume_from)
+
+    def save_checkpoint(acc: float | None = None):
+        """acc: the test accuracy measured at this very step, which keep_best ranks by (None mid-epoch)."""
+        state.epoch_sums, state.log_sums = epoch_stats.totals(accelerator), log_stats.totals(accelerator)
+        state.train_seconds = train_seconds + (time.perf_counter() - epoch_start)
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+        path = ckpts.save(state, accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
+                          accelerator.scaler, rngs, acc)
+        accelerator.wait_for_everyone()              # no rank leaves before the main process has saved
+        return path
+
+    result = None
+    train_seconds = state.train_seconds
+    wall_start = log_start = time.perf_counter()
+    log_stats = StepStats.start(accelerator.device, state.log_sums, main)   # a log window may span epochs
+    lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(state.step - 1, 0))  # the last step's LR
+    console.start(total_steps, state.step)
+    try:
+        for epoch in range(state.epoch, epochs):
+            model.train()
+            resumed = epoch == state.epoch and state.samples_in_epoch > 0
+            skip = state.samples_in_epoch // (cfg.data.batch_size * world) if resumed else 0
+            epoch_stats = StepStats.start(accelerator.device, state.epoch_sums if resumed else (0.0, 0, 0), main)
+            state.epoch, state.samples_in_epoch = epoch, state.samples_in_epoch if resumed else 0
+            epoch_start = time.perf_counter()
+            batches_done, save_at_epoch_end = skip, False
+            for window in windows(train_batches.epoch(epoch, skip), t.grad_accum_steps):
+                batches_done += len(window)
+                lr = optimizer.param_groups[0]["lr"]
+                loss_sum, correct, n, grad_norm = train_step(accelerator, model, optimizer, loss_fn, window,
+                                                             t.grad_clip)
+                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+                    scheduler.step()
+                state.step += 1
+                state.samples_in_epoch += len(window) * cfg.data.batch_size * world
+                epoch_stats.add(loss_sum, correct, n)
+                log_stats.add(loss_sum, correct, n)
+                row = None
+                if state.step % t.log_every_steps == 0 or state.step == total_steps:
+                    loss, correct_total, samples = log_stats.totals(accelerator)
+                    row = {"step": state.step, "epoch": epoch, "lr": lr, "train/loss": loss / samples,
+                           "train/acc": 100.0 * correct_total / samples,
+                           "images_per_sec": samples / (time.perf_counter() - log_start)}
+                    if grad_norm is not None:
+                        row["grad_norm"] = grad_norm
+                    if writer:
+                        writer.log(row)
+                    log_stats, log_start = StepStats.start(accelerator.device), time.perf_counter()
+                console.step(state.step, row)
+                stopping = stop.agreed(accelerator)
+                every = cfg.checkpoint.every_steps
+                due = bool(every and state.step % every == 0 and state.step < total_steps)
+                if due and batches_done == len(train_batches) and not stopping:
+                    save_at_epoch_end = True     # saved after this epoch's evaluation, so it is not logged twice
+                elif stopping or due:
+                    path = save_checkpoint()
+                    if stopping:
+                        if writer:
+                            writer.status("stopped", step=state.step, signal=stop.name, checkpoint=path)
+                        # The handlers stay installed: the launcher's own SIGTERM to the other ranks (sent when
+                        # the first one exits) must not turn their resumable exit into a kill.
+                        raise Stopped(f"{stop.name} at step {state.step}; checkpoint {path or 'saved by rank 0'}; "
+                                      f"rerun the same command to resume")
+                if state.step == total_steps:
+                    break
+            epoch_time = time.perf_counter() - epoch_start
+            train_seconds += epoch_time
+            loss, correct_total, samples = epoch_stats.totals(accelerator)
+            state.samples_seen += samples
+            last_epoch = epoch == epochs - 1
+            row = {"step": state.step, "epoch": epoch, "lr": lr, "epoch_time": epoch_time,
+                   "train/epoch_loss": loss / samples, "train/epoch_acc": 100.0 * correct_total / samples,
+                   "images_per_sec": samples / epoch_time}
+            evaluated = (epoch + 1) % t.eval_every_epochs == 0 or last_epoch
+            if evaluated:
+                result = evaluate(model, test_batches, accelerator)
+                state.best_acc = max(state.best_acc or 0.0, result.accuracy)
+                row.update(result.as_row())
+            if writer:
+                writer.log(row)
+            console.epoch(row)
+            state.epoch, state.samples_in_epoch = epoch + 1, 0
+            epoch_stats, epoch_start = StepStats.start(accelerator.device), time.perf_counter()  # saved as empty
+            every = cfg.checkpoint.every_epochs
+            if last_epoch or save_at_epoch_end or (every and (epoch + 1) % every == 0):
+                save_checkpoint(result.accuracy if evaluated else None)
+    except Stopped:
+        console.stop()
+        raise
+    except BaseException as e:
+        console.stop()
+        stop.uninstall()
         if writer:
-            writer.log(row)
-        console.epoch(row)
+            writer.status("failed", step=state.step, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    stop.uninstall()
+    console.stop()
 
+    if result is None:                                   # resumed a run that had already finished training
+        result = evaluate(model, test_batches, accelerator)
+        state.best_acc = max(state.best_acc or 0.0, result.accuracy)
     summary = {
-        "name": cfg.name, "output_dir": output_dir, "steps": step, "epochs": epochs,
-        "final_test_acc": result.accuracy, "best_test_acc": best_acc, "final_test_loss": result.loss,
+        "name": cfg.name, "output_dir": output_dir, "steps": state.step, "epochs": epochs,
+        "final_test_acc": result.accuracy, "best_test_acc": state.best_acc, "final_test_loss": result.loss,
         "per_class_acc": result.per_class, "wall_seconds": time.perf_counter() - wall_start,
-        "train_seconds": train_seconds, "images_per_sec": samples_seen / train_seconds,
-        "world_size": world, "mixed_precision": t.mixed_precision,
-        "global_batch_size": cfg.data.batch_size * world * t.grad_accum_steps,
-        "device": accelerator.device.type,
+        "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
+        "world_size": world, "mixed_precision": t.mixed_precision, "global_batch_size": global_batch,
+        "device": accelerator.device.type, "resumed_from": resume_from,
     }
     accelerator.wait_for_everyone()
     if writer:
         writer.save_weights(accelerator.unwrap_model(model))
         writer.save_summary(summary)
+        writer.status("finished", step=state.step, total_steps=total_steps)
         writer.close()
     console.summary(summary)
     accelerator.end_training()

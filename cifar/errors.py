@@ -14,6 +14,10 @@ class UserError(Exception):
     """Bad input the user can fix (config, data, checkpoint). The message names the problem and the fix."""
 
 
+class Stopped(Exception):
+    """Training stopped early on a signal, after saving a checkpoint."""
+
+
 def cli(main):
     """Wrap an entry point so a UserError prints one line on stderr and exits 2."""
 
@@ -24,5 +28,8 @@ def cli(main):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
+        except Stopped as e:
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_RESUMABLE)
 
     return wrapper

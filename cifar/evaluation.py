@@ -57,27 +57,34 @@ def evaluate(model, batches, accelerator, tta: bool = False) -> EvalResult:
 
 # ----------------------------------------------------------------------------- evaluate.py
 
-def find_run_files(path: str) -> tuple[str, str]:
-    """(config.yaml, weights) for a run folder or a weights file inside one."""
+def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
+    """(config.yaml, weights) for a checkpoint folder, a weights file, or a run folder. In a run folder, `pick`
+    chooses the final weights, the `latest` or the `best` checkpoint; auto means final if the run finished, else
+    latest."""
     import os
 
+    from .checkpoint import read_pointer
     from .errors import UserError
     from .outputs import WEIGHTS
 
     path = os.path.abspath(path)
-    if os.path.isfile(path):
-        weights, folder = path, os.path.dirname(path)
-    else:
-        weights, folder = os.path.join(path, WEIGHTS), path
-    config = os.path.join(folder, "config.yaml")
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    checkpoints = os.path.join(folder, "checkpoints")
+    if os.path.isdir(folder) and not os.path.isfile(path):
+        if pick in ("latest", "best") or (pick == "auto" and not os.path.isfile(os.path.join(folder, WEIGHTS))):
+            target = read_pointer(checkpoints, "latest" if pick == "auto" else pick)
+            if target is None and pick != "auto":
+                raise UserError(f"{folder} has no '{pick}' checkpoint; use --pick final or latest")
+            folder = target or folder
+    weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, "config.yaml")
     if not os.path.isfile(weights) or not os.path.isfile(config):
-        raise UserError(f"no finished run at {path} (need {WEIGHTS} and config.yaml); pass a run folder "
-                        f"written by train.py, e.g. runs/<name>-<time>")
+        raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
+                        f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
     return config, weights
 
 
 def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir: str | None,
-                   preview: int = 16) -> dict:
+                   preview: int = 16, pick: str = "auto") -> dict:
     import os
 
     from .config import load_config
@@ -87,7 +94,7 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir:
     from .outputs import load_weights, to_json, write_atomic
     from .plots import confusion_png, predictions_png
 
-    config_path, weights = find_run_files(checkpoint)
+    config_path, weights = find_run_files(checkpoint, pick)
     cfg = load_config(config_path, overrides)
     accelerator = make_accelerator(cfg)
     model = build_model(cfg.model.name)

@@ -26,6 +26,10 @@ def test_base_recipe_and_overrides(tmp_path):
     assert isinstance(cfg, Config)
 
 
+def test_exponents_without_a_dot_are_numbers():
+    assert load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-4"]).optim.lr == 0.001
+
+
 def test_yaml_no_stays_the_string_no():
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 

@@ -1,0 +1,278 @@
+"""Kill the job at any instant, rerun the same command: it ends with exactly the uninterrupted run's weights."""
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import ROOT, env, free_port, read_json, read_jsonl, run, weights
+from safetensors.torch import load_file, save_file
+
+from cifar.checkpoint import verify
+
+# 2048 synthetic images, batch 32, 3 epochs = 192 steps; a checkpoint every 8 steps and at each epoch end.
+RECIPE = ["--config", "configs/debug.yaml", "checkpoint.every_steps=8", "train.log_every_steps=4"]
+LONG = [*RECIPE, "data.limit_train=4096"]    # 384 steps: long enough to be killed several times
+
+
+def bitwise_equal(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def steps_of(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n.split("-")[1]) for n in os.listdir(folder) if n.startswith("step-")) if os.path.isdir(
+        folder) else []
+
+
+def launch(args, procs=1, **kw):
+    """Start train.py in its own process group (so a kill reaches the launcher and every rank)."""
+    script = os.path.join(ROOT, "train.py")
+    if procs == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), script, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def kill_tree(proc):
+    """SIGKILL the launcher and every process under it (torchrun puts ranks in their own process groups),
+    as a node failure would."""
+    everyone = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in everyone:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def wait_for(predicate, timeout=120, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def metric_rows(run_dir):
+    """metrics.jsonl without the timing fields, which differ between any two runs."""
+    timing = {"images_per_sec", "epoch_time"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run("train.py", *RECIPE, f"output_dir={out}")
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_instants_then_rerun_gives_identical_weights(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(4):
+        proc = launch([*LONG, f"output_dir={out}"])
+        before = max(steps_of(out), default=0)
+        # let it get past a new checkpoint, then kill -9 at a random instant
+        wait_for(lambda: max(steps_of(out), default=0) > before, proc=proc)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            kill_tree(proc)
+            kills += 1
+        proc.communicate()
+    assert kills >= 2
+    done = run("train.py", *LONG, f"output_dir={out}")
+    assert "resuming from" in done.stdout
+    run("train.py", *LONG, f"output_dir={ref}")
+    assert bitwise_equal(ref, out)
+    assert metric_rows(ref) == metric_rows(out)         # no lost or repeated log rows either
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, reference):
+    out = tmp_path / "run"
+    # CIFAR_FAULT makes the process SIGKILL itself halfway through writing the step-24 checkpoint
+    proc = run("train.py", *RECIPE, f"output_dir={out}", check=False, CIFAR_FAULT="kill-during-save:24")
+    assert proc.returncode == -signal.SIGKILL
+    assert steps_of(out) == [8, 16]
+    assert [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")]   # the half-written one
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-16"
+    done = run("train.py", *RECIPE, f"output_dir={out}")
+    assert "checkpoints/step-16" in done.stdout
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")]  # cleaned up
+    assert bitwise_equal(reference, out)
+
+
+@pytest.mark.parametrize("step", [64, 120])
+def test_kill_right_after_a_save_resumes_without_repeating_or_losing_rows(tmp_path, reference, step):
+    # step 64 ends epoch 0 (64 steps of 32 images) and is also an every_steps multiple: the save must hold the
+    # state after that epoch's evaluation, or the resumed run would log the epoch row a second time
+    out = tmp_path / "run"
+    proc = run("train.py", *RECIPE, f"output_dir={out}", check=False, CIFAR_FAULT=f"kill-after-save:{step}")
+    assert proc.returncode == -signal.SIGKILL and max(steps_of(out)) == step
+    run("train.py", *RECIPE, f"output_dir={out}")
+    assert bitwise_equal(reference, out)
+    assert metric_rows(reference) == metric_rows(out)
+
+
+@pytest.mark.slow
+def test_ddp_kill_9_then_rerun_gives_identical_weights(tmp_path):
+    args = [*RECIPE, "data.limit_train=4096", "data.batch_size=16", "train.epochs=2"]   # 256 steps
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run("train.py", *args, f"output_dir={ref}", procs=2)
+    proc = launch([*args, f"output_dir={out}"], procs=2)
+    wait_for(lambda: max(steps_of(out), default=0) >= 16, proc=proc)
+    kill_tree(proc)
+    assert steps_of(out) and not os.path.exists(out / "model.safetensors")
+    done = run("train.py", *args, f"output_dir={out}", procs=2)
+    assert "resuming from" in done.stdout
+    assert bitwise_equal(ref, out)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    out = tmp_path / "run"
+    run("train.py", *RECIPE, "train.max_steps=24", f"output_dir={out}")
+    assert steps_of(out) == [16, 24]
+    newest = out / "checkpoints" / "step-24" / "training.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    assert verify(str(out / "checkpoints" / "step-24")) is not None
+    proc = run("train.py", *RECIPE, "train.max_steps=32", f"output_dir={out}")
+    assert "step-24 is unusable" in proc.stderr and ("truncated" in proc.stderr or "corrupted" in proc.stderr)
+    assert "resuming from" in proc.stdout and "step-16" in proc.stdout
+    assert read_json(out / "summary.json")["steps"] == 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, sig):
+    args = [*RECIPE, "data.limit_train=1024", "data.batch_size=16", "train.epochs=2", "checkpoint.every_steps=null",
+            "checkpoint.every_epochs=null"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    proc = launch([*args, f"output_dir={out}"], procs=2)
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc=proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    # every rank exits with the resumable code (the launcher lists each rank's exit code), none is killed
+    assert re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", err, re.M) == ["75", "75"], err[-3000:]
+    assert err.count(f"stopped: {signal.Signals(sig).name} at step") == 2
+    status = read_json(out / "status.json")
+    assert status["state"] == "stopped" and status["signal"] == signal.Signals(sig).name
+    stopped_at = steps_of(out)
+    assert len(stopped_at) == 1                                    # the one checkpoint the signal asked for
+    assert stopped_at[0] < 64 and not (out / "model.safetensors").exists()
+    run("train.py", *args, f"output_dir={ref}", procs=2)
+    run("train.py", *args, f"output_dir={out}", procs=2)
+    assert bitwise_equal(ref, out)
+
+
+def test_sigint_single_process_exits_resumable_and_resumes(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = launch([*RECIPE, f"output_dir={out}"])
+    wait_for(lambda: len(steps_of(out)) >= 1, proc=proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "stopped: SIGINT" in err and "rerun the same command" in err
+    run("train.py", *RECIPE, f"output_dir={out}")
+    assert bitwise_equal(reference, out)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = run("train.py", "--config", "configs/debug.yaml", "optim.lr=1e30", "schedule.warmup_steps=0",
+               "schedule.name=constant", "checkpoint.every_steps=1", f"output_dir={out}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: training diverged") and "Traceback" not in proc.stderr
+    good = steps_of(out)
+    assert good and all(verify(str(out / "checkpoints" / f"step-{s}")) is None for s in good)
+    newest = load_file(str(out / "checkpoints" / f"step-{good[-1]}" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in newest.values())
+
+
+def test_pruning_keeps_the_newest_and_the_best(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *RECIPE, "checkpoint.keep_last=2", "checkpoint.keep_best=1", "train.epochs=4",
+        "data.limit_train=512", "optim.lr=0.05", f"output_dir={out}")
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "test/acc" in r]
+    best = max(evals, key=lambda r: (r["test/acc"], r["step"]))["step"]
+    kept = steps_of(out)
+    # saved: every 8 steps and at each epoch end (16 steps) = 8, 16, ..., 64; ranked by accuracy: epoch ends only
+    expected = sorted({56, 64, best})
+    assert kept == expected
+    assert (out / "checkpoints" / "best").read_text().strip() == f"step-{best}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-64"
+
+
+def test_resume_with_another_model_is_one_clear_line(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
+    proc = run("train.py", *RECIPE, "train.max_steps=8", "model.name=resnet18", f"output_dir={out}", check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "model tutorial_net" in line and "model.name=tutorial_net" in line and "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_shape_is_one_clear_line(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
+    ckpt = out / "checkpoints" / "step-8"
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["fc3.weight"] = torch.zeros(12, 84)                   # e.g. a changed model definition
+    save_file(state, str(ckpt / "model.safetensors"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "model.safetensors").read_bytes()
+    manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run("train.py", *RECIPE, "train.max_steps=16", f"output_dir={out}", check=False)
+    assert proc.returncode == 2 and "fc3.weight" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_resume_never_refuses_a_folder_with_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
+    proc = run("train.py", *RECIPE, "train.max_steps=8", "checkpoint.resume=never", f"output_dir={out}", check=False)
+    assert proc.returncode == 2 and "checkpoint.overwrite=true" in proc.stderr
+    run("train.py", *RECIPE, "train.max_steps=8", "checkpoint.resume=never", "checkpoint.overwrite=true",
+        f"output_dir={out}")
+    assert steps_of(out) == [8]
+
+
+def test_explicit_resume_path_and_evaluate_on_a_checkpoint(tmp_path, reference):
+    out = tmp_path / "other"
+    run("train.py", *RECIPE, f"checkpoint.resume={reference}/checkpoints/step-184", f"output_dir={out}")
+    assert bitwise_equal(reference, out)
+    proc = run("evaluate.py", "--checkpoint", str(reference / "checkpoints" / "step-184"), "--output",
+               str(tmp_path / "e"))
+    assert "Accuracy of the network" in proc.stdout
+    latest = run("evaluate.py", "--checkpoint", str(reference), "--pick", "best", "--output", str(tmp_path / "b"))
+    assert read_json(tmp_path / "b" / "eval.json")["checkpoint"].endswith(
+        (reference / "checkpoints" / "best").read_text().strip() + "/model.safetensors")
+    assert latest.returncode == 0
