@@ -18,8 +18,12 @@ def main(argv=None):
                         help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
     parser.add_argument("--tta", action="store_true", help="average predictions with the mirrored image")
     parser.add_argument("--output", help="where eval.json and the PNGs go (default: beside the weights)")
+    parser.add_argument("--wandb-into-train-run", action="store_true",
+                        help="with W&B on (wandb.mode=online|offline), log into the training run instead of a new "
+                             "eval run")
     args, overrides = parser.parse_known_args(argv)
-    run_evaluation(args.checkpoint, overrides, args.tta, args.output, pick=args.pick)
+    run_evaluation(args.checkpoint, overrides, args.tta, args.output, pick=args.pick,
+                   into_train_run=args.wandb_into_train_run)
 
 
 if __name__ == "__main__":

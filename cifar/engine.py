@@ -15,13 +15,14 @@ from .checkpoint import Checkpoints, TrainState, rng_state
 from .config import Config
 from .console import Console
 from .data import build_batches
-from .errors import Stopped, UserError
+from .errors import EXIT_RESUMABLE, Stopped, UserError
 from .evaluation import evaluate
 from .models import build_model
 from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
 from .signals import StopRequest
+from .tracking import Tracker, run_info
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -158,6 +159,15 @@ def train(cfg: Config) -> dict:
     writer = RunWriter(output_dir, cfg, resume_step=state.step if resume_from else None) if main else None
     if writer:
         writer.status("running", step=state.step, total_steps=total_steps, world_size=world, resumed_from=resume_from)
+    # A resumed run continues its W&B run: the id travels in the checkpoint
+    tracker = Tracker.start(cfg, output_dir=output_dir, enabled=main, run_id=state.wandb_run_id,
+                            extra=run_info(cfg, accelerator))
+    state.wandb_run_id = tracker.run_id
+
+    def log(row: dict) -> None:
+        if writer:
+            writer.log(row)
+        tracker.log(row)
 
     def save_checkpoint(acc: float | None = None):
         """acc: the test accuracy measured at this very step, which keep_best ranks by (None mid-epoch)."""
@@ -203,8 +213,7 @@ def train(cfg: Config) -> dict:
                            "images_per_sec": samples / (time.perf_counter() - log_start)}
                     if grad_norm is not None:
                         row["grad_norm"] = grad_norm
-                    if writer:
-                        writer.log(row)
+                    log(row)
                     log_stats, log_start = StepStats.start(accelerator.device), time.perf_counter()
                 console.step(state.step, row)
                 stopping = stop.agreed(accelerator)
@@ -217,6 +226,7 @@ def train(cfg: Config) -> dict:
                     if stopping:
                         if writer:
                             writer.status("stopped", step=state.step, signal=stop.name, checkpoint=path)
+                        tracker.finish(EXIT_RESUMABLE)
                         # The handlers stay installed: the launcher's own SIGTERM to the other ranks (sent when
                         # the first one exits) must not turn their resumable exit into a kill.
                         raise Stopped(f"{stop.name} at step {state.step}; checkpoint {path or 'saved by rank 0'}; "
@@ -233,11 +243,12 @@ def train(cfg: Config) -> dict:
                    "images_per_sec": samples / epoch_time}
             evaluated = (epoch + 1) % t.eval_every_epochs == 0 or last_epoch
             if evaluated:
-                result = evaluate(model, test_batches, accelerator)
+                result = evaluate(model, test_batches, accelerator, samples=16 if tracker.active else 0)
                 state.best_acc = max(state.best_acc or 0.0, result.accuracy)
                 row.update(result.as_row())
-            if writer:
-                writer.log(row)
+            log(row)
+            if evaluated and result.samples:
+                tracker.log_eval(state.step, result.confusion, *result.samples)
             console.epoch(row)
             state.epoch, state.samples_in_epoch = epoch + 1, 0
             epoch_stats, epoch_start = StepStats.start(accelerator.device), time.perf_counter()  # saved as empty
@@ -252,6 +263,7 @@ def train(cfg: Config) -> dict:
         stop.uninstall()
         if writer:
             writer.status("failed", step=state.step, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        tracker.finish(1)
         raise
     stop.uninstall()
     console.stop()
@@ -265,7 +277,7 @@ def train(cfg: Config) -> dict:
         "per_class_acc": result.per_class, "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": world, "mixed_precision": t.mixed_precision, "global_batch_size": global_batch,
-        "device": accelerator.device.type, "resumed_from": resume_from,
+        "device": accelerator.device.type, "resumed_from": resume_from, "wandb_run_id": tracker.run_id,
     }
     accelerator.wait_for_everyone()
     if writer:
@@ -273,6 +285,8 @@ def train(cfg: Config) -> dict:
         writer.save_summary(summary)
         writer.status("finished", step=state.step, total_steps=total_steps)
         writer.close()
+    tracker.summary(summary)
+    tracker.finish(0)
     console.summary(summary)
     accelerator.end_training()
     return summary

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import CLASSES
+from .data import CLASSES, denormalize
 
 
 @dataclass
@@ -16,6 +16,7 @@ class EvalResult:
     per_class: dict[str, float]      # percent, by class name
     confusion: list[list[int]]       # [true][predicted]
     count: int
+    samples: tuple | None = None     # (images in [0, 1] as numpy, labels, predictions) of a few test images
 
     def as_row(self, prefix: str = "test/") -> dict:
         return {f"{prefix}loss": self.loss, f"{prefix}acc": self.accuracy, f"{prefix}per_class": self.per_class,
@@ -31,14 +32,19 @@ def predict(model, images: torch.Tensor, tta: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator, tta: bool = False) -> EvalResult:
+def evaluate(model, batches, accelerator, tta: bool = False, samples: int = 0) -> EvalResult:
+    """samples > 0 keeps that many of this rank's first test images with their predictions (for W&B tables)."""
     was_training = model.training
     model.eval()
     n = len(CLASSES)
     confusion = torch.zeros(n * n, dtype=torch.long, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    kept = None
     for images, labels in batches.epoch(0):
         logits = predict(model, images, tta)
+        if samples and kept is None:
+            kept = (denormalize(images[:samples]).cpu().numpy(), labels[:samples].tolist(),
+                    logits[:samples].argmax(1).tolist())
         losses = F.cross_entropy(logits, labels, reduction="none")
         # gather_for_metrics drops the samples Accelerate repeated to even out the last batch across ranks
         losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
@@ -52,7 +58,7 @@ def evaluate(model, batches, accelerator, tta: bool = False) -> EvalResult:
     return EvalResult(loss=float(loss_sum) / max(total, 1),
                       accuracy=100.0 * float(confusion.diag().sum()) / max(total, 1),
                       per_class=dict(zip(CLASSES, per_class)),
-                      confusion=confusion.tolist(), count=total)
+                      confusion=confusion.tolist(), count=total, samples=kept)
 
 
 # ----------------------------------------------------------------------------- evaluate.py
@@ -83,16 +89,35 @@ def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
     return config, weights
 
 
+def _trained_run(weights: str) -> tuple[str | None, int | None]:
+    """(W&B run id, global step) of the training that produced these weights, when it says."""
+    import json
+    import os
+
+    folder = os.path.dirname(weights)
+    for name, pick in (("state.json", lambda d: d["state"]), ("summary.json", lambda d: d)):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                record = pick(json.load(f))
+            return record.get("wandb_run_id"), record.get("step", record.get("steps"))
+        except (OSError, ValueError, KeyError):
+            continue
+    return None, None
+
+
 def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir: str | None,
-                   preview: int = 16, pick: str = "auto") -> dict:
+                   preview: int = 16, pick: str = "auto", into_train_run: bool = False) -> dict:
+    """evaluate.py: exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run
+    (job_type eval, in the recipe's group) or, with into_train_run, the training run itself."""
     import os
 
     from .config import load_config
-    from .data import build_batches, denormalize, load_split, normalize
+    from .data import build_batches
     from .engine import make_accelerator
     from .models import build_model
     from .outputs import load_weights, to_json, write_atomic
     from .plots import confusion_png, predictions_png
+    from .tracking import Tracker, run_info
 
     config_path, weights = find_run_files(checkpoint, pick)
     cfg = load_config(config_path, overrides)
@@ -101,8 +126,9 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir:
     load_weights(model, weights)
     _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     model = accelerator.prepare(model)
-    result = evaluate(model, test_batches, accelerator, tta=tta)
-    report = {"checkpoint": weights, "tta": tta, "world_size": accelerator.num_processes,
+    result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
+    run_id, step = _trained_run(weights)
+    report = {"checkpoint": weights, "step": step, "tta": tta, "world_size": accelerator.num_processes,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
               "per_class": result.per_class, "confusion": result.confusion}
     if accelerator.is_main_process:
@@ -112,17 +138,18 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir:
         for name, acc in result.per_class.items():
             print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
-        confusion_png(result.confusion, os.path.join(out, "confusion.png"),
-                      f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (" (flip TTA)" if tta
-                                                                                                  else ""))
-        split = load_split(cfg.data, train=False)
-        images = torch.from_numpy(split.images[:preview]).to(accelerator.device)
-        with torch.no_grad():
-            raw = accelerator.unwrap_model(model).eval()
-            preds = predict(raw, normalize(images), tta).argmax(1).cpu().tolist()
-        shown = denormalize(normalize(images)).cpu().numpy()
-        predictions_png(shown, split.labels[:preview].tolist(), preds, os.path.join(out, "predictions.png"))
+        title = f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (" (flip TTA)" if tta else "")
+        confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
+        predictions_png(*result.samples, os.path.join(out, "predictions.png"))
         print(f"wrote {out}/eval.json, confusion.png, predictions.png")
         report["output_dir"] = out
+
+        tracker = Tracker.start(cfg, output_dir=out, enabled=True, job_type="eval",
+                                run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
+        prefix = "eval_tta/" if tta else "eval/"
+        tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
+        tracker.log_eval(step or 0, result.confusion, *result.samples)
+        tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
+        tracker.finish(0)
     accelerator.end_training()
     return report

@@ -1,0 +1,240 @@
+"""Weights & Biases from the main process only, and never at the cost of training.
+
+    tracker = Tracker.start(cfg, output_dir=run_dir, enabled=accelerator.is_main_process,
+                            run_id=resumed_run_id, extra=run_info(cfg, accelerator))
+    tracker.log(row)                      # the rows written to metrics.jsonl; row["step"] becomes global_step
+    tracker.log_eval(step, confusion, images, labels, preds)
+    tracker.summary({"best_test_acc": ...})
+    tracker.finish(exit_code)             # keep tracker.run_id in checkpoints; pass it back on resume
+
+`cfg.wandb.mode` null follows $WANDB_MODE, else W&B is off. Off (or `enabled=False`, the other ranks): wandb is
+never imported and every call returns at once. Any W&B failure (not installed, no key, no network, a bad
+WANDB_DIR, an exception while logging) prints one `warning: W&B ...` line on stderr and turns the tracker into
+a no-op for the rest of the run. Curves are drawn against an explicit `global_step`, so a resumed run continues
+where it stopped instead of restarting at wandb's own step 0.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+MODES = ("online", "offline", "disabled")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INIT_TIMEOUT = 30.0          # seconds wandb.init may spend reaching the server; $WANDB_INIT_TIMEOUT overrides
+MAX_SAMPLES = 64             # sample predictions per log_eval table
+
+
+def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]:
+    """(mode, problem): the config's mode, else $WANDB_MODE, else disabled; problem names an unusable $WANDB_MODE."""
+    if mode is not None:
+        return mode, None
+    value = environ.get("WANDB_MODE", "").strip().lower()
+    value = {"dryrun": "offline", "run": "online"}.get(value, value)  # wandb's older spellings
+    if not value:
+        return "disabled", None
+    if value not in MODES:
+        return "disabled", f"WANDB_MODE={value!r} is not one of {', '.join(MODES)}"
+    return value, None
+
+
+def flatten(row: dict, prefix: str = "") -> dict:
+    """{"test/per_class": {"cat": 50.0}} -> {"test/per_class/cat": 50.0}; None values dropped."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the code's git checkout, or None (not a checkout, no git)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def run_info(cfg, accelerator) -> dict:
+    """What the config does not say about a run: its processes, precision, global batch and device."""
+    import torch
+
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"world_size": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
+            "global_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
+            "device_type": device.type, "device_name": name}
+
+
+def _code_info(wandb) -> dict:
+    import accelerate
+    import torch
+
+    return {"git_commit": git_commit(), "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "wandb": wandb.__version__, "python": platform.python_version()}
+
+
+class Tracker:
+    """One W&B run, or nothing. Build it with Tracker.start; every method is safe to call on any rank."""
+
+    def __init__(self, run_id: str | None = None):
+        self._run = None
+        self._wandb = None
+        self._run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        """True while a W&B run is being written."""
+        return self._run is not None
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id to store in checkpoints (the one passed to start when W&B is off or failed)."""
+        return self._run.id if self._run is not None else self._run_id
+
+    @property
+    def run_dir(self) -> str | None:
+        """W&B's folder for this run (…/wandb/<offline-run|run>-<time>-<id>), while active."""
+        return os.path.dirname(self._run.dir) if self._run is not None else None
+
+    # ------------------------------------------------------------------ start
+
+    @classmethod
+    def start(cls, cfg, *, output_dir: str, enabled: bool, run_id: str | None = None, job_type: str | None = None,
+              extra: dict | None = None) -> "Tracker":
+        """A tracker for this process: a W&B run on the main process when cfg.wandb's mode allows, else a no-op.
+        run_id resumes that run (resume="allow"); extra goes into the run's config under `run`."""
+        tracker = cls(run_id)
+        if not enabled:
+            return tracker
+        mode, problem = resolve_mode(cfg.wandb.mode)
+        if problem:
+            _warn(f"W&B is off: {problem}")
+        if mode == "disabled":
+            return tracker
+        try:
+            tracker._init(cfg, mode, output_dir, run_id, job_type, extra)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
+            tracker._fail("init", e)
+        return tracker
+
+    def _init(self, cfg, mode, output_dir, run_id, job_type, extra) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"wandb cannot be imported ({e}); pip install wandb, or set wandb.mode=disabled") from e
+
+        self._wandb = wandb
+        w = cfg.wandb
+        folder = os.environ.get("WANDB_DIR") or output_dir
+        os.makedirs(folder, exist_ok=True)  # a file in the way raises here; wandb would silently use /tmp
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"W&B folder {folder} is not writable")
+        # Without a key, wandb.init asks for one on a terminal and waits: check without prompting instead.
+        if mode == "online" and not os.environ.get("WANDB_API_KEY") and not wandb.login(prompt=False, verify=False):
+            raise RuntimeError("no API key; run `wandb login` or set WANDB_API_KEY, or use wandb.mode=offline")
+        config = cfg.to_dict()
+        config["run"] = {**_code_info(wandb), **(extra or {})}
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT)
+        kwargs = dict(mode=mode, project=w.project, entity=w.entity,
+                      name=w.name or os.path.basename(os.path.normpath(output_dir)), group=w.group or cfg.name,
+                      tags=list(w.tags) or None, job_type=job_type or w.job_type, notes=w.notes, config=config,
+                      dir=folder, settings=wandb.Settings(init_timeout=timeout))
+        if run_id:
+            kwargs.update(id=run_id, resume="allow")
+        run = wandb.init(**kwargs)
+        if getattr(run, "disabled", False):
+            raise RuntimeError("wandb.init returned a disabled run")
+        self._run = run
+        run.define_metric("global_step")
+        run.define_metric("*", step_metric="global_step")
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, row: dict) -> None:
+        """One metrics.jsonl row: nested dicts flattened to a/b/c, row["step"] logged as global_step."""
+        if self._run is None:
+            return
+        try:
+            data = flatten(row)
+            if "step" in data:
+                data["global_step"] = data.pop("step")
+            self._run.log(data)
+        except Exception as e:  # noqa: BLE001
+            self._fail("log", e)
+
+    def log_eval(self, step: int, confusion: list[list[int]], images, labels, preds) -> None:
+        """An interactive confusion matrix (counts, [true][predicted]) and a table of sample predictions.
+        images: float (N, 3, 32, 32) in [0, 1], numpy or CPU tensor; labels, preds: class indices."""
+        if self._run is None:
+            return
+        try:
+            import numpy as np
+
+            from .data import CLASSES
+
+            wandb = self._wandb
+            cells = [[CLASSES[i], CLASSES[j], int(n)] for i, row in enumerate(confusion) for j, n in enumerate(row)]
+            matrix = wandb.plot_table("wandb/confusion_matrix/v1",
+                                      wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=cells),
+                                      {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                                      {"title": f"confusion matrix, step {step}"})
+            if hasattr(images, "detach"):
+                images = images.detach().float().cpu().numpy()
+            pixels = (np.clip(np.asarray(images, dtype=np.float32)[:MAX_SAMPLES], 0, 1) * 255).round()
+            pixels = pixels.astype(np.uint8).transpose(0, 2, 3, 1)
+            samples = wandb.Table(columns=["image", "true", "predicted", "correct"])
+            for img, label, pred in zip(pixels, labels, preds):
+                label, pred = int(label), int(pred)
+                samples.add_data(wandb.Image(img), CLASSES[label], CLASSES[pred], label == pred)
+            self._run.log({"test/confusion": matrix, "test/samples": samples, "global_step": step})
+        except Exception as e:  # noqa: BLE001
+            self._fail("log_eval", e)
+
+    def summary(self, values: dict) -> None:
+        """Final figures (final/best accuracy, wall time, ...) into the run's summary; None values skipped."""
+        if self._run is None:
+            return
+        try:
+            self._run.summary.update({k: v for k, v in values.items() if v is not None})
+        except Exception as e:  # noqa: BLE001
+            self._fail("summary", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (non-zero exit_code marks it failed); later calls do nothing."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self._run_id = run.id
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._fail("finish", e)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(0 if exc_type is None else 1)
+
+    # ------------------------------------------------------------------ failure
+
+    def _fail(self, where: str, error: Exception) -> None:
+        if self._run is not None:
+            self._run_id = self._run.id
+        self._run = None
+        message = " ".join(str(error).split()) or type(error).__name__
+        key = os.environ.get("WANDB_API_KEY")
+        if key:
+            message = message.replace(key, "***")
+        _warn(f"W&B {where} failed, continuing without W&B: {type(error).__name__}: {message[:300]}")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
