@@ -1,0 +1,267 @@
+# shellcheck shell=bash disable=SC2034  # CONFIG, RUN_DIR, DEVICE, ... are read by the scripts sourcing this
+# Shared by slurm/train.sbatch and slurm/multinode.sbatch; sourced from the project folder, never run on its own.
+#
+# The contract with train.py: exit 0 = finished; 75 = stopped on SIGUSR1/SIGTERM/SIGINT after saving a checkpoint,
+# rerun the same command to resume (checkpoint.resume: auto); anything else = a real failure.
+#
+# Signals. SLURM sends `--signal=B:USR1@N` to this batch shell only, and SIGTERM on scancel, time limit or
+# preemption to every process of the job. The launcher (torch elastic under `accelerate launch`) does not forward
+# SIGUSR1 (pytorch #154849), and on SIGTERM it kills its workers after a grace period and exits without their exit
+# codes. So the launcher runs with SIGINT/SIGTERM/SIGUSR1 ignored (PET_SIGNALS_TO_HANDLE, torchrun's
+# --signals-to-handle, stops it re-arming SIGTERM/SIGINT) and this shell forwards SIGUSR1/SIGTERM to the training
+# processes themselves; train.py installs its own handlers, absorbs repeats, and all ranks agree on the step to stop
+# at. The launcher itself exits 1 when its workers exit 75, so the outcome is read from the run folder's
+# status.json, which train.py's main process writes (running | stopped | finished | failed). Multi-node: srun passes SIGUSR1 on to each
+# node's task, but on SLURM's SIGTERM it kills the step at once, so there the SIGUSR1 warning is what saves in time.
+
+MAX_RESTARTS=${MAX_RESTARTS:-10}     # stop requeueing after this many restarts of one job
+PYTHON=${PYTHON:-python}
+export PYTHONUNBUFFERED=1            # log lines reach runs/slurm-<job>.out as they happen
+
+log() { printf '[%(%F %T)T slurm job %s] %s\n' -1 "${SLURM_JOB_ID:-none}" "$*"; }
+die() { log "error: $*" >&2; exit 2; }
+
+# ----------------------------------------------------------------------------- the run
+
+# setup_run RECIPE [key=value ...]: sets CONFIG, OVERRIDES (with output_dir appended unless given) and RUN_DIR.
+# The run folder is keyed by the job id, so a requeued job (same id) resumes its own run.
+setup_run() {
+    (( $# >= 1 )) || die "usage: sbatch slurm/<script>.sbatch configs/RECIPE.yaml [section.key=value ...]"
+    CONFIG=$1
+    shift
+    [[ -f $CONFIG ]] || die "recipe $CONFIG not found in $PWD (submit from the project folder or set PROJECT_DIR)"
+    [[ -f train.py ]] || die "train.py not found in $PWD (submit from the project folder or set PROJECT_DIR)"
+    OVERRIDES=("$@")
+    RUN_DIR=""
+    local i
+    for (( i = 1; i <= $#; i++ )); do
+        case ${!i} in
+            output_dir=*) RUN_DIR=${!i#output_dir=} ;;
+            --output_dir=*) RUN_DIR=${!i#--output_dir=} ;;
+            --output_dir) local next=$(( i + 1 )); RUN_DIR=${!next:-} ;;
+        esac
+    done
+    if [[ -z $RUN_DIR ]]; then
+        local recipe
+        recipe=$(basename "$CONFIG")
+        recipe=${recipe%.*}
+        RUN_DIR="${RUNS_DIR:-runs}/${recipe}-job${SLURM_JOB_ID:?not inside a SLURM job}"
+        OVERRIDES+=("output_dir=$RUN_DIR")
+    fi
+}
+
+# ----------------------------------------------------------------------------- devices
+
+# GPUs this job has on this node: SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES, else SLURM_GPUS_PER_NODE ("a100:4").
+gpus_on_node() {
+    local n=${SLURM_GPUS_ON_NODE:-}
+    if [[ $n =~ ^[0-9]+$ ]] && (( n > 0 )); then echo "$n"; return; fi
+    if [[ -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
+        local ids
+        IFS=, read -ra ids <<< "$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+        return
+    fi
+    n=${SLURM_GPUS_PER_NODE:-}
+    n=${n##*:}
+    if [[ $n =~ ^[0-9]+$ ]]; then echo "$n"; return; fi
+    echo 0
+}
+
+# Sets NPROC (training processes on this node) and DEVICE. CPU=1 forces the CPU (GPUs hidden); NPROC_PER_NODE
+# overrides the count (on CPU it is the only source: default 1).
+setup_devices() {
+    local gpus
+    gpus=$(gpus_on_node)
+    if [[ ${CPU:-0} == 1 ]] || (( gpus == 0 )); then
+        DEVICE=cpu
+        NPROC=${NPROC_PER_NODE:-1}
+        export ACCELERATE_USE_CPU=1
+        [[ ${CPU:-0} == 1 ]] && export CUDA_VISIBLE_DEVICES=""
+        local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$NPROC}}
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / NPROC > 0 ? cpus / NPROC : 1 ))}
+    else
+        DEVICE="gpu x$gpus"
+        NPROC=${NPROC_PER_NODE:-$gpus}
+    fi
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE must be a positive integer, got '$NPROC'"
+}
+
+# Rendezvous port, the same on every node and for every restart of the job, different between jobs.
+job_port() { echo $(( 20000 + ${SLURM_JOB_ID:-0} % 20000 )); }
+
+# build_launch MACHINES MACHINE_RANK MAIN_IP: sets LAUNCH, the command for this machine.
+build_launch() {
+    local machines=$1 rank=$2 main_ip=$3
+    local script=(train.py --config "$CONFIG" "${OVERRIDES[@]}")
+    if (( machines == 1 && NPROC == 1 )); then
+        LAUNCH_KIND=python
+        LAUNCH=("$PYTHON" "${script[@]}")
+        return
+    fi
+    LAUNCH_KIND=accelerate
+    LAUNCH=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes $(( machines * NPROC ))
+            --num_machines "$machines" --machine_rank "$rank" --main_process_port "$(job_port)"
+            --mixed_precision no --dynamo_backend no)   # precision comes from the recipe
+    if (( machines > 1 )); then
+        # c10d rendezvous at the first node; only machine 0 hosts the store (so two "machines" on one node,
+        # as in the tests, do not race for the port).
+        LAUNCH+=(--main_process_ip "$main_ip" --rdzv_backend c10d --rdzv_conf "is_host=$(( rank == 0 ? 1 : 0 ))")
+    fi
+    LAUNCH+=("${script[@]}")
+}
+
+# ----------------------------------------------------------------------------- running with signals
+
+CHILD=""
+STOPPING=""
+LAUNCH_KIND=""   # python (train.py itself) | accelerate (a launcher whose children train) | srun (one per machine)
+
+# forward SIG: pass a preemption signal on to the training processes: to train.py itself, to the launcher's
+# children (not the launcher), or to srun, which passes it to every task (machine_main below) of the step.
+forward() {
+    local sig=$1
+    [[ -z $STOPPING ]] && log "SIG$sig received: asking training to save a checkpoint and stop"
+    STOPPING=$sig
+    [[ -n $CHILD ]] || return 0
+    case $LAUNCH_KIND in
+        python) kill -s "$sig" "$CHILD" 2> /dev/null ;;
+        srun) kill -s USR1 "$CHILD" 2> /dev/null ;;   # srun passes USR1 on; SIGTERM would make it abort the step
+        accelerate) pkill "-$sig" -P "$CHILD" -f 'train\.py' 2> /dev/null ;;
+    esac
+    return 0
+}
+
+# wait_child PID: wait for PID through any number of trapped signals; sets WAIT_RC to its exit status.
+wait_child() {
+    local pid=$1 saved
+    while :; do
+        wait "$pid"
+        WAIT_RC=$?
+        (( WAIT_RC > 128 )) || return 0
+        # >128: the child's own status, or a trapped signal cut the wait short (then the child still runs)
+        kill -0 "$pid" 2> /dev/null && continue
+        wait "$pid"   # gone: bash kept its status, which a trap may have hidden
+        saved=$?
+        (( saved == 127 )) || WAIT_RC=$saved
+        return 0
+    done
+}
+
+# run_status: the state train.py's main process last wrote to RUN_DIR/status.json (running | stopped | finished |
+# failed), if it wrote it after MARKER was made; empty otherwise.
+run_status() {
+    local file=$RUN_DIR/status.json
+    [[ -f $file && $file -nt $MARKER ]] || return 0
+    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["state"])' "$file" 2> /dev/null
+}
+
+# run_launch: run LAUNCH with the signal forwarding above; sets RC to 0 (finished), 75 (resumable) or the failure.
+run_launch() {
+    MARKER=$(mktemp "${TMPDIR:-/tmp}/launch-${SLURM_JOB_ID:-x}-XXXXXX")
+    trap 'forward USR1' USR1
+    trap 'forward TERM' TERM
+    trap 'forward TERM' INT   # a second SIGINT would make train.py exit without a checkpoint: send SIGTERM
+    if [[ $LAUNCH_KIND == srun ]]; then
+        "${LAUNCH[@]}" &   # srun must see USR1 to pass it on (it re-arms SIGTERM whatever we do)
+    else
+        ( trap '' INT TERM USR1
+          export PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT
+          exec "${LAUNCH[@]}" ) &
+    fi
+    CHILD=$!
+    [[ -n $STOPPING ]] && forward "$STOPPING"   # a signal that came before the launch
+    wait_child "$CHILD"
+    RC=$WAIT_RC
+    CHILD=""
+    # The launcher reports a worker's exit 75 as its own failure (exit 1): status.json says what really happened.
+    local state
+    state=$(run_status)
+    if (( RC != 0 && RC != 75 )); then
+        case $state in
+            stopped) log "the launcher exited $RC; training stopped with a checkpoint (status.json)"; RC=75 ;;
+            finished) log "the launcher exited $RC after training finished (status.json)"; RC=0 ;;
+        esac
+    fi
+    if [[ $LAUNCH_KIND == srun && -n $STOPPING ]] && (( RC >= 128 )); then
+        # SLURM's own SIGTERM (scancel, time limit, preemption) reaches srun too, which then kills the step at once
+        # and loses the machines' exit codes. Multi-node runs rely on the SIGUSR1 warning (--signal=B:USR1@N) to
+        # save in time; after a SIGTERM, resume takes the newest checkpoint that verifies.
+        log "srun ended the step (exit $RC) after SIG$STOPPING; counting the run as stopped (resume takes the" \
+            "newest valid checkpoint)"
+        RC=75
+    fi
+    rm -f "$MARKER"
+}
+
+# ----------------------------------------------------------------------------- multi-node
+
+# machine_main RECIPE [key=value ...]: one machine of a multi-node run, run by srun as one task per node (the
+# variables below are read here, per task, not in the batch shell: in the batch shell SLURM_NODEID is 0 everywhere,
+# accelerate #2816). Exits 0 (finished), 75 (stopped with a checkpoint) or a failure code above 75, so that srun's
+# exit code (the highest of its tasks) is a failure if any machine failed, else 75 if any machine stopped.
+machine_main() {
+    setup_run "$@"
+    setup_devices
+    local machines=${SLURM_STEP_NUM_TASKS:-${SLURM_NTASKS:-1}} nodes=${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}
+    local rank=${SLURM_NODEID:-0}
+    if (( machines > nodes )); then
+        rank=${SLURM_PROCID:-0}   # several machines per node (MACHINES_PER_NODE, the tests): rank by task
+    fi
+    build_launch "$machines" "$rank" "${MAIN_IP:?set by multinode.sbatch}"
+    (( rank == 0 )) && log "machine 0 of $machines on $(hostname -s): ${LAUNCH[*]}"
+    run_launch
+    case $RC in
+        0 | 75) exit "$RC" ;;
+        *) log "machine $rank on $(hostname -s) failed (exit $RC)"
+           exit $(( RC > 75 ? RC : 100 + RC )) ;;
+    esac
+}
+
+# ----------------------------------------------------------------------------- after the run (batch shell only)
+
+log_start() {
+    local restarts=${SLURM_RESTART_COUNT:-0}
+    if (( restarts > 0 )); then
+        log "restart $restarts of this job: resuming from the newest checkpoint in $RUN_DIR"
+    else
+        log "starting in $RUN_DIR"
+    fi
+    log "nodes ${SLURM_JOB_NODELIST:-?} | $1 | recipe $CONFIG ${OVERRIDES[*]}"
+}
+
+# finish RC: exit 0 when finished; on 75 requeue this job (at most MAX_RESTARTS times); otherwise fail with RC.
+finish() {
+    local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
+    trap '' USR1 TERM INT
+    case $rc in
+        0)
+            log "training finished: $RUN_DIR"
+            exit 0 ;;
+        75)
+            if (( restarts >= MAX_RESTARTS )); then
+                log "stopped with a checkpoint after $restarts restarts (MAX_RESTARTS=$MAX_RESTARTS): not requeueing;" \
+                    "to continue, submit again with output_dir=$RUN_DIR"
+                exit 75
+            fi
+            # A job being ended (COMPLETING) for any reason but its time limit or preemption was cancelled by a
+            # person (scancel): keep the checkpoint, do not requeue. A signal to a running job (the USR1 warning,
+            # scancel --signal) or a time limit / preemption requeues.
+            local info
+            info=$(scontrol show job -o "$SLURM_JOB_ID" 2> /dev/null)
+            if [[ $info =~ JobState=(COMPLETING|CANCELLED) && ! $info =~ Reason=(TimeLimit|Preempt) ]]; then
+                log "stopped with a checkpoint; the job was cancelled, so it is not requeued;" \
+                    "to continue, submit again with output_dir=$RUN_DIR"
+                exit 75
+            fi
+            log "stopped with a checkpoint: requeueing (restart $(( restarts + 1 )) of at most $MAX_RESTARTS)"
+            if scontrol requeue "$SLURM_JOB_ID"; then
+                exit 0
+            fi
+            log "scontrol requeue failed: to continue, submit again with output_dir=$RUN_DIR"
+            exit 75 ;;
+        *)
+            log "training failed (exit $rc): not requeueing"
+            exit "$rc" ;;
+    esac
+}
