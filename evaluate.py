@@ -16,7 +16,9 @@ def main(argv=None):
                         help="run folder, checkpoint folder (checkpoints/step-N) or a model.safetensors")
     parser.add_argument("--pick", choices=["auto", "final", "latest", "best"], default="auto",
                         help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
-    parser.add_argument("--tta", action="store_true", help="average predictions with the mirrored image")
+    parser.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_translate"],
+                        help="test-time augmentation: average the image with its mirror (flip, the default when "
+                             "given alone), and one-pixel shifts of both (flip_translate)")
     parser.add_argument("--output", help="where eval.json and the PNGs go (default: beside the weights)")
     parser.add_argument("--wandb-into-train-run", action="store_true",
                         help="with W&B on (wandb.mode=online|offline), log into the training run instead of a new "

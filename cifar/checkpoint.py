@@ -44,6 +44,8 @@ class TrainState:
     epoch_sums: list = field(default_factory=lambda: [0.0, 0, 0])   # loss sum, correct, samples (all ranks)
     log_sums: list = field(default_factory=lambda: [0.0, 0, 0])
     wandb_run_id: str | None = None
+    time_to_target: float | None = None      # training seconds when train.target_acc was first reached
+    steps_to_target: int | None = None
 
 
 # ----------------------------------------------------------------------------- files

@@ -34,20 +34,26 @@ class DataConfig:
     num_workers: int = 2
     limit_train: Optional[int] = None        # first N training images (synthetic: the set's size)
     limit_test: Optional[int] = None
+    loader: Literal["dataloader", "device"] = "dataloader"   # device: the whole split on the GPU (fast path)
+    crop_padding: int = 4                    # random crop of 32 from the image zero-padded by this many pixels
+    alternating_flip: bool = False           # flip each image in every other epoch instead of at random
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.001
-    momentum: float = 0.9
+    name: Literal["sgd", "adamw", "muon"] = "sgd"   # muon: Muon on conv filters, Nesterov SGD on the rest
+    lr: float = 0.001                        # muon: the conv filters' lr
+    momentum: float = 0.9                    # muon: of the SGD part
     nesterov: bool = False
     weight_decay: float = 0.0
+    bias_lr: Optional[float] = None          # muon: lr of biases and norms (default lr)
+    head_lr: Optional[float] = None          # muon: lr of 2-D weights such as the classifier (default lr)
+    muon_momentum: float = 0.6
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "onecycle"] = "constant"
+    name: Literal["constant", "cosine", "onecycle", "linear"] = "constant"
     warmup_steps: int = 0                    # optimizer steps
 
 
@@ -61,6 +67,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_every_epochs: int = 1
     log_every_steps: int = 50
+    tta: Literal["none", "flip", "flip_translate"] = "none"   # test-time augmentation of the evaluations
+    target_acc: Optional[float] = None       # summary.json reports the time and step it is first reached
+    compile: bool = False                    # torch.compile the model (warm-up timed apart from training)
+    channels_last: bool = False
 
 
 @dataclass
@@ -266,14 +276,19 @@ def validate(cfg: Config) -> None:
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
              d.eval_batch_size)
     _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    _require(0 <= d.crop_padding <= 16, "data.crop_padding", "in 0..16", d.crop_padding)
     for k in ("limit_train", "limit_test"):
         v = getattr(d, k)
         _require(v is None or v >= 1, f"data.{k}", ">= 1 or null", v)
     _require(o.lr > 0, "optim.lr", "> 0", o.lr)
     _require(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
-    _require(not o.nesterov or (o.name == "sgd" and o.momentum > 0), "optim.nesterov",
-             "false unless optim.name is sgd with momentum > 0", o.nesterov)
+    _require(not o.nesterov or (o.name in ("sgd", "muon") and o.momentum > 0), "optim.nesterov",
+             "false unless optim.name is sgd or muon with momentum > 0", o.nesterov)
+    for k in ("bias_lr", "head_lr"):
+        v = getattr(o, k)
+        _require(v is None or v > 0, f"optim.{k}", "> 0 or null", v)
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", "in [0, 1)", o.muon_momentum)
     _require(s.warmup_steps >= 0, "schedule.warmup_steps", ">= 0", s.warmup_steps)
     _require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", ">= 1 or null", t.max_steps)

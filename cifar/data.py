@@ -8,6 +8,7 @@ only has to honour the same two methods.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tarfile
@@ -124,10 +125,13 @@ def mix(*values: int) -> int:
     return h
 
 
-def augment_params(seed: int, epoch: int, index: int) -> tuple[int, int, bool]:
-    """(dy, dx, flip) of one sample's random crop (offsets into the 4-px padded image) and horizontal flip."""
+def augment_params(seed: int, epoch: int, index: int, pad: int = PAD, alternating: bool = False
+                   ) -> tuple[int, int, bool]:
+    """(dy, dx, flip) of one sample's random crop (offsets into the `pad`-padded image) and horizontal flip.
+    Alternating flip: an image is flipped at random in epoch 0, then the other way round every odd epoch."""
     h = mix(seed, epoch, index)
-    return h % (2 * PAD + 1), (h >> 8) % (2 * PAD + 1), bool((h >> 16) & 1)
+    flip = bool((mix(seed, 0, index) >> 16) & 1) ^ bool(epoch & 1) if alternating else bool((h >> 16) & 1)
+    return h % (2 * pad + 1), (h >> 8) % (2 * pad + 1), flip
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -152,10 +156,11 @@ class EpochSampler(Sampler):
 
 
 class CifarDataset(Dataset):
-    """uint8 images; training samples are cropped (4-px zero padding) and flipped as augment_params says."""
+    """uint8 images; training samples are cropped (zero padding) and flipped as augment_params says."""
 
-    def __init__(self, split: Split, augment: bool, seed: int):
+    def __init__(self, split: Split, augment: bool, seed: int, pad: int = PAD, alternating_flip: bool = False):
         self.split, self.augment, self.seed = split, augment, seed
+        self.pad, self.alternating_flip = pad, alternating_flip
 
     def __len__(self):
         return len(self.split)
@@ -164,9 +169,10 @@ class CifarDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image = self.split.images[index]
         if self.augment:
-            dy, dx, flip = augment_params(self.seed, epoch, index)
-            padded = np.zeros((3, 32 + 2 * PAD, 32 + 2 * PAD), np.uint8)
-            padded[:, PAD:PAD + 32, PAD:PAD + 32] = image
+            pad = self.pad
+            dy, dx, flip = augment_params(self.seed, epoch, index, pad, self.alternating_flip)
+            padded = np.zeros((3, 32 + 2 * pad, 32 + 2 * pad), np.uint8)
+            padded[:, pad:pad + 32, pad:pad + 32] = image
             image = padded[:, dy:dy + 32, dx:dx + 32]
             if flip:
                 image = image[:, :, ::-1]
@@ -191,37 +197,137 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 class TrainBatches(Protocol):
     def __len__(self) -> int: ...                      # batches per epoch on this process
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def first_images(self, n: int) -> torch.Tensor: ...  # n training images, normalised, no augmentation
+
+
+class ShardSampler(Sampler):
+    """Rank r of w takes samples r, r + w, ...: disjoint shards with no padding, for exact evaluation sums."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = range(rank, n, world)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
 
 
 class DataLoaderBatches:
-    """A torch DataLoader prepared by Accelerate (which shards it per process), normalised on the device."""
+    """Training: a torch DataLoader prepared by Accelerate, which shards it per process (no DistributedSampler of
+    ours on top). Test: a disjoint shard per rank. Both normalised on the device."""
 
-    def __init__(self, accelerator, split: Split, batch_size: int, train: bool, augment: bool, seed: int,
-                 num_workers: int):
-        self.accelerator = accelerator
-        self.sampler = EpochSampler(len(split), seed, shuffle=train)
-        loader = DataLoader(CifarDataset(split, augment and train, seed), batch_size=batch_size,
-                            sampler=self.sampler, num_workers=num_workers,
-                            pin_memory=accelerator.device.type == "cuda",
-                            persistent_workers=num_workers > 0, drop_last=False)
-        self.loader = accelerator.prepare(loader)
+    def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
+        self.accelerator, self.split = accelerator, split
+        cuda = accelerator.device.type == "cuda"
+        workers = dict(num_workers=cfg.num_workers, pin_memory=cuda, persistent_workers=cfg.num_workers > 0,
+                       prefetch_factor=4 if cfg.num_workers > 0 else None)
+        dataset = CifarDataset(split, cfg.augment and train, seed, cfg.crop_padding, cfg.alternating_flip)
+        if train:
+            self.sampler = EpochSampler(len(split), seed, shuffle=True)
+            self.loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler,
+                                                         drop_last=False, **workers))
+        else:
+            sampler = ShardSampler(len(split), accelerator.process_index, accelerator.num_processes)
+            self.loader = DataLoader(dataset, batch_size=cfg.eval_batch_size or max(cfg.batch_size, 256),
+                                     sampler=sampler, **workers)
+        self.train = train
 
     def __len__(self):
         return len(self.loader)
 
     def epoch(self, epoch: int, skip: int = 0):
+        if not self.train:
+            device = self.accelerator.device
+            for images, labels in self.loader:
+                yield normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            return
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter.
         loader.set_epoch(epoch)
         for images, labels in loader:
             yield normalize(images), labels
 
+    def first_images(self, n: int) -> torch.Tensor:
+        return normalize(torch.from_numpy(self.split.images[:n]).to(self.accelerator.device))
 
-def build_batches(accelerator, cfg: DataConfig, seed: int) -> tuple[DataLoaderBatches, DataLoaderBatches]:
+
+class DeviceBatches:
+    """The whole split as one uint8 tensor on the device: batches by indexing, augmentation vectorised there.
+
+    Training batches follow the same (seed, epoch) order as the DataLoader path; global batch k is
+    order[k*B : (k+1)*B] with B = batch_size x processes, and rank r takes its r-th slice, so what a global step
+    sees does not depend on the number of processes. The last partial global batch of an epoch is dropped (every
+    rank must get a full, equal batch). Crop offsets and flips are drawn once per epoch for the whole dataset from a
+    generator seeded by (seed, epoch) and indexed by sample id. Test: rank r takes samples r, r + w, ...
+    """
+
+    def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
+        self.device = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.images = torch.from_numpy(split.images).to(self.device)
+        self.labels = torch.from_numpy(split.labels).to(self.device)
+        self.train, self.seed = train, seed
+        self.augment = cfg.augment and train
+        self.pad, self.alternating_flip = cfg.crop_padding, cfg.alternating_flip
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
+        self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
+
+    def __len__(self):
+        if self.train:
+            return len(self.labels) // (self.batch_size * self.world)
+        return math.ceil(len(self.shard) / self.batch_size)
+
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dy, dx, flip) for every training sample in this epoch, indexed by sample id."""
+        n, span = len(self.labels), 2 * self.pad + 1
+        g = torch.Generator().manual_seed(mix(self.seed, epoch, 1) >> 1)
+        dy, dx = torch.randint(0, span, (2, n), generator=g)
+        if self.alternating_flip:
+            flip = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(mix(self.seed, 0, 2) >> 1))
+            flip = flip.bool() ^ bool(epoch & 1)
+        else:
+            flip = torch.randint(0, 2, (n,), generator=g).bool()
+        return dy.to(self.device), dx.to(self.device), flip.to(self.device)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        if not self.train:
+            for k in range(len(self)):
+                idx = self.shard[k * self.batch_size:(k + 1) * self.batch_size]
+                yield normalize(self.images[idx]), self.labels[idx]
+            return
+        order = epoch_order(len(self.labels), self.seed, epoch).to(self.device)
+        params = self.augmentation(epoch) if self.augment else None
+        step = self.batch_size * self.world
+        for k in range(skip, len(self)):
+            idx = order[k * step + self.rank * self.batch_size:k * step + (self.rank + 1) * self.batch_size]
+            images = self.images[idx]
+            if params is not None:
+                images = crop_flip(images, *(p[idx] for p in params), self.pad)
+            yield normalize(images), self.labels[idx]
+
+    def first_images(self, n: int) -> torch.Tensor:
+        return normalize(self.images[:n])
+
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int):
+    """Per-image crop of 32x32 from the zero-padded batch at (dy, dx), mirrored where flip: one gather."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    ar = torch.arange(h, device=images.device)
+    rows = dy[:, None] + ar                                            # (B, H)
+    cols = dx[:, None] + ar
+    cols = torch.where(flip[:, None], cols.flip(1), cols)              # (B, W)
+    out = padded[torch.arange(b, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)                                     # (B, H, W, C) -> (B, C, H, W)
+
+
+def build_batches(accelerator, cfg: DataConfig, seed: int):
     """(train, test) batches; the main process reads (or downloads) first, the others wait for it."""
+    if cfg.source == "cifar10" and not cfg.download:
+        prepare_cifar10(cfg)             # every rank can fail fast (and alike) without waiting for the others
     with accelerator.main_process_first():
         prepare_cifar10(cfg)
         train, test = load_split(cfg, train=True), load_split(cfg, train=False)
-    eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 256)
-    return (DataLoaderBatches(accelerator, train, cfg.batch_size, True, cfg.augment, seed, cfg.num_workers),
-            DataLoaderBatches(accelerator, test, eval_bs, False, False, seed, cfg.num_workers))
+    kind = DeviceBatches if cfg.loader == "device" else DataLoaderBatches
+    return kind(accelerator, train, cfg, True, seed), kind(accelerator, test, cfg, False, seed)

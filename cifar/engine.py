@@ -22,6 +22,7 @@ from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
 from .signals import StopRequest
+from .perf import compile_warmup, device_peak, flops_per_image
 from .tracking import Tracker, run_info
 
 
@@ -33,7 +34,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
-    return Accelerator(cpu=not cuda, mixed_precision=precision)
+    return Accelerator(cpu=not cuda, mixed_precision=precision,
+                       dynamo_backend="inductor" if cfg.train.compile else "no")
 
 
 def on_main(accelerator: Accelerator, fn):
@@ -109,6 +111,29 @@ def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tup
     return loss_total, correct, n, grad_norm
 
 
+def mfu(flops: float, images: int, seconds: float, accelerator, precision: str) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak (None where the peak is unknown)."""
+    peak = device_peak(accelerator.device, precision)
+    if peak is None or seconds <= 0:
+        return None
+    return flops * images / seconds / (peak * accelerator.num_processes)
+
+
+def feed(batches, waited: list, channels_last: bool):
+    """The batches, with the time spent waiting for each added to waited[0] (a starved GPU shows here)."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            images, labels = next(it)
+        except StopIteration:
+            return
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        waited[0] += time.perf_counter() - start
+        yield images, labels
+
+
 def windows(batches, size: int):
     """Group an epoch's micro-batches into accumulation windows; the last one may be shorter."""
     window = []
@@ -130,10 +155,17 @@ def train(cfg: Config) -> dict:
     console = Console(enabled=main)
 
     set_seed(cfg.seed)
+    data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
+    data_seconds = time.perf_counter() - data_start
     model = build_model(cfg.model.name)
+    if hasattr(model, "init_from_data"):          # e.g. FastNet's whitening filters
+        model.init_from_data(train_batches.first_images(5000).cpu())
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)   # what is saved and loaded
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.train.label_smoothing)
 
     t = cfg.train
@@ -148,7 +180,7 @@ def train(cfg: Config) -> dict:
     state = TrainState(global_batch=global_batch, world_size=world)
     resume_from = on_main(accelerator, ckpts.resume_path)
     if resume_from:
-        state = ckpts.load(resume_from, accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
+        state = ckpts.load(resume_from, raw_model, optimizer.optimizer, scheduler,
                            accelerator.scaler, accelerator.process_index)
         if state.global_batch != global_batch:
             raise UserError(f"checkpoint {resume_from} was trained with a global batch of {state.global_batch}, "
@@ -174,10 +206,21 @@ def train(cfg: Config) -> dict:
         state.epoch_sums, state.log_sums = epoch_stats.totals(accelerator), log_stats.totals(accelerator)
         state.train_seconds = train_seconds + (time.perf_counter() - epoch_start)
         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-        path = ckpts.save(state, accelerator.unwrap_model(model), optimizer.optimizer, scheduler,
+        path = ckpts.save(state, raw_model, optimizer.optimizer, scheduler,
                           accelerator.scaler, rngs, acc)
         accelerator.wait_for_everyone()              # no rank leaves before the main process has saved
         return path
+
+    # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time
+    probe = next(iter(train_batches.epoch(0)))
+    flops = flops_per_image(raw_model, probe[0][:32])
+    compile_seconds = 0.0
+    if t.compile:
+        compile_seconds = compile_warmup(
+            model, optimizer, accelerator.scaler,
+            lambda: train_step(accelerator, model, optimizer, loss_fn, [probe], t.grad_clip),
+            lambda: evaluate(model, test_batches, accelerator, tta=t.tta))
+        console.print(f"compiled in {compile_seconds:.1f}s (not counted as training time)")
 
     result = None
     train_seconds = state.train_seconds
@@ -193,8 +236,9 @@ def train(cfg: Config) -> dict:
             epoch_stats = StepStats.start(accelerator.device, state.epoch_sums if resumed else (0.0, 0, 0), main)
             state.epoch, state.samples_in_epoch = epoch, state.samples_in_epoch if resumed else 0
             epoch_start = time.perf_counter()
-            batches_done, save_at_epoch_end = skip, False
-            for window in windows(train_batches.epoch(epoch, skip), t.grad_accum_steps):
+            batches_done, save_at_epoch_end, waited = skip, False, [0.0]
+            batches = feed(train_batches.epoch(epoch, skip), waited, t.channels_last)
+            for window in windows(batches, t.grad_accum_steps):
                 batches_done += len(window)
                 lr = optimizer.param_groups[0]["lr"]
                 loss_sum, correct, n, grad_norm = train_step(accelerator, model, optimizer, loss_fn, window,
@@ -240,11 +284,13 @@ def train(cfg: Config) -> dict:
             last_epoch = epoch == epochs - 1
             row = {"step": state.step, "epoch": epoch, "lr": lr, "epoch_time": epoch_time,
                    "train/epoch_loss": loss / samples, "train/epoch_acc": 100.0 * correct_total / samples,
-                   "images_per_sec": samples / epoch_time}
+                   "images_per_sec": samples / epoch_time, "data_wait": waited[0]}
             evaluated = (epoch + 1) % t.eval_every_epochs == 0 or last_epoch
             if evaluated:
-                result = evaluate(model, test_batches, accelerator, samples=16 if tracker.active else 0)
+                result = evaluate(model, test_batches, accelerator, tta=t.tta, samples=16 if tracker.active else 0)
                 state.best_acc = max(state.best_acc or 0.0, result.accuracy)
+                if t.target_acc is not None and state.time_to_target is None and result.accuracy >= t.target_acc:
+                    state.time_to_target, state.steps_to_target = train_seconds, state.step
                 row.update(result.as_row())
             log(row)
             if evaluated and result.samples:
@@ -269,7 +315,7 @@ def train(cfg: Config) -> dict:
     console.stop()
 
     if result is None:                                   # resumed a run that had already finished training
-        result = evaluate(model, test_batches, accelerator)
+        result = evaluate(model, test_batches, accelerator, tta=t.tta)
         state.best_acc = max(state.best_acc or 0.0, result.accuracy)
     summary = {
         "name": cfg.name, "output_dir": output_dir, "steps": state.step, "epochs": epochs,
@@ -278,10 +324,13 @@ def train(cfg: Config) -> dict:
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": world, "mixed_precision": t.mixed_precision, "global_batch_size": global_batch,
         "device": accelerator.device.type, "resumed_from": resume_from, "wandb_run_id": tracker.run_id,
+        "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
+        "steps_to_target": state.steps_to_target, "data_seconds": data_seconds, "compile_seconds": compile_seconds,
+        "flops_per_image": flops, "mfu": mfu(flops, state.samples_seen, train_seconds, accelerator, t.mixed_precision),
     }
     accelerator.wait_for_everyone()
     if writer:
-        writer.save_weights(accelerator.unwrap_model(model))
+        writer.save_weights(raw_model)
         writer.save_summary(summary)
         writer.status("finished", step=state.step, total_steps=total_steps)
         writer.close()

@@ -23,39 +23,51 @@ class EvalResult:
                 f"{prefix}count": self.count}
 
 
-def predict(model, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits; with tta, the mean of the image and its horizontal mirror."""
+def predict(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits, averaged over test-time views: flip = the image and its mirror; flip_translate = those two (weight
+    1/2) and both shifted one pixel up-left and down-right (weight 1/2 together)."""
     logits = model(images).float()
-    if tta:
-        logits = (logits + model(images.flip(-1)).float()) / 2
+    if tta == "none":
+        return logits
+    mirrored = images.flip(-1)
+    logits = (logits + model(mirrored).float()) / 2
+    if tta == "flip_translate":
+        h, w = images.shape[-2:]
+        shifted = []
+        for view in (images, mirrored):
+            padded = F.pad(view, (1, 1, 1, 1), mode="reflect")
+            shifted += [model(padded[..., :h, :w]).float(), model(padded[..., 2:, 2:]).float()]
+        logits = (logits + sum(shifted) / len(shifted)) / 2
     return logits
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator, tta: bool = False, samples: int = 0) -> EvalResult:
-    """samples > 0 keeps that many of this rank's first test images with their predictions (for W&B tables)."""
-    was_training = model.training
-    model.eval()
+def evaluate(model, batches, accelerator, tta: str = "none", samples: int = 0) -> EvalResult:
+    """Each rank runs its own disjoint shard of the test set (no padding, no duplicates) through the plain model
+    (no DDP collectives on the way); the confusion matrix and loss sums are then all-reduced, so every image counts
+    exactly once whatever the world size. samples > 0 keeps that many of this rank's first images and predictions."""
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
     n = len(CLASSES)
-    confusion = torch.zeros(n * n, dtype=torch.long, device=accelerator.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    confusion = torch.zeros(n * n, dtype=torch.float64, device=accelerator.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
     kept = None
     for images, labels in batches.epoch(0):
-        logits = predict(model, images, tta)
+        with accelerator.autocast():
+            logits = predict(net, images, tta)
+        preds = logits.argmax(1)
         if samples and kept is None:
-            kept = (denormalize(images[:samples]).cpu().numpy(), labels[:samples].tolist(),
-                    logits[:samples].argmax(1).tolist())
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        # gather_for_metrics drops the samples Accelerate repeated to even out the last batch across ranks
-        losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
-        confusion += torch.bincount(labels * n + preds, minlength=n * n)
-        loss_sum += losses.double().sum()
-    model.train(was_training)
-    confusion = confusion.view(n, n).cpu()
+            kept = (denormalize(images[:samples]).float().cpu().numpy(), labels[:samples].tolist(),
+                    preds[:samples].tolist())
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        confusion += torch.bincount(labels * n + preds, minlength=n * n).double()
+    net.train(was_training)
+    totals = accelerator.reduce(torch.cat([confusion, loss_sum]), "sum")
+    confusion = totals[:-1].round().long().view(n, n).cpu()
     total = int(confusion.sum())
-    per_class_total = confusion.sum(1).clamp(min=1)
-    per_class = (100.0 * confusion.diag() / per_class_total).tolist()
-    return EvalResult(loss=float(loss_sum) / max(total, 1),
+    per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    return EvalResult(loss=float(totals[-1]) / max(total, 1),
                       accuracy=100.0 * float(confusion.diag().sum()) / max(total, 1),
                       per_class=dict(zip(CLASSES, per_class)),
                       confusion=confusion.tolist(), count=total, samples=kept)
@@ -105,7 +117,7 @@ def _trained_run(weights: str) -> tuple[str | None, int | None]:
     return None, None
 
 
-def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir: str | None,
+def run_evaluation(checkpoint: str, overrides: list[str], tta: str, output_dir: str | None,
                    preview: int = 16, pick: str = "auto", into_train_run: bool = False) -> dict:
     """evaluate.py: exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run
     (job_type eval, in the recipe's group) or, with into_train_run, the training run itself."""
@@ -138,7 +150,8 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir:
         for name, acc in result.per_class.items():
             print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
-        title = f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (" (flip TTA)" if tta else "")
+        title = f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (
+            f" ({tta} TTA)" if tta != "none" else "")
         confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
         predictions_png(*result.samples, os.path.join(out, "predictions.png"))
         print(f"wrote {out}/eval.json, confusion.png, predictions.png")
@@ -146,7 +159,7 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: bool, output_dir:
 
         tracker = Tracker.start(cfg, output_dir=out, enabled=True, job_type="eval",
                                 run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
-        prefix = "eval_tta/" if tta else "eval/"
+        prefix = "eval/" if tta == "none" else f"eval_{tta}/"
         tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
         tracker.log_eval(step or 0, result.confusion, *result.samples)
         tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})

@@ -1,4 +1,4 @@
-"""Optimizers by name."""
+"""Optimizers by name: sgd, adamw, and muon (Muon on conv filters, Nesterov SGD on everything else)."""
 from __future__ import annotations
 
 import torch
@@ -13,4 +13,62 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
                                weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "muon":
+        filters = [p for p in params if p.ndim == 4]
+        matrices = [p for p in params if p.ndim == 2]
+        vectors = [p for p in params if p.ndim < 2]
+        bias_lr, head_lr = cfg.bias_lr or cfg.lr, cfg.head_lr or cfg.lr
+        # weight decay per step is the same for every group whatever its lr: torch multiplies it by the lr
+        groups = [dict(params=filters, lr=cfg.lr, muon=True, momentum=cfg.muon_momentum, weight_decay=0.0),
+                  dict(params=vectors, lr=bias_lr, weight_decay=cfg.weight_decay / bias_lr),
+                  dict(params=matrices, lr=head_lr, weight_decay=cfg.weight_decay / head_lr)]
+        return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ValueError(f"unknown optimizer {cfg.name}")  # config validation makes this unreachable
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g, approximately: a quintic Newton-Schulz iteration whose
+    coefficients push every singular value towards 1 fast (they end near, not at, 1, which is enough)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Groups with muon=True: Nesterov momentum, orthogonalised per filter bank (out x in*k*k), applied to weights
+    kept at a fixed norm, so the lr is a relative step. Other groups: plain SGD with (Nesterov) momentum and
+    coupled weight decay. One optimizer, so the engine, the LR schedule and checkpoints treat it like any other."""
+
+    def __init__(self, groups, lr: float, momentum: float, nesterov: bool = True):
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"] and not group["muon"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(g)
+                g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
+                if group["muon"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+                    p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-lr)
+                else:
+                    p.add_(g, alpha=-lr)
+        return loss

@@ -8,15 +8,15 @@ import torch
 
 from .config import ScheduleConfig
 
-END_FACTOR = {"constant": 1.0, "cosine": 0.0, "onecycle": 0.0}
+END_FACTOR = {"constant": 1.0, "cosine": 0.0, "onecycle": 0.0, "linear": 0.0}
 
 
 def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier of the base LR for optimizer step `step` (0-based) of `total_steps`.
 
     Warmup rises linearly to 1 over `warmup_steps`; then constant stays at 1, cosine follows a half cosine to 0 and
-    onecycle falls linearly to 0, both reaching 0 at step total_steps - 1. onecycle with no warmup given warms up
-    over the first 25% of the steps.
+    onecycle and linear fall linearly to 0, all three reaching 0 at step total_steps - 1. onecycle with no warmup
+    given warms up over the first 25% of the steps; linear does not warm up unless told.
     """
     if name == "onecycle" and warmup_steps == 0:
         warmup_steps = max(1, total_steps // 4)
@@ -29,7 +29,7 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> floa
     progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
     if name == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if name == "onecycle":
+    if name in ("onecycle", "linear"):
         return 1.0 - progress
     raise ValueError(f"unknown schedule {name}")  # config validation makes this unreachable
 

@@ -54,13 +54,17 @@ def env(**extra) -> dict:
 def run(script: str, *args, procs: int = 1, check: bool = True, timeout: int = 300, cwd: str = ROOT, **kw):
     """Run train.py / evaluate.py as a user would; with procs > 1 through `accelerate launch` (DDP on gloo)."""
     path = os.path.join(ROOT, script)
-    if procs == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), path, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**kw), cwd=cwd)
+    for attempt in range(3):
+        if procs == 1:
+            cmd = [sys.executable, path, *args]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port()), path, *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**kw), cwd=cwd)
+        # another process may take the free port between free_port() and the launcher binding it: pick again
+        if procs == 1 or "address already in use" not in proc.stderr.lower():
+            break
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")

@@ -51,7 +51,8 @@ def test_augmentation_is_a_function_of_seed_epoch_index(cifar_root):
 
 def _epoch_batches(split, num_workers, epoch):
     acc = Accelerator(cpu=True)
-    batches = DataLoaderBatches(acc, split, batch_size=16, train=True, augment=True, seed=7, num_workers=num_workers)
+    cfg = DataConfig(batch_size=16, augment=True, num_workers=num_workers)
+    batches = DataLoaderBatches(acc, split, cfg, train=True, seed=7)
     return [(x.clone(), y.clone()) for x, y in batches.epoch(epoch)]
 
 

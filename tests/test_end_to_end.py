@@ -47,7 +47,7 @@ def test_debug_recipe_then_evaluate(tmp_path):
     assert "Accuracy of the network on the 512 test images" in proc.stdout
     assert proc.stdout.count("Accuracy of ") == 11
     report = read_json(out / "eval.json")
-    assert report["count"] == 512 and report["tta"] is True and len(report["per_class"]) == 10
+    assert report["count"] == 512 and report["tta"] == "flip" and len(report["per_class"]) == 10
     assert sum(map(sum, report["confusion"])) == 512
     _png(out / "confusion.png", (600, 500))
     _png(out / "predictions.png", (600, 200))

@@ -5,7 +5,7 @@ from conftest import read_jsonl, run
 from cifar.schedule import END_FACTOR, lr_factor
 
 
-@pytest.mark.parametrize("name", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize("name", ["constant", "cosine", "onecycle", "linear"])
 @pytest.mark.parametrize("total, warmup", [(10, 0), (10, 3), (1, 0), (2, 5), (1000, 100)])
 def test_last_step_is_the_end_value(name, total, warmup):
     factors = [lr_factor(name, s, total, warmup) for s in range(total)]

@@ -1,0 +1,43 @@
+"""Speed accounting: model FLOPs, device peak, MFU, compile warm-up kept out of the training time."""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense tensor-core peaks in FLOP/s by GPU name fragment (bf16/fp16; fp32 runs as TF32 at half that).
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12,
+         "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Forward + backward FLOPs of one training image, counted on a copy (BN statistics stay untouched)."""
+    probe = copy.deepcopy(model).train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        probe(images).float().sum().backward()
+    return counter.get_total_flops() / len(images)
+
+
+def device_peak(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAKS.items() if k in name), None)
+    return None if peak is None else peak if precision in ("bf16", "fp16") else peak / 2
+
+
+def compile_warmup(model, optimizer, scaler, train_step, evaluate) -> float:
+    """Run the compiled model's first training step and evaluation on a throwaway copy of the training state, so
+    the compilation time is measured apart and the real run starts from exactly the state it had."""
+    start = time.perf_counter()
+    saved = [copy.deepcopy(x.state_dict()) for x in (model, optimizer) + ((scaler,) if scaler else ())]
+    train_step()
+    evaluate()
+    for x, state in zip((model, optimizer) + ((scaler,) if scaler else ()), saved):
+        x.load_state_dict(state)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -1,0 +1,138 @@
+"""The fast path: device-resident data, FastNet + Muon, TTA, timing; on CPU with tiny synthetic subsets."""
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
+
+from cifar.config import DataConfig
+from cifar.data import DeviceBatches, crop_flip, synthetic_split
+from cifar.evaluation import predict
+from cifar.models import FastNet
+from cifar.optim import Muon, orthogonalize
+
+TINY_FAST = ["--config", "configs/fast94.yaml", "data.source=synthetic", "data.limit_train=512",
+             "data.limit_test=128", "data.batch_size=64", "data.eval_batch_size=64", "train.epochs=2",
+             "train.mixed_precision=no", "train.compile=false", "train.eval_every_epochs=1"]
+
+
+def dump(tmp_path, name, procs, *overrides):
+    folder = tmp_path / name
+    folder.mkdir()
+    run("tests/dump_device_batches.py", str(folder), "data.limit_train=96", *overrides, procs=procs)
+    return [torch.load(folder / f"rank{r}.pt") for r in range(procs)]
+
+
+def fingerprint(images, labels):
+    """One comparable row per sample: its label and its (augmented) pixels."""
+    return sorted(map(tuple, torch.cat([labels[:, None].float(), images.flatten(1)], 1).tolist()))
+
+
+@pytest.mark.slow
+def test_device_batches_are_the_same_set_per_global_step_for_1_and_2_processes(tmp_path):
+    (one,) = dump(tmp_path, "one", 1, "data.batch_size=16")
+    two = dump(tmp_path, "two", 2, "data.batch_size=8")
+    for epoch in (0, 3):
+        assert len(one[epoch]) == len(two[0][epoch]) == len(two[1][epoch]) == 6
+        for k, (x, y) in enumerate(one[epoch]):
+            (x0, y0), (x1, y1) = two[0][epoch][k], two[1][epoch][k]
+            assert fingerprint(x, y) == fingerprint(torch.cat([x0, x1]), torch.cat([y0, y1]))
+            assert fingerprint(x0, y0) != fingerprint(x1, y1)          # each rank gets its own half
+    assert not torch.equal(one[0][0][1], one[3][0][1])                  # a new order every epoch
+
+
+def test_device_augmentation_is_a_function_of_seed_epoch_index():
+    split = synthetic_split(50, True)
+    acc = Accelerator(cpu=True)
+    a = DeviceBatches(acc, split, DataConfig(augment=True, batch_size=10), True, seed=5)
+    b = DeviceBatches(acc, split, DataConfig(augment=True, batch_size=25), True, seed=5)
+    for epoch in (0, 1, 7):
+        assert all(torch.equal(p, q) for p, q in zip(a.augmentation(epoch), b.augmentation(epoch)))
+    assert not torch.equal(a.augmentation(0)[0], a.augmentation(1)[0])
+    alt = DeviceBatches(acc, split, DataConfig(augment=True, alternating_flip=True), True, seed=5)
+    f0, f1, f2 = (alt.augmentation(e)[2] for e in (0, 1, 2))
+    assert torch.equal(f0, ~f1) and torch.equal(f0, f2)                 # alternating flip
+
+
+def test_crop_flip_matches_a_per_image_reference():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    dy, dx = torch.tensor([0, 4, 8, 2, 3, 8]), torch.tensor([8, 0, 4, 2, 7, 1])
+    flip = torch.tensor([True, False, True, False, True, False])
+    out = crop_flip(images, dy, dx, flip, pad=4)
+    for i in range(6):
+        padded = np.zeros((3, 40, 40), np.uint8)
+        padded[:, 4:36, 4:36] = images[i].numpy()
+        ref = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        ref = ref[:, :, ::-1] if flip[i] else ref
+        assert np.array_equal(out[i].numpy(), ref)
+
+
+@pytest.mark.slow
+def test_device_loader_two_processes_equal_one_process_with_double_batch(tmp_path):
+    common = ["--config", "configs/debug.yaml", "data.loader=device", "data.limit_train=256", "train.epochs=2",
+              "optim.lr=0.05"]
+    run("train.py", *common, "data.batch_size=32", f"output_dir={tmp_path}/one")
+    run("train.py", *common, "data.batch_size=16", f"output_dir={tmp_path}/two", procs=2)
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
+
+
+def test_fast_recipe_on_a_small_subset_with_checkpoints_and_metrics(tmp_path):
+    out = tmp_path / "fast"
+    run("train.py", *TINY_FAST, "checkpoint.every_steps=4", "checkpoint.keep_last=2", "train.target_acc=20",
+        f"output_dir={out}")
+    summary = read_json(out / "summary.json")
+    assert summary["tta"] == "flip_translate" and summary["steps"] == 16
+    for key in ("train_seconds", "data_seconds", "compile_seconds", "flops_per_image", "time_to_target"):
+        assert summary[key] is not None, key
+    assert summary["steps_to_target"] in (8, 16) and summary["time_to_target"] <= summary["train_seconds"]
+    assert 0.65e9 < summary["flops_per_image"] < 0.75e9          # 0.708 GFLOP fwd+bwd per image, as airbench94
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "test/acc" in r] == [0, 1]
+    assert all("data_wait" in r for r in rows if "epoch_time" in r)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == \
+        ["step-12", "step-16"]
+    proc = run("evaluate.py", "--checkpoint", str(out), "--tta", "flip_translate", "--output", str(tmp_path / "e"))
+    assert read_json(tmp_path / "e" / "eval.json")["accuracy"] == pytest.approx(summary["final_test_acc"])
+    assert proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_fast_recipe_compiled_on_cpu(tmp_path):
+    out = tmp_path / "compiled"
+    run("train.py", *TINY_FAST, "train.compile=true", "train.epochs=1", "data.limit_train=256",
+        f"output_dir={out}", timeout=600)
+    summary = read_json(out / "summary.json")
+    assert summary["compile_seconds"] > 0
+    assert not any(k.startswith("_orig_mod") for k in weights(out))   # weights load into a plain model
+    run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "e"))
+
+
+def test_whitening_filters_whiten_patches():
+    images = torch.from_numpy(synthetic_split(200, True).images).float() / 255
+    net = FastNet()
+    net.init_from_data(images)
+    out = net.whiten(images)[:, :12]                             # the + half of the filters
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    assert torch.allclose(cov.diag(), torch.ones(12), atol=0.05)  # unit variance along every eigen-direction
+    assert cov.fill_diagonal_(0).abs().max() < 0.05               # and decorrelated
+    assert not net.whiten.weight.requires_grad
+
+
+def test_orthogonalize_and_muon_step():
+    g = torch.randn(64, 27)
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.min() > 0.5 and s.max() < 1.5                        # singular values pushed towards 1
+    conv = torch.nn.Conv2d(3, 8, 3, bias=False)
+    opt = Muon([dict(params=[conv.weight], muon=True)], lr=0.1, momentum=0.6)
+    conv(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    assert float(conv.weight.norm()) == pytest.approx(8 ** 0.5, rel=0.2)   # filters kept near a fixed norm
+
+
+def test_tta_views():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.randn(2, 3, 32, 32)
+    plain, flip, both = (predict(net, x, t) for t in ("none", "flip", "flip_translate"))
+    assert torch.allclose(flip, (net(x) + net(x.flip(-1))) / 2)
+    assert both.shape == plain.shape and not torch.allclose(both, flip)
