@@ -1,84 +1,101 @@
-"""Engine overhead: one optimizer step through cifar.engine.train_step vs a bare PyTorch loop.
+"""Engine overhead: the engine's whole training loop vs a bare PyTorch loop on the same network, batches,
+optimizer, schedule and threads.
 
-Same model, same batches (already in memory, so data loading is out of the picture), same threads.
-    python bench/overhead.py [--model tutorial_net] [--batch 4] [--steps 3000] [--threads 1]
-Prints ms/step for both and the engine's overhead in percent (target: at most 5%).
+    python bench/overhead.py [--threads 1] [--repeats 3] --config configs/debug.yaml [key=value ...]
+
+The engine's time per step is summary.json's train_seconds / steps (its loop with logging, metric sums, signal
+checks, epoch ends; evaluation excluded). The bare loop is zero_grad / forward / loss / backward / step / schedule
+over the same `epoch()` batches. Best of --repeats, interleaved. Targets: <= 5% (core), <= 3% (fast path).
 """
 import argparse
+import contextlib
+import io
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 
-from cifar.engine import train_step  # noqa: E402
+from cifar.config import load_config  # noqa: E402
+from cifar.data import build_batches  # noqa: E402
+from cifar.engine import train  # noqa: E402
 from cifar.models import build_model  # noqa: E402
-from cifar.schedule import lr_factor  # noqa: E402
+from cifar.optim import build_optimizer  # noqa: E402
+from cifar.schedule import build_scheduler  # noqa: E402
 
 
-def batches(n, batch):
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(n)]
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def bare(model_name, data, steps):
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, steps, 0))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
-    start = time.perf_counter()
-    for i in range(steps):
-        x, y = data[i % len(data)]
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return time.perf_counter() - start
-
-
-def engine(model_name, data, steps):
-    torch.manual_seed(0)
+def bare(cfg, steps: int) -> float:
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    model = build_model(model_name)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    model, opt = acc.prepare(model, opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda s: lr_factor("cosine", s, steps, 0))
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    data = [(x.to(acc.device), y.to(acc.device)) for x, y in data]
+    set_seed(cfg.seed)
+    batches, _ = build_batches(acc, cfg.data, cfg.seed)
+    model = build_model(cfg.model.name)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(batches.first_images(5000).cpu())
+    model = model.to(acc.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(cfg.optim, model)
+    sched = build_scheduler(cfg.schedule, opt, steps)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    autocast = (lambda: torch.autocast(acc.device.type, dtype=precision)) if precision else contextlib.nullcontext
     model.train()
-    start = time.perf_counter()
-    for i in range(steps):
-        train_step(acc, model, opt, loss_fn, [data[i % len(data)]], None)
-        if not acc.optimizer_step_was_skipped:
+    sync()
+    start, step, epoch = time.perf_counter(), 0, 0
+    while step < steps:
+        for images, labels in batches.epoch(epoch):
+            if cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(model(images).float(), labels)
+            loss.backward()
+            opt.step()
             sched.step()
-    return time.perf_counter() - start
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def engine(config: str, overrides: list[str]) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(config, [*overrides, f"output_dir={out}", "wandb.mode=disabled"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = train(cfg)
+    return summary["train_seconds"] / summary["steps"], summary["steps"]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tutorial_net")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--config", default="configs/debug.yaml")
+    args, overrides = ap.parse_known_args()
+    overrides = [o for o in overrides if o != "--"]
     torch.set_num_threads(args.threads)
-    data = batches(64, args.batch)
-    bare(args.model, data, min(200, args.steps))      # warm-up both paths
-    engine(args.model, data, min(200, args.steps))
-    b, e = [], []
+    cfg = load_config(args.config, overrides)
+    e, b = [], []
     for _ in range(args.repeats):                     # interleaved, best of N: robust to a busy machine
-        b.append(bare(args.model, data, args.steps))
-        e.append(engine(args.model, data, args.steps))
-    tb, te = min(b) / args.steps * 1e3, min(e) / args.steps * 1e3
-    print(f"model={args.model} batch={args.batch} threads={args.threads} steps={args.steps}")
+        seconds, steps = engine(args.config, overrides)
+        e.append(seconds)
+        b.append(bare(cfg, steps))
+    te, tb = min(e) * 1e3, min(b) * 1e3
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
+    print(f"{args.config} {' '.join(overrides)} | model={cfg.model.name} batch={cfg.data.batch_size} "
+          f"loader={cfg.data.loader} steps={steps} | {device}")
     print(f"bare loop : {tb:.3f} ms/step")
     print(f"engine    : {te:.3f} ms/step")
     print(f"overhead  : {100 * (te / tb - 1):+.1f}%")

@@ -56,26 +56,29 @@ def on_main(accelerator: Accelerator, fn):
 
 @dataclass
 class StepStats:
-    """Running sums on the device, read (one sync) only when a row is logged or a checkpoint saved."""
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    samples: torch.Tensor
+    """Running sums on the device (two in-place ops a step), read with one sync when a row is logged or a
+    checkpoint saved."""
+    loss_sum: torch.Tensor     # float64
+    correct: torch.Tensor      # int64
+    samples: int
 
     @classmethod
     def start(cls, device, sums=(0.0, 0, 0), mine: bool = True):
         """Counters beginning at `sums` (global totals restored from a checkpoint) on one rank, zero elsewhere."""
         loss, correct, samples = sums if mine else (0.0, 0, 0)
-        return cls(*(torch.tensor(float(v), device=device, dtype=torch.float64) for v in (loss, correct, samples)))
+        return cls(torch.tensor(float(loss), device=device, dtype=torch.float64),
+                   torch.tensor(int(correct), device=device, dtype=torch.long), int(samples))
 
     def add(self, loss_sum, correct, n):
-        self.loss_sum += loss_sum.detach().double()
+        self.loss_sum += loss_sum
         self.correct += correct
         self.samples += n
 
     def totals(self, accelerator) -> list:
         """[loss sum, correct, samples] over all ranks; raises when training has diverged."""
-        loss_sum, correct, samples = accelerator.reduce(torch.stack([self.loss_sum, self.correct, self.samples]),
-                                                        "sum").tolist()
+        local = torch.stack([self.loss_sum, self.correct.double(),
+                             torch.tensor(float(self.samples), device=self.loss_sum.device, dtype=torch.float64)])
+        loss_sum, correct, samples = accelerator.reduce(local, "sum").tolist()
         if not math.isfinite(loss_sum):
             raise UserError(f"training diverged: the loss became {loss_sum}; lower optim.lr or set train.grad_clip "
                             f"(the last good checkpoint is kept)")
@@ -83,32 +86,38 @@ class StepStats:
 
 
 def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                int, float | None]:
-    """One optimizer step over a window of micro-batches.
+                                                                                int, float | None, bool]:
+    """One optimizer step over a window of micro-batches: (loss sum, correct, images, grad norm, stepped).
 
-    The loss is summed over samples and the accumulated gradient divided by the window's real sample count, so a
-    short last window of an epoch weighs each sample exactly as a full one does. DDP averages over ranks, which
-    Accelerate keeps at equal batch sizes. Gradients synchronise only on the window's last micro-batch.
+    Each micro-batch's summed loss is divided by the window's real sample count, so a short last window of an
+    epoch weighs each sample exactly as a full one does. DDP averages over ranks, which Accelerate keeps at equal
+    batch sizes. Gradients synchronise only on the window's last micro-batch.
     """
-    loss_total = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
     n = sum(len(labels) for _, labels in window)
+    loss_total = correct = None
     for i, (images, labels) in enumerate(window):
         last = i == len(window) - 1
         with accelerator.no_sync(model) if not last else contextlib.nullcontext():
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
-            accelerator.backward(loss)
-        loss_total += loss.detach()
-        correct += (logits.argmax(1) == labels).sum()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    torch._foreach_div_(grads, float(n))
+            if accelerator.scaler is not None:
+                accelerator.backward(loss / n)       # fp16: scaled by Accelerate's grad scaler
+            else:
+                (loss / n).backward()                # what accelerator.backward does here, minus a no-op /1
+        hits = (logits.argmax(1) == labels).sum()
+        loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        correct = hits if correct is None else correct + hits
     grad_norm = None
     if grad_clip is not None:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_total, correct, n, grad_norm
+    if accelerator.scaler is not None:       # fp16: Accelerate's optimizer wrapper drives the grad scaler
+        optimizer.step()
+        stepped = not optimizer.step_was_skipped
+    else:                                    # the plain optimizer: the wrapper's per-step bookkeeping costs ~10%
+        optimizer.optimizer.step()           # of a small model's step, and gradient sync is ours to manage
+        stepped = True
+    optimizer.optimizer.zero_grad(set_to_none=True)
+    return loss_total, correct, n, grad_norm, stepped
 
 
 def mfu(flops: float, images: int, seconds: float, accelerator, precision: str) -> float | None:
@@ -241,9 +250,9 @@ def train(cfg: Config) -> dict:
             for window in windows(batches, t.grad_accum_steps):
                 batches_done += len(window)
                 lr = optimizer.param_groups[0]["lr"]
-                loss_sum, correct, n, grad_norm = train_step(accelerator, model, optimizer, loss_fn, window,
-                                                             t.grad_clip)
-                if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+                loss_sum, correct, n, grad_norm, stepped = train_step(accelerator, model, optimizer, loss_fn, window,
+                                                                      t.grad_clip)
+                if stepped:                                  # fp16 overflow skips a step: the schedule waits too
                     scheduler.step()
                 state.step += 1
                 state.samples_in_epoch += len(window) * cfg.data.batch_size * world

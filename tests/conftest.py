@@ -51,16 +51,20 @@ def env(**extra) -> dict:
     return e
 
 
+def command(script: str, args, procs: int = 1) -> list[str]:
+    """The command line a user would type: python script ..., or accelerate launch (DDP on gloo) for procs > 1."""
+    path = os.path.join(ROOT, script)
+    if procs == 1:
+        return [sys.executable, path, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), path, *args]
+
+
 def run(script: str, *args, procs: int = 1, check: bool = True, timeout: int = 300, cwd: str = ROOT, **kw):
     """Run train.py / evaluate.py as a user would; with procs > 1 through `accelerate launch` (DDP on gloo)."""
-    path = os.path.join(ROOT, script)
     for attempt in range(3):
-        if procs == 1:
-            cmd = [sys.executable, path, *args]
-        else:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(free_port()), path, *args]
+        cmd = command(script, args, procs)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**kw), cwd=cwd)
         # another process may take the free port between free_port() and the launcher binding it: pick again
         if procs == 1 or "address already in use" not in proc.stderr.lower():

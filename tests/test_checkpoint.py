@@ -6,13 +6,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
-from conftest import ROOT, env, free_port, read_json, read_jsonl, run, weights
+from conftest import ROOT, command, env, read_json, read_jsonl, run, weights
 from safetensors.torch import load_file, save_file
 
 from cifar.checkpoint import verify
@@ -35,14 +34,7 @@ def steps_of(run_dir):
 
 def launch(args, procs=1, **kw):
     """Start train.py in its own process group (so a kill reaches the launcher and every rank)."""
-    script = os.path.join(ROOT, "train.py")
-    if procs == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), script, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(command("train.py", args, procs), cwd=ROOT, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 

@@ -11,7 +11,7 @@ COMMON = ["--config", "configs/tutorial.yaml", "data.augment=true", "data.num_wo
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_batch(tmp_path, cifar_root):
     # 84 images, global batch 12: 7 steps per epoch, evenly split between the two ranks.
-    one = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=12", f"output_dir={tmp_path}/one")
+    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=12", f"output_dir={tmp_path}/one")
     two = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=6", f"output_dir={tmp_path}/two",
               procs=2)
     assert read_json(tmp_path / "two" / "summary.json")["world_size"] == 2
@@ -30,20 +30,12 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, cifar_root)
 def test_accumulation_matches_double_batch_with_partial_last_window(tmp_path, cifar_root):
     # 84 images, micro-batch 8: 11 micro-batches per epoch (the last holds 4), windows of 2 -> the last window is
     # one short micro-batch. Batch 16: 6 steps, the last of 4 images. Same samples per step, same weights.
-    big = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=16", f"output_dir={tmp_path}/big")
-    acc = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=8", "train.grad_accum_steps=2",
+    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=16", f"output_dir={tmp_path}/big")
+    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=8", "train.grad_accum_steps=2",
               f"output_dir={tmp_path}/acc")
     assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "acc")) <= 1e-5
     steps = [r["step"] for r in read_jsonl(tmp_path / "acc" / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 13))
-
-
-def test_accumulation_without_the_fix_would_differ(tmp_path, cifar_root):
-    """Guards the test above: a different window weighting really changes the weights (so equality means something)."""
-    a = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=16", f"output_dir={tmp_path}/a")
-    b = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=16", "data.limit_train=80",
-            f"output_dir={tmp_path}/b")
-    assert max_diff(weights(tmp_path / "a"), weights(tmp_path / "b")) > 1e-4
 
 
 @pytest.mark.slow

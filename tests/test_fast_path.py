@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
+from conftest import max_diff, read_json, read_jsonl, run, weights
 
 from cifar.config import DataConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
