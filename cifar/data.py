@@ -179,16 +179,18 @@ class CifarDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), int(self.split.labels[index])
 
 
+def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B,3,H,W) on any device -> float32 normalised. Done after the copy: 4x fewer bytes to move."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() / 255 - mean) / std
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images * std + mean).clamp(0, 1)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
 
 from .checkpoint import Checkpoints, TrainState, rng_state
 from .config import Config
@@ -35,7 +35,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise UserError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
     return Accelerator(cpu=not cuda, mixed_precision=precision,
-                       dynamo_backend="inductor" if cfg.train.compile else "no")
+                       dynamo_backend="inductor" if cfg.train.compile else "no",
+                       dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
 
 
 def on_main(accelerator: Accelerator, fn):

@@ -63,7 +63,7 @@ def wait_for(predicate, timeout=120, proc=None):
 
 def metric_rows(run_dir):
     """metrics.jsonl without the timing fields, which differ between any two runs."""
-    timing = {"images_per_sec", "epoch_time"}
+    timing = {"images_per_sec", "epoch_time", "data_wait"}
     return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
