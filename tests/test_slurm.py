@@ -115,7 +115,8 @@ def test_multinode_two_machines_rendezvous(cluster, tmp_path):
 def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     """USR1 to the batch shell (what `--signal=B:USR1@N` sends) -> checkpoint, exit 75 -> requeue -> resume, finish;
     the final weights equal those of the same command run without interruption."""
-    args = ["configs/debug.yaml", "train.epochs=6", "checkpoint.every_steps=20"]
+    # 1536 steps: long enough that USR1 lands mid-run however idle the machine
+    args = ["configs/debug.yaml", "train.epochs=6", "checkpoint.every_steps=20", "data.limit_train=8192"]
     reference = subprocess.Popen([sys.executable, "train.py", "--config", *args,
                                   f"output_dir={tmp_path / 'reference'}"], cwd=ROOT, env=env(),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -146,7 +147,8 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
 def test_preempted_multinode_job_requeues_and_resumes(cluster, tmp_path):
     """The same on two machines: the batch shell passes USR1 to srun, srun to each machine's task, each task to its
     training process; the launchers report 75; the job requeues, both machines rendezvous again and finish."""
-    args = ["configs/debug.yaml", "train.epochs=4", "checkpoint.every_steps=20", "data.batch_size=16"]
+    args = ["configs/debug.yaml", "train.epochs=4", "checkpoint.every_steps=20", "data.batch_size=16",
+            "data.limit_train=8192"]
     job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", args,
                       sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2")
     run = tmp_path / "runs" / f"debug-job{job}"

@@ -55,9 +55,10 @@ def test_two_processes_write_exactly_one_run(tmp_path):
 
 def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path):
     out = tmp_path / "r"
-    args = [*RECIPE, "data.limit_train=4096", "checkpoint.every_steps=16", f"output_dir={out}"]
+    args = [*RECIPE, "data.limit_train=16384", "checkpoint.every_steps=16", f"output_dir={out}"]   # 1536 steps
     proc = launch(args, **wandb_env(tmp_path))
     wait_for(lambda: max(steps_of(out), default=0) >= 48, proc=proc)
+    assert proc.poll() is None, "the run ended before it could be signalled"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 75
@@ -67,7 +68,7 @@ def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path):
     id1, id2 = leet(first, summary=True)["run_id"], leet(second, summary=True)["run_id"]
     assert id1 == id2
     steps = [r["global_step"] for r in history(second) if "train/loss" in r]
-    assert steps[0] > stopped - 16 and steps[0] == (stopped // 16 + 1) * 16 and steps[-1] == 384
+    assert steps[0] > stopped - 16 and steps[0] == (stopped // 16 + 1) * 16 and steps[-1] == 1536
 
 
 def test_disabled_writes_nothing(tmp_path):
