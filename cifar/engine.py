@@ -347,5 +347,8 @@ def train(cfg: Config) -> dict:
     tracker.summary(summary)
     tracker.finish(0)
     console.summary(summary)
+    # Ranks tear the process group down together: a rank that leaves while another still uses it can abort
+    # ("terminate called without an active exception") instead of exiting cleanly.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -164,5 +164,8 @@ def run_evaluation(checkpoint: str, overrides: list[str], tta: str, output_dir: 
         tracker.log_eval(step or 0, result.confusion, *result.samples)
         tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
         tracker.finish(0)
+    # Ranks tear the process group down together: a rank that leaves while another still uses it can abort
+    # ("terminate called without an active exception") instead of exiting cleanly.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return report
