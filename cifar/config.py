@@ -35,7 +35,8 @@ class DataConfig:
     limit_train: Optional[int] = None        # first N training images (synthetic: the set's size)
     limit_test: Optional[int] = None
     loader: Literal["dataloader", "device"] = "dataloader"   # device: the whole split on the GPU (fast path)
-    crop_padding: int = 4                    # random crop of 32 from the image zero-padded by this many pixels
+    crop_padding: int = 4                    # random crop of 32 from the image padded by this many pixels
+    pad_mode: Literal["zeros", "reflect"] = "zeros"   # reflect: mirror about the edge, no black borders
     alternating_flip: bool = False           # flip each image in every other epoch instead of at random
 
 

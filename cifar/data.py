@@ -156,11 +156,12 @@ class EpochSampler(Sampler):
 
 
 class CifarDataset(Dataset):
-    """uint8 images; training samples are cropped (zero padding) and flipped as augment_params says."""
+    """uint8 images; training samples are cropped (from the padded image) and flipped as augment_params says."""
 
-    def __init__(self, split: Split, augment: bool, seed: int, pad: int = PAD, alternating_flip: bool = False):
+    def __init__(self, split: Split, augment: bool, seed: int, pad: int = PAD, alternating_flip: bool = False,
+                 pad_mode: str = "zeros"):
         self.split, self.augment, self.seed = split, augment, seed
-        self.pad, self.alternating_flip = pad, alternating_flip
+        self.pad, self.alternating_flip, self.pad_mode = pad, alternating_flip, pad_mode
 
     def __len__(self):
         return len(self.split)
@@ -171,8 +172,8 @@ class CifarDataset(Dataset):
         if self.augment:
             pad = self.pad
             dy, dx, flip = augment_params(self.seed, epoch, index, pad, self.alternating_flip)
-            padded = np.zeros((3, 32 + 2 * pad, 32 + 2 * pad), np.uint8)
-            padded[:, pad:pad + 32, pad:pad + 32] = image
+            padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)),
+                            mode="reflect" if self.pad_mode == "reflect" else "constant")
             image = padded[:, dy:dy + 32, dx:dx + 32]
             if flip:
                 image = image[:, :, ::-1]
@@ -224,7 +225,8 @@ class DataLoaderBatches:
         cuda = accelerator.device.type == "cuda"
         workers = dict(num_workers=cfg.num_workers, pin_memory=cuda, persistent_workers=cfg.num_workers > 0,
                        prefetch_factor=4 if cfg.num_workers > 0 else None)
-        dataset = CifarDataset(split, cfg.augment and train, seed, cfg.crop_padding, cfg.alternating_flip)
+        dataset = CifarDataset(split, cfg.augment and train, seed, cfg.crop_padding, cfg.alternating_flip,
+                               cfg.pad_mode)
         if train:
             self.sampler = EpochSampler(len(split), seed, shuffle=True)
             self.loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler,
@@ -271,7 +273,7 @@ class DeviceBatches:
         self.labels = torch.from_numpy(split.labels).to(self.device)
         self.train, self.seed = train, seed
         self.augment = cfg.augment and train
-        self.pad, self.alternating_flip = cfg.crop_padding, cfg.alternating_flip
+        self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
         self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
 
@@ -305,22 +307,27 @@ class DeviceBatches:
             idx = order[k * step + self.rank * self.batch_size:k * step + (self.rank + 1) * self.batch_size]
             images = self.images[idx]
             if params is not None:
-                images = crop_flip(images, *(p[idx] for p in params), self.pad)
+                images = crop_flip(images, *(p[idx] for p in params), self.pad, self.pad_mode)
             yield normalize(images), self.labels[idx]
 
     def first_images(self, n: int) -> torch.Tensor:
         return normalize(self.images[:n])
 
 
-def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int):
-    """Per-image crop of 32x32 from the zero-padded batch at (dy, dx), mirrored where flip: one gather."""
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int,
+              pad_mode: str = "zeros") -> torch.Tensor:
+    """Per-image 32x32 crop at (dy, dx) of the batch padded by `pad`, mirrored where flip: one gather. Reflect
+    padding is done on the indices (uint8 tensors have no reflection pad, and no padded copy is needed)."""
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     ar = torch.arange(h, device=images.device)
-    rows = dy[:, None] + ar                                            # (B, H)
-    cols = dx[:, None] + ar
+    rows = dy[:, None] + ar - pad                                      # (B, H) rows of the unpadded image
+    cols = dx[:, None] + ar - pad
     cols = torch.where(flip[:, None], cols.flip(1), cols)              # (B, W)
-    out = padded[torch.arange(b, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    if pad_mode == "reflect":                                          # -1 -> 1, h -> h - 2
+        rows, cols = (h - 1) - ((h - 1) - rows.abs()).abs(), (w - 1) - ((w - 1) - cols.abs()).abs()
+    else:
+        images, rows, cols = torch.nn.functional.pad(images, (pad, pad, pad, pad)), rows + pad, cols + pad
+    out = images[torch.arange(b, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)                                     # (B, H, W, C) -> (B, C, H, W)
 
 

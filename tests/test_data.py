@@ -46,6 +46,9 @@ def test_augmentation_is_a_function_of_seed_epoch_index(cifar_root):
     expect = padded[:, dy:dy + 32, dx:dx + 32]
     expect = expect[:, :, ::-1] if flip else expect
     assert np.array_equal(x1.numpy(), expect)                 # crop with 4-px zero padding + flip
+    reflected = CifarDataset(split, augment=True, seed=3, pad_mode="reflect")[(2, 5)][0].numpy()
+    expect = np.pad(split.images[5], ((0, 0), (4, 4), (4, 4)), mode="reflect")[:, dy:dy + 32, dx:dx + 32]
+    assert np.array_equal(reflected, expect[:, :, ::-1] if flip else expect)
     assert torch.equal(CifarDataset(split, augment=False, seed=3)[(2, 5)][0], torch.from_numpy(split.images[5]))
 
 

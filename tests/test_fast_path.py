@@ -54,17 +54,23 @@ def test_device_augmentation_is_a_function_of_seed_epoch_index():
     assert torch.equal(f0, ~f1) and torch.equal(f0, f2)                 # alternating flip
 
 
-def test_crop_flip_matches_a_per_image_reference():
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_crop_flip_matches_a_per_image_reference(pad_mode):
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     dy, dx = torch.tensor([0, 4, 8, 2, 3, 8]), torch.tensor([8, 0, 4, 2, 7, 1])
     flip = torch.tensor([True, False, True, False, True, False])
-    out = crop_flip(images, dy, dx, flip, pad=4)
+    out = crop_flip(images, dy, dx, flip, pad=4, pad_mode=pad_mode)
     for i in range(6):
-        padded = np.zeros((3, 40, 40), np.uint8)
-        padded[:, 4:36, 4:36] = images[i].numpy()
+        padded = np.pad(images[i].numpy(), ((0, 0), (4, 4), (4, 4)),
+                        mode="reflect" if pad_mode == "reflect" else "constant")
         ref = padded[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
         ref = ref[:, :, ::-1] if flip[i] else ref
         assert np.array_equal(out[i].numpy(), ref)
+    border = out[1, :, :, :4]                          # image 1 is shifted 4 px right: its left border is padding
+    if pad_mode == "reflect":
+        assert torch.equal(border, images[1, :, :, 1:5].flip(-1))
+    else:
+        assert not border.any()
 
 
 @pytest.mark.slow
