@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 EXIT_USAGE = 2
@@ -30,6 +31,11 @@ def cli(main):
             sys.exit(EXIT_USAGE)
         except Stopped as e:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
+            # The checkpoint is safe; what is left is interpreter shutdown (the process group, W&B), during which
+            # Python puts fatal default handlers back. The launcher SIGTERMs the other ranks as soon as the first
+            # one exits: ignored, it cannot turn their resumable exit into a kill (an ignored signal stays so).
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
             sys.exit(EXIT_RESUMABLE)
 
     return wrapper
