@@ -323,12 +323,17 @@ def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: to
     rows = dy[:, None] + ar - pad                                      # (B, H) rows of the unpadded image
     cols = dx[:, None] + ar - pad
     cols = torch.where(flip[:, None], cols.flip(1), cols)              # (B, W)
-    if pad_mode == "reflect":                                          # -1 -> 1, h -> h - 2
-        rows, cols = (h - 1) - ((h - 1) - rows.abs()).abs(), (w - 1) - ((w - 1) - cols.abs()).abs()
+    if pad_mode == "reflect":
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
     else:
         images, rows, cols = torch.nn.functional.pad(images, (pad, pad, pad, pad)), rows + pad, cols + pad
     out = images[torch.arange(b, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)                                     # (B, H, W, C) -> (B, C, H, W)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices outside 0..n-1 mirrored about the edge pixel (-1 -> 1, n -> n - 2), as reflect padding does."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
 
 
 def build_batches(accelerator, cfg: DataConfig, seed: int):
