@@ -33,6 +33,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
+    if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
     return Accelerator(cpu=not cuda, mixed_precision=precision,
                        dynamo_backend="inductor" if cfg.train.compile else "no",
@@ -287,6 +290,8 @@ def train(cfg: Config) -> dict:
                                       f"rerun the same command to resume")
                 if state.step == total_steps:
                     break
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()         # the epoch's queued kernels belong to its time
             epoch_time = time.perf_counter() - epoch_start
             train_seconds += epoch_time
             loss, correct_total, samples = epoch_stats.totals(accelerator)
