@@ -71,6 +71,9 @@ class TrainConfig:
     tta: Literal["none", "flip", "flip_translate"] = "none"   # test-time augmentation of the evaluations
     target_acc: Optional[float] = None       # summary.json reports the time and step it is first reached
     compile: bool = False                    # torch.compile the model (warm-up timed apart from training)
+    # torch.compile's mode; reduce-overhead records CUDA graphs (one launch per forward/backward: small nets on a
+    # fast GPU are otherwise bound by kernel launches). Several processes compile with default (see engine).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     channels_last: bool = False
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object,
+                               set_seed)
 
 from .checkpoint import Checkpoints, TrainState, rng_state
 from .config import Config
@@ -36,9 +37,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+    mode = cfg.train.compile_mode
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CUDA graphs around DDP's bucketed all-reduce are untested here: several processes compile without them
+        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    dynamo = TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no", mode=mode)
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
-    return Accelerator(cpu=not cuda, mixed_precision=precision,
-                       dynamo_backend="inductor" if cfg.train.compile else "no",
+    return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo,
                        dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
 
 

@@ -26,17 +26,21 @@ class EvalResult:
 def predict(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Logits, averaged over test-time views: flip = the image and its mirror; flip_translate = those two (weight
     1/2) and both shifted one pixel up-left and down-right (weight 1/2 together)."""
-    logits = model(images).float()
+    def run(x):    # a float32 copy: under CUDA graphs the next call reuses the memory of this call's output
+        return model(x).to(torch.float32, copy=True)
+
+    logits = run(images)
     if tta == "none":
         return logits
     mirrored = images.flip(-1)
-    logits = (logits + model(mirrored).float()) / 2
+    logits = (logits + run(mirrored)) / 2
     if tta == "flip_translate":
         h, w = images.shape[-2:]
         shifted = []
         for view in (images, mirrored):
             padded = F.pad(view, (1, 1, 1, 1), mode="reflect")
-            shifted += [model(padded[..., :h, :w]).float(), model(padded[..., 2:, 2:]).float()]
+            # contiguous: a compiled model would otherwise compile again for the views' strides
+            shifted += [run(padded[..., :h, :w].contiguous()), run(padded[..., 2:, 2:].contiguous())]
         logits = (logits + sum(shifted) / len(shifted)) / 2
     return logits
 

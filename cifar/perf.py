@@ -34,7 +34,8 @@ def compile_warmup(model, optimizer, scaler, train_step, evaluate) -> float:
     the compilation time is measured apart and the real run starts from exactly the state it had."""
     start = time.perf_counter()
     saved = [copy.deepcopy(x.state_dict()) for x in (model, optimizer) + ((scaler,) if scaler else ())]
-    train_step()
+    for _ in range(3):      # CUDA graphs (compile_mode=reduce-overhead) are warmed up and recorded over 2 calls
+        train_step()
     evaluate()
     for x, state in zip((model, optimizer) + ((scaler,) if scaler else ()), saved):
         x.load_state_dict(state)

@@ -56,6 +56,7 @@ def test_override_values_are_yaml():
     ("train.label_smoothing=1.5", "train.label_smoothing"),
     ("data.source=imagenet", "data.source"),
     ("data.pad_mode=mirror", "data.pad_mode"),
+    ("train.compile_mode=turbo", "train.compile_mode"),
     ("optim=3", "optim"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
