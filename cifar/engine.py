@@ -37,14 +37,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    mode = cfg.train.compile_mode
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # CUDA graphs around DDP's bucketed all-reduce are untested here: several processes compile without them
-        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    mode = compile_mode(cfg.train.compile_mode, int(os.environ.get("WORLD_SIZE", "1")))
     dynamo = TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no", mode=mode)
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
     return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo,
                        dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
+
+
+def compile_mode(mode: str, world: int) -> str:
+    """torch.compile's mode for a run of `world` processes. CUDA graphs around DDP's bucketed all-reduce are
+    untested here, so several processes compile the same way without them."""
+    if world > 1:
+        return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return mode
 
 
 def on_main(accelerator: Accelerator, fn):
@@ -346,6 +351,7 @@ def train(cfg: Config) -> dict:
         "device": accelerator.device.type, "resumed_from": resume_from, "wandb_run_id": tracker.run_id,
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": data_seconds, "compile_seconds": compile_seconds,
+        "compile_mode": accelerator.state.dynamo_plugin.mode if t.compile else None,
         "flops_per_image": flops, "mfu": mfu(flops, state.samples_seen, train_seconds, accelerator, t.mixed_precision),
     }
     accelerator.wait_for_everyone()

@@ -7,6 +7,7 @@ from conftest import max_diff, read_json, read_jsonl, run, weights
 
 from cifar.config import DataConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
+from cifar.engine import compile_mode
 from cifar.evaluation import predict
 from cifar.models import FastNet
 from cifar.optim import Muon, orthogonalize
@@ -109,8 +110,17 @@ def test_fast_recipe_compiled_on_cpu(tmp_path):
         f"output_dir={out}", timeout=600)
     summary = read_json(out / "summary.json")
     assert summary["compile_seconds"] > 0
+    assert summary["compile_mode"] == "reduce-overhead"               # the recipe's (graphs are CUDA-only)
     assert not any(k.startswith("_orig_mod") for k in weights(out))   # weights load into a plain model
     run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "e"))
+
+
+def test_several_processes_compile_without_cuda_graphs():
+    assert compile_mode("reduce-overhead", 1) == "reduce-overhead"
+    assert compile_mode("reduce-overhead", 2) == "default"
+    assert compile_mode("max-autotune", 8) == "max-autotune-no-cudagraphs"
+    assert compile_mode("max-autotune-no-cudagraphs", 2) == "max-autotune-no-cudagraphs"
+    assert compile_mode("default", 2) == "default"
 
 
 def test_whitening_filters_whiten_patches():
