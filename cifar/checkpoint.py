@@ -38,6 +38,7 @@ class TrainState:
     step: int = 0                    # global optimizer steps taken
     best_acc: float | None = None
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0        # test-set evaluations, kept out of train_seconds
     samples_seen: int = 0
     global_batch: int = 0            # batch_size x processes x grad_accum_steps of the run that saved
     world_size: int = 1

@@ -75,6 +75,8 @@ class TrainConfig:
     # fast GPU are otherwise bound by kernel launches). Several processes compile with default (see engine).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     channels_last: bool = False
+    # CPU runs: malloc keeps freed memory for the next step instead of page-faulting it in again (perf.py)
+    keep_freed_memory: bool = True
 
 
 @dataclass

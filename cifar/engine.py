@@ -23,7 +23,7 @@ from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
 from .signals import StopRequest
-from .perf import compile_warmup, device_peak, flops_per_image
+from .perf import compile_warmup, device_peak, flops_per_image, keep_freed_memory
 from .tracking import Tracker, run_info
 
 
@@ -37,6 +37,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
+    elif cfg.train.keep_freed_memory:
+        keep_freed_memory()
     mode = compile_mode(cfg.train.compile_mode, int(os.environ.get("WORLD_SIZE", "1")))
     dynamo = TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no", mode=mode)
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
@@ -312,7 +314,9 @@ def train(cfg: Config) -> dict:
                    "images_per_sec": samples / epoch_time, "data_wait": waited[0]}
             evaluated = (epoch + 1) % t.eval_every_epochs == 0 or last_epoch
             if evaluated:
+                eval_start = time.perf_counter()
                 result = evaluate(model, test_batches, accelerator, tta=t.tta, samples=16 if tracker.active else 0)
+                state.eval_seconds += time.perf_counter() - eval_start
                 state.best_acc = max(state.best_acc or 0.0, result.accuracy)
                 if t.target_acc is not None and state.time_to_target is None and result.accuracy >= t.target_acc:
                     state.time_to_target, state.steps_to_target = train_seconds, state.step
@@ -351,6 +355,7 @@ def train(cfg: Config) -> dict:
         "device": accelerator.device.type, "resumed_from": resume_from, "wandb_run_id": tracker.run_id,
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": data_seconds, "compile_seconds": compile_seconds,
+        "eval_seconds": state.eval_seconds,
         "compile_mode": accelerator.state.dynamo_plugin.mode if t.compile else None,
         "flops_per_image": flops, "mfu": mfu(flops, state.samples_seen, train_seconds, accelerator, t.mixed_precision),
     }

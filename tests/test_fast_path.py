@@ -1,9 +1,12 @@
 """The fast path: device-resident data, FastNet + Muon, TTA, timing; on CPU with tiny synthetic subsets."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import max_diff, read_json, read_jsonl, run, weights
+from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
 
 from cifar.config import DataConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
@@ -91,6 +94,7 @@ def test_fast_recipe_on_a_small_subset_with_checkpoints_and_metrics(tmp_path):
     assert summary["tta"] == "flip_translate" and summary["steps"] == 16
     for key in ("train_seconds", "data_seconds", "compile_seconds", "flops_per_image", "time_to_target"):
         assert summary[key] is not None, key
+    assert 0 < summary["eval_seconds"] < summary["wall_seconds"] - summary["train_seconds"]
     assert summary["steps_to_target"] in (8, 16) and summary["time_to_target"] <= summary["train_seconds"]
     assert 0.65e9 < summary["flops_per_image"] < 0.75e9          # 0.708 GFLOP fwd+bwd per image, as airbench94
     rows = read_jsonl(out / "metrics.jsonl")
@@ -152,3 +156,30 @@ def test_tta_views():
     plain, flip, both = (predict(net, x, t) for t in ("none", "flip", "flip_translate"))
     assert torch.allclose(flip, (net(x) + net(x.flip(-1))) / 2)
     assert both.shape == plain.shape and not torch.allclose(both, flip)
+
+
+# Page faults of allocating and freeing a 64 MB tensor (one activation of a large batch) five times over, after
+# five times to settle in (the heap grows to hold two such blocks, as torch asks for them aligned).
+FAULTS = """
+import resource, sys, torch
+from cifar.perf import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for _ in range(5):
+    torch.ones(2**24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(2**24)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_cpu_memory_is_reused_without_page_faults():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout)
+    pages = 5 * 2**26 // 4096
+    assert faults("default") > 0.9 * pages        # glibc maps each big block afresh, so every page faults again
+    assert faults("keep") < 0.05 * pages
