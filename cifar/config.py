@@ -21,6 +21,9 @@ from .errors import UserError
 @dataclass
 class ModelConfig:
     name: str = "tutorial_net"
+    # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
+    # it after: the backward pass then stops at the first block (about 10% of a step). null: train it throughout.
+    whiten_bias_epochs: Optional[int] = None
 
 
 @dataclass
@@ -278,6 +281,9 @@ def validate(cfg: Config) -> None:
 
     _require(cfg.model.name in MODELS, "model.name", "one of " + ", ".join(sorted(MODELS)), cfg.model.name)
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
+    m = cfg.model
+    _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
+             "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
              d.eval_batch_size)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, TorchDynamoPlugin, broadcast_object_list, gather_object,
-                               set_seed)
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin,
+                               broadcast_object_list, gather_object, set_seed)
 
 from .checkpoint import Checkpoints, TrainState, rng_state
 from .config import Config
@@ -23,7 +23,7 @@ from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
 from .signals import StopRequest
-from .perf import compile_warmup, device_peak, flops_per_image, keep_freed_memory
+from .perf import compile_warmup, compiled_graphs, device_peak, flops_per_image, keep_freed_memory
 from .tracking import Tracker, run_info
 
 
@@ -41,8 +41,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
         keep_freed_memory()
     mode = compile_mode(cfg.train.compile_mode, int(os.environ.get("WORLD_SIZE", "1")))
     dynamo = TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no", mode=mode)
+    # A parameter that stops training mid-run (model.whiten_bias_epochs) gets no gradient afterwards; DDP's reducer
+    # then fails the next step unless it looks for unused parameters in every backward pass.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.whiten_bias_epochs is not None)
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
-    return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo,
+    return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
                        dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
 
 
@@ -52,6 +55,20 @@ def compile_mode(mode: str, world: int) -> str:
     if world > 1:
         return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
     return mode
+
+
+def expiring_parameters(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> dict:
+    """Parameters the recipe trains for its first steps only, with the optimizer step at which each one stops."""
+    if cfg.model.whiten_bias_epochs is None:
+        return {}
+    return {model.whiten.bias: cfg.model.whiten_bias_epochs * steps_per_epoch}
+
+
+def train_only_until(expiring: dict, step: int) -> None:
+    """Freeze each expiring parameter from its step on. Frozen, it gets no gradient (the optimizer skips it, its
+    lr has reached 0 anyway) and autograd skips the backward pass below it."""
+    for p, until in expiring.items():
+        p.requires_grad_(step < until)
 
 
 def on_main(accelerator: Accelerator, fn):
@@ -188,15 +205,15 @@ def train(cfg: Config) -> dict:
         model.init_from_data(train_batches.first_images(5000).cpu())
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)   # what is saved and loaded
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.train.label_smoothing)
-
     t = cfg.train
     steps_per_epoch = math.ceil(len(train_batches) / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    expiring = expiring_parameters(cfg, model, steps_per_epoch)
+    optimizer = build_optimizer(cfg.optim, model, expiring)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)   # what is saved and loaded
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.train.label_smoothing)
     scheduler = build_scheduler(cfg.schedule, optimizer.optimizer, total_steps)
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
 
@@ -244,10 +261,13 @@ def train(cfg: Config) -> dict:
         compile_seconds = compile_warmup(
             model, optimizer, accelerator.scaler,
             lambda: train_step(accelerator, model, optimizer, loss_fn, [probe], t.grad_clip),
-            lambda: evaluate(model, test_batches, accelerator, tta=t.tta))
+            lambda: evaluate(model, test_batches, accelerator, tta=t.tta),
+            # a frozen parameter changes the graph: compile that one too, or it would compile mid-run
+            phases=[lambda step=step: train_only_until(expiring, step) for step in sorted({0, *expiring.values()})])
         console.print(f"compiled in {compile_seconds:.1f}s (not counted as training time)")
 
     result = None
+    graphs_before = compiled_graphs()
     train_seconds = state.train_seconds
     wall_start = log_start = time.perf_counter()
     log_stats = StepStats.start(accelerator.device, state.log_sums, main)   # a log window may span epochs
@@ -256,6 +276,7 @@ def train(cfg: Config) -> dict:
     try:
         for epoch in range(state.epoch, epochs):
             model.train()
+            train_only_until(expiring, state.step)       # expiring parameters stop at an epoch's start
             resumed = epoch == state.epoch and state.samples_in_epoch > 0
             skip = state.samples_in_epoch // (cfg.data.batch_size * world) if resumed else 0
             epoch_stats = StepStats.start(accelerator.device, state.epoch_sums if resumed else (0.0, 0, 0), main)
@@ -342,6 +363,8 @@ def train(cfg: Config) -> dict:
         raise
     stop.uninstall()
     console.stop()
+    # compiling inside the loop counts as training time: a graph variant the warm-up missed shows here
+    graphs_in_training = compiled_graphs() - graphs_before if t.compile else None
 
     if result is None:                                   # resumed a run that had already finished training
         result = evaluate(model, test_batches, accelerator, tta=t.tta)
@@ -357,6 +380,7 @@ def train(cfg: Config) -> dict:
         "steps_to_target": state.steps_to_target, "data_seconds": data_seconds, "compile_seconds": compile_seconds,
         "eval_seconds": state.eval_seconds,
         "compile_mode": accelerator.state.dynamo_plugin.mode if t.compile else None,
+        "graphs_compiled_in_training": graphs_in_training,
         "flops_per_image": flops, "mfu": mfu(flops, state.samples_seen, train_seconds, accelerator, t.mixed_precision),
     }
     accelerator.wait_for_everyone()

@@ -6,13 +6,12 @@ import torch
 from .config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module,
+                    expiring: dict[torch.nn.Parameter, int] | None = None) -> torch.optim.Optimizer:
+    """expiring: parameters trained only until an optimizer step; each gets a group of its own (the hyperparameters
+    of the group it would have joined) marked `until_step`, which the LR schedule takes to 0 by that step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [dict(params=params)]
     if cfg.name == "muon":
         filters = [p for p in params if p.ndim == 4]
         matrices = [p for p in params if p.ndim == 2]
@@ -22,8 +21,26 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
         groups = [dict(params=filters, lr=cfg.lr, muon=True, momentum=cfg.muon_momentum, weight_decay=0.0),
                   dict(params=vectors, lr=bias_lr, weight_decay=cfg.weight_decay / bias_lr),
                   dict(params=matrices, lr=head_lr, weight_decay=cfg.weight_decay / head_lr)]
-        return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    groups = split_expiring(groups, expiring or {})
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "muon":
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     raise ValueError(f"unknown optimizer {cfg.name}")  # config validation makes this unreachable
+
+
+def split_expiring(groups: list[dict], expiring: dict[torch.nn.Parameter, int]) -> list[dict]:
+    """The groups without the expiring parameters, then one group per expiring parameter (so group 0, whose lr is
+    the one logged, stays the main one). Empty groups are dropped."""
+    until = {id(p): step for p, step in expiring.items()}       # by identity: tensors compare elementwise
+    kept, alone = [], []
+    for group in groups:
+        kept.append({**group, "params": [p for p in group["params"] if id(p) not in until]})
+        alone += [{**group, "params": [p], "until_step": until[id(p)]} for p in group["params"] if id(p) in until]
+    return [g for g in kept + alone if g["params"]]
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -47,14 +47,23 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, most) and mallopt(m_trim_threshold, most))
 
 
-def compile_warmup(model, optimizer, scaler, train_step, evaluate) -> float:
-    """Run the compiled model's first training step and evaluation on a throwaway copy of the training state, so
-    the compilation time is measured apart and the real run starts from exactly the state it had."""
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_warmup(model, optimizer, scaler, train_step, evaluate, phases=(lambda: None,)) -> float:
+    """Run the compiled model's first training steps and evaluation on a throwaway copy of the training state, so
+    the compilation time is measured apart and the real run starts from exactly the state it had. Each phase sets
+    up one variant of the training graph (e.g. with a parameter frozen) that the run will meet."""
     start = time.perf_counter()
     saved = [copy.deepcopy(x.state_dict()) for x in (model, optimizer) + ((scaler,) if scaler else ())]
-    for _ in range(3):      # CUDA graphs (compile_mode=reduce-overhead) are warmed up and recorded over 2 calls
-        train_step()
-    evaluate()
+    for phase in phases:    # dynamo guards on requires_grad, even under no_grad: each phase compiles both
+        phase()
+        for _ in range(3):  # CUDA graphs (compile_mode=reduce-overhead) are warmed up and recorded over 2 calls
+            train_step()
+        evaluate()
     for x, state in zip((model, optimizer) + ((scaler,) if scaler else ()), saved):
         x.load_state_dict(state)
     if torch.cuda.is_available():

@@ -35,6 +35,11 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> floa
 
 
 def build_scheduler(cfg: ScheduleConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's schedule for every group, except groups marked `until_step` (see optim.build_optimizer): those
+    fall linearly from 1 to 0 at that step, where their parameters stop training."""
     # Not passed through accelerator.prepare: a prepared scheduler steps once per process per call.
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg.name, step, total_steps, cfg.warmup_steps))
+    def factor(group):
+        if "until_step" in group:
+            return lambda step, until=group["until_step"]: max(0.0, 1.0 - step / until)
+        return lambda step: lr_factor(cfg.name, step, total_steps, cfg.warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g) for g in optimizer.param_groups])

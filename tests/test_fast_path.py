@@ -9,12 +9,13 @@ import torch
 from accelerate import Accelerator
 from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
 
-from cifar.config import DataConfig
+from cifar.config import DataConfig, OptimConfig, ScheduleConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
 from cifar.engine import compile_mode
 from cifar.evaluation import predict
 from cifar.models import FastNet
-from cifar.optim import Muon, orthogonalize
+from cifar.optim import Muon, build_optimizer, orthogonalize
+from cifar.schedule import build_scheduler
 
 TINY_FAST = ["--config", "configs/fast94.yaml", "data.source=synthetic", "data.limit_train=512",
              "data.limit_test=128", "data.batch_size=64", "data.eval_batch_size=64", "train.epochs=2",
@@ -111,10 +112,12 @@ def test_fast_recipe_on_a_small_subset_with_checkpoints_and_metrics(tmp_path):
 @pytest.mark.slow
 def test_fast_recipe_compiled_on_cpu(tmp_path):
     out = tmp_path / "compiled"
-    run("train.py", *TINY_FAST, "train.compile=true", "train.epochs=1", "data.limit_train=256",
+    # the whitening bias freezes after epoch 0: a second training graph, which the warm-up must compile too
+    run("train.py", *TINY_FAST, "train.compile=true", "data.limit_train=256", "model.whiten_bias_epochs=1",
         f"output_dir={out}", timeout=600)
     summary = read_json(out / "summary.json")
     assert summary["compile_seconds"] > 0
+    assert summary["graphs_compiled_in_training"] == 0
     assert summary["compile_mode"] == "reduce-overhead"               # the recipe's (graphs are CUDA-only)
     assert not any(k.startswith("_orig_mod") for k in weights(out))   # weights load into a plain model
     run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "e"))
@@ -138,6 +141,52 @@ def test_whitening_filters_whiten_patches():
     assert torch.allclose(cov.diag(), torch.ones(12), atol=0.05)  # unit variance along every eigen-direction
     assert cov.fill_diagonal_(0).abs().max() < 0.05               # and decorrelated
     assert not net.whiten.weight.requires_grad
+
+
+def test_expiring_parameter_has_its_own_group_whose_lr_reaches_zero_at_its_step():
+    net = FastNet()
+    bias = net.whiten.bias
+    opt = build_optimizer(OptimConfig(name="muon", lr=0.2, bias_lr=8.0, head_lr=1.0, weight_decay=0.04), net,
+                          {bias: 4})
+    alone = opt.param_groups[-1]
+    assert len(alone["params"]) == 1 and alone["params"][0] is bias and alone["until_step"] == 4
+    assert (alone["lr"], alone["weight_decay"]) == (8.0, 0.04 / 8.0)          # the biases' hyperparameters
+    assert all(p is not bias for g in opt.param_groups[:-1] for p in g["params"])
+    assert opt.param_groups[0]["muon"]                                        # group 0 (the logged lr) unchanged
+    scheduler = build_scheduler(ScheduleConfig(name="linear"), opt, total_steps=9)
+    lrs = []
+    for _ in range(9):
+        lrs.append((opt.param_groups[0]["lr"], alone["lr"]))
+        opt.step()
+        scheduler.step()
+    assert [b for _, b in lrs] == [8.0, 6.0, 4.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert [a for a, _ in lrs] == pytest.approx([0.2 * (1 - s / 8) for s in range(9)])
+
+
+def checkpointed(out, step, name):
+    return weights(out / "checkpoints" / f"step-{step}")[name]
+
+
+@pytest.mark.slow
+def test_whiten_bias_trains_for_its_epochs_then_stays_frozen_under_ddp(tmp_path):
+    # 512 images, 2 processes x 32: 8 steps an epoch, the bias trains for the first 8
+    out = tmp_path / "ddp"
+    run("train.py", *TINY_FAST, "data.batch_size=32", "train.epochs=3", "model.whiten_bias_epochs=1",
+        "checkpoint.every_steps=4", "checkpoint.keep_last=6", f"output_dir={out}", procs=2)
+    bias = {step: checkpointed(out, step, "whiten.bias") for step in (4, 8, 12, 24)}
+    assert not torch.equal(bias[4], bias[8])                                  # trained in epoch 0
+    assert torch.equal(bias[8], bias[12]) and torch.equal(bias[8], bias[24])  # then frozen
+    assert not torch.equal(checkpointed(out, 8, "head.weight"), checkpointed(out, 24, "head.weight"))
+
+
+def test_resume_at_the_freeze_gives_the_uninterrupted_weights(tmp_path):
+    common = [*TINY_FAST, "train.epochs=3", "model.whiten_bias_epochs=1", "checkpoint.every_epochs=1",
+              "checkpoint.keep_last=3"]
+    run("train.py", *common, f"output_dir={tmp_path}/full")
+    # from the end of epoch 0: the resumed run must freeze the bias itself and keep the bias group's schedule
+    run("train.py", *common, f"checkpoint.resume={tmp_path}/full/checkpoints/step-8", f"output_dir={tmp_path}/re")
+    assert max_diff(weights(tmp_path / "full"), weights(tmp_path / "re")) == 0
+    assert torch.equal(weights(tmp_path / "full")["whiten.bias"], checkpointed(tmp_path / "full", 8, "whiten.bias"))
 
 
 def test_orthogonalize_and_muon_step():
