@@ -279,7 +279,11 @@ class Checkpoints:
             warn(f"resuming {path} with a different config ({'; '.join(changed[:4])}); the checkpoint's optimizer "
                  f"and schedule state are restored as saved")
         training = torch.load(os.path.join(path, "training.pt"), map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(training["optimizer"])
+        try:
+            optimizer.load_state_dict(training["optimizer"])
+        except ValueError as e:      # another number or size of parameter groups
+            raise UserError(f"checkpoint {path} has optimizer state for other parameter groups ({e}); resume with "
+                            f"the optim and model settings it was saved with") from None
         scheduler.load_state_dict(training["scheduler"])
         if scaler is not None and training["scaler"] is not None:
             scaler.load_state_dict(training["scaler"])

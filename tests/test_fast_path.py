@@ -189,6 +189,12 @@ def test_resume_at_the_freeze_gives_the_uninterrupted_weights(tmp_path):
     assert torch.equal(weights(tmp_path / "full")["whiten.bias"], checkpointed(tmp_path / "full", 8, "whiten.bias"))
 
 
+def test_resume_with_other_parameter_groups_is_one_clear_line(tmp_path):
+    run("train.py", *TINY_FAST, "train.epochs=1", f"output_dir={tmp_path}")
+    proc = run("train.py", *TINY_FAST, "model.whiten_bias_epochs=1", f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "other parameter groups" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_orthogonalize_and_muon_step():
     g = torch.randn(64, 27)
     s = torch.linalg.svdvals(orthogonalize(g))
