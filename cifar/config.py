@@ -22,7 +22,7 @@ from .errors import UserError
 class ModelConfig:
     name: str = "tutorial_net"
     # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
-    # it after: the backward pass then stops at the first block (about 10% of a step). null: train it throughout.
+    # it after: the backward pass then stops at the first block (3.8% of a step's FLOPs). null: train it throughout.
     whiten_bias_epochs: Optional[int] = None
 
 
