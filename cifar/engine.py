@@ -18,7 +18,7 @@ from .console import Console
 from .data import build_batches
 from .errors import EXIT_RESUMABLE, Stopped, UserError
 from .evaluation import evaluate
-from .models import build_model
+from .models import build_model, expiring_parameters
 from .optim import build_optimizer
 from .outputs import RunWriter
 from .schedule import build_scheduler
@@ -55,13 +55,6 @@ def compile_mode(mode: str, world: int) -> str:
     if world > 1:
         return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
     return mode
-
-
-def expiring_parameters(cfg: Config, model: torch.nn.Module, steps_per_epoch: int) -> dict:
-    """Parameters the recipe trains for its first steps only, with the optimizer step at which each one stops."""
-    if cfg.model.whiten_bias_epochs is None:
-        return {}
-    return {model.whiten.bias: cfg.model.whiten_bias_epochs * steps_per_epoch}
 
 
 def train_only_until(expiring: dict, step: int) -> None:
@@ -209,7 +202,7 @@ def train(cfg: Config) -> dict:
     steps_per_epoch = math.ceil(len(train_batches) / t.grad_accum_steps)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    expiring = expiring_parameters(cfg, model, steps_per_epoch)
+    expiring = expiring_parameters(cfg.model, model, steps_per_epoch)
     optimizer = build_optimizer(cfg.optim, model, expiring)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)   # what is saved and loaded

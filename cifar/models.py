@@ -150,3 +150,11 @@ class FastNet(nn.Module):
 
 
 register("fastnet")(FastNet)
+
+
+def expiring_parameters(cfg, model: nn.Module, steps_per_epoch: int) -> dict:
+    """Parameters the model config trains for the first steps only, with the optimizer step at which each stops
+    (cfg: the ModelConfig; validation allows whiten_bias_epochs on fastnet only)."""
+    if cfg.whiten_bias_epochs is None:
+        return {}
+    return {model.whiten.bias: cfg.whiten_bias_epochs * steps_per_epoch}
