@@ -6,7 +6,7 @@
 import argparse
 
 from cifar.errors import cli
-from cifar.evaluation import run_evaluation
+from cifar.evaluate_run import evaluate_run
 
 
 @cli
@@ -24,8 +24,8 @@ def main(argv=None):
                         help="with W&B on (wandb.mode=online|offline), log into the training run instead of a new "
                              "eval run")
     args, overrides = parser.parse_known_args(argv)
-    run_evaluation(args.checkpoint, overrides, args.tta, args.output, pick=args.pick,
-                   into_train_run=args.wandb_into_train_run)
+    evaluate_run(args.checkpoint, overrides, args.tta, args.output, pick=args.pick,
+                 into_train_run=args.wandb_into_train_run)
 
 
 if __name__ == "__main__":

@@ -7,37 +7,23 @@ Each run is a real `train.py` of 2 short epochs; the time per step is taken from
 one carries the warm-up), so an override that only acts from epoch 1 on (such as a parameter frozen after epoch 0)
 shows fully. Reports every run and the best and median of each side.
 """
-import argparse
-import json
-import os
 import shlex
 import statistics
-import subprocess
-import sys
-import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = ["data.root=./data", "data.download=false", "data.limit_train=10000", "data.limit_test=2000",
-            "train.epochs=2", "train.eval_every_epochs=2", "train.mixed_precision=no", "train.compile=false",
-            "train.tta=none", "checkpoint.every_epochs=null"]
+from common import SHORT_RUN, parser, train
 
 
 def ms_per_step(config: str, overrides: list[str]) -> float:
-    with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", config, *DEFAULTS, *overrides,
-                        f"output_dir={out}"], cwd=ROOT, env=dict(os.environ, WANDB_MODE="disabled"), check=True,
-                       stdout=subprocess.DEVNULL)
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            epochs = [r for r in map(json.loads, f) if "epoch_time" in r]
+    _, rows = train(["--config", config, *SHORT_RUN, *overrides])
+    epochs = [r for r in rows if "epoch_time" in r]
     steps = epochs[-1]["step"] - epochs[-2]["step"]
     return 1e3 * epochs[-1]["epoch_time"] / steps
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--a", required=True, help="overrides of side A, space-separated")
     ap.add_argument("--b", required=True, help="overrides of side B, space-separated")
-    ap.add_argument("--config", default="configs/fast94.yaml")
     ap.add_argument("--repeats", type=int, default=3)
     args, common = ap.parse_known_args()
     sides = {"A": shlex.split(args.a), "B": shlex.split(args.b)}

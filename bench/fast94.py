@@ -5,7 +5,6 @@
 Each seed is a real `train.py` run (its own process, so compile warm-up and data loading are measured as the
 engine reports them, apart from training time). Writes bench/results/<name>.json and prints a table.
 """
-import argparse
 import json
 import os
 import shlex
@@ -14,12 +13,11 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, parser
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/fast94.yaml")
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--launch", default=f"{sys.executable}", help="the command before train.py")

@@ -9,25 +9,25 @@ pruned only after that. Resume takes the newest checkpoint whose manifest verifi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate.utils import gather_object
 
-from .config import Config
-from .errors import UserError
+from .config import Config, flatten
+from .errors import UserError, warn
+from .files import fsync_dir, fsync_file, load_weights, save_weights, sha256
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"     # here and in a finished run folder
 
 
 @dataclass
@@ -47,30 +47,10 @@ class TrainState:
     wandb_run_id: str | None = None
     time_to_target: float | None = None      # training seconds when train.target_acc was first reached
     steps_to_target: int | None = None
+    lr: float | None = None                  # group 0's lr in the last optimizer step (an epoch row reports it)
 
 
 # ----------------------------------------------------------------------------- files
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _write_pointer(folder: str, name: str, target: str) -> None:
     tmp = os.path.join(folder, f".{name}.tmp")
@@ -105,7 +85,7 @@ def verify(path: str) -> str | None:
             return f"{name} missing"
         if os.path.getsize(file) != meta["size"]:
             return f"{name} truncated ({os.path.getsize(file)} of {meta['size']} bytes)"
-        if _sha256(file) != meta["sha256"]:
+        if sha256(file) != meta["sha256"]:
             return f"{name} corrupted (SHA-256 mismatch)"
     return None if manifest.get("files") else "empty manifest"
 
@@ -144,46 +124,69 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- the manager
 
+def list_checkpoints(folder: str) -> list[str]:
+    """Completed (renamed) checkpoint folders in `folder`, newest first. Validity is checked separately."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if STEP_DIR.match(n)]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: -step_of(n))]
+
+
+def newest_valid(folder: str) -> str | None:
+    """The newest checkpoint in `folder` whose manifest verifies, warning about each newer one that does not."""
+    for path in list_checkpoints(folder):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is unusable ({problem}); trying an older one")
+    return None
+
+
 class Checkpoints:
-    def __init__(self, run_dir: str, cfg: Config, is_main: bool):
+    """The checkpoints of one run: what to save is given once (the raw model, the plain optimizer, the scheduler,
+    the grad scaler), when to save is decided here (should_save), and save/load are called on every rank alike."""
+
+    def __init__(self, run_dir: str, cfg: Config, accelerator, *, model, optimizer, scheduler,
+                 total_steps: int, epochs: int):
         self.folder = os.path.join(run_dir, "checkpoints")
-        self.cfg = cfg
-        self.policy = cfg.checkpoint
-        self.is_main = is_main
+        self.cfg, self.policy = cfg, cfg.checkpoint
+        self.accelerator = accelerator
+        self.is_main = accelerator.is_main_process
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, accelerator.scaler
+        self.total_steps, self.epochs = total_steps, epochs
 
-    # -- finding
+    # -- when
 
-    def list(self) -> list[str]:
-        """Completed (renamed) checkpoint folders, newest first. Validity is checked separately."""
-        if not os.path.isdir(self.folder):
-            return []
-        names = [n for n in os.listdir(self.folder) if STEP_DIR.match(n)]
-        return [os.path.join(self.folder, n) for n in sorted(names, key=lambda n: -step_of(n))]
+    def should_save(self, step: int, *, epoch_end: int | None = None, last_window: bool = False,
+                    stopping: bool = False) -> bool:
+        """After optimizer step `step` (epoch_end None) or after epoch `epoch_end`'s evaluation: is a save due?
+        A checkpoint.every_steps save falling on an epoch's last step waits for the epoch's end, so that the
+        checkpoint holds the evaluated epoch and is not saved twice; a stop saves at once."""
+        every = self.policy.every_steps
+        step_due = bool(every and step % every == 0 and step < self.total_steps)
+        if epoch_end is None:
+            return stopping or (step_due and not last_window)
+        every = self.policy.every_epochs
+        return step_due or epoch_end == self.epochs - 1 or bool(every and (epoch_end + 1) % every == 0)
 
-    def newest_valid(self, candidates: list[str] | None = None) -> str | None:
-        for path in self.list() if candidates is None else candidates:
-            problem = verify(path)
-            if problem is None:
-                return path
-            warn(f"checkpoint {path} is unusable ({problem}); trying an older one")
-        return None
+    # -- which
 
     def resume_path(self) -> str | None:
-        """The checkpoint this run continues from, per checkpoint.resume; None to start fresh."""
+        """The checkpoint this run continues from, per checkpoint.resume; None to start fresh. Main process."""
         resume = self.policy.resume
         if resume == "never":
-            if self.list() and not self.policy.overwrite:
+            if list_checkpoints(self.folder) and not self.policy.overwrite:
                 raise UserError(f"{self.folder} already holds checkpoints and checkpoint.resume=never; use "
                                 f"checkpoint.resume=auto to continue, checkpoint.overwrite=true to start over, or "
                                 f"another output_dir")
-            if self.is_main and os.path.isdir(self.folder):
+            if os.path.isdir(self.folder):
                 shutil.rmtree(self.folder)
             return None
         if resume == "auto":
-            return self.newest_valid()
+            return newest_valid(self.folder)
         path = os.path.abspath(resume)
         if os.path.isdir(os.path.join(path, "checkpoints")):      # a run folder: its newest valid checkpoint
-            found = Checkpoints(path, self.cfg, False).newest_valid()
+            found = newest_valid(os.path.join(path, "checkpoints"))
             if found is None:
                 raise UserError(f"no usable checkpoint in {path}/checkpoints; pass a step-<N> folder or "
                                 f"checkpoint.resume=never")
@@ -198,11 +201,16 @@ class Checkpoints:
 
     # -- saving
 
-    def save(self, state: TrainState, model, optimizer, scheduler, scaler, rng_states: list, acc: float | None
-             ) -> str | None:
-        """Write step-<state.step> atomically (main process only), then update pointers and prune."""
-        if not self.is_main:
-            return None
+    def save(self, state: TrainState, acc: float | None = None) -> str | None:
+        """Every rank calls this: their RNG states are gathered, the main process writes step-<state.step>
+        atomically, updates the pointers and prunes, and no rank returns before it has. acc: the test accuracy
+        measured at this very step, which keep_best ranks by (None mid-epoch). The path, on the main process."""
+        rngs = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
+        path = self._write(state, rngs, acc) if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _write(self, state: TrainState, rng_states: list, acc: float | None) -> str:
         os.makedirs(self.folder, exist_ok=True)
         name = f"step-{state.step}"
         final = os.path.join(self.folder, name)
@@ -211,10 +219,9 @@ class Checkpoints:
         tmp = os.path.join(self.folder, f".tmp-{name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
+        save_weights(self.model, os.path.join(tmp, WEIGHTS))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     "rng": [_as_tensors(r) for r in rng_states]},
                    os.path.join(tmp, "training.pt"))
         _fault_point("kill-during-save", state.step)
@@ -225,17 +232,17 @@ class Checkpoints:
         files = {}
         for file in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, file)
-            _fsync_file(path)
-            files[file] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+            fsync_file(path)
+            files[file] = {"size": os.path.getsize(path), "sha256": sha256(path)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"step": state.step, "files": files}, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if os.path.isdir(final):                          # an invalid leftover with the same name
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         _write_pointer(self.folder, "latest", name)
         self._prune()
         _fault_point("kill-after-save", state.step)
@@ -243,7 +250,7 @@ class Checkpoints:
 
     def _prune(self) -> None:
         """Keep the newest keep_last and the best keep_best (by test accuracy); remove the rest and stale temps."""
-        done = self.list()
+        done = list_checkpoints(self.folder)
         keep = set(done[: self.policy.keep_last])
         scored = [(acc, step_of(p), p) for p in done if (acc := _saved_acc(p)) is not None]
         best = [p for _, _, p in sorted(scored, reverse=True)[: self.policy.keep_best]]
@@ -259,34 +266,29 @@ class Checkpoints:
 
     # -- loading
 
-    def load(self, path: str, model, optimizer, scheduler, scaler, rank: int) -> TrainState:
+    def load(self, path: str) -> TrainState:
+        """Restore the model, optimizer, scheduler, grad scaler and this rank's RNGs from `path` (every rank)."""
         with open(os.path.join(path, "state.json")) as f:
             saved = json.load(f)
         theirs, ours = saved["config"]["model"]["name"], self.cfg.model.name
         if theirs != ours:
             raise UserError(f"checkpoint {path} is for model {theirs}, this run is model {ours}; resume with "
                             f"model.name={theirs}, or start over with checkpoint.resume=never and another output_dir")
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        own = model.state_dict()
-        wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
-        if wrong or weights.keys() - own.keys():
-            first = (wrong or sorted(weights.keys() - own.keys()))[0]
-            raise UserError(f"checkpoint {path} does not fit this model's shape (first mismatch: {first}); "
-                            f"resume with the config it was saved with")
-        model.load_state_dict(weights)
+        load_weights(self.model, os.path.join(path, WEIGHTS), "resume with the config it was saved with")
         changed = config_changes(saved["config"], self.cfg.to_dict())
         if changed and self.is_main:
             warn(f"resuming {path} with a different config ({'; '.join(changed[:4])}); the checkpoint's optimizer "
                  f"and schedule state are restored as saved")
         training = torch.load(os.path.join(path, "training.pt"), map_location="cpu", weights_only=True)
         try:
-            optimizer.load_state_dict(training["optimizer"])
+            self.optimizer.load_state_dict(training["optimizer"])
         except ValueError as e:      # another number or size of parameter groups
             raise UserError(f"checkpoint {path} has optimizer state for other parameter groups ({e}); resume with "
                             f"the optim and model settings it was saved with") from None
-        scheduler.load_state_dict(training["scheduler"])
-        if scaler is not None and training["scaler"] is not None:
-            scaler.load_state_dict(training["scaler"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler is not None and training["scaler"] is not None:
+            self.scaler.load_state_dict(training["scaler"])
+        rank = self.accelerator.process_index
         if rank < len(training["rng"]):
             set_rng_state(training["rng"][rank])
         return TrainState(**saved["state"])
@@ -297,15 +299,8 @@ _FREE_TO_CHANGE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.dow
                    "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def config_changes(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved, sep="."), flatten(current, sep=".")
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)]
 
@@ -322,7 +317,3 @@ def _fault_point(name: str, step: int) -> None:
     """For the crash tests: CIFAR_FAULT=<name>:<step> SIGKILLs this process here, as a node failure would."""
     if os.environ.get("CIFAR_FAULT") == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
+from .console import cell
 from .errors import UserError, cli
 
 LABELS = {"test/acc": "test accuracy (%)", "test/loss": "test loss", "train/loss": "train loss",
@@ -86,10 +87,6 @@ def load_run(path: str) -> Run:
     return Run(path, name, config, _read_json(os.path.join(path, "summary.json")), rows)
 
 
-def _fmt(value, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def best_final(run: Run, metric: str) -> tuple[float | None, float | None]:
     values = run.curve(metric)[2]
     if not len(values):
@@ -112,11 +109,11 @@ def print_table(runs: list[Run], metric: str) -> None:
         speed = s.get("images_per_sec", epochs[-1].get("images_per_sec") if epochs else None)
         steps = s.get("steps", run.rows[-1]["step"] if run.rows else None)
         table.add_row(f"[{COLORS[i % len(COLORS)]}]{run.name}[/]", str(c.get("name", "-")),
-                      str(c.get("model", {}).get("name", "-")), _fmt(s.get("world_size"), "{}"),
-                      str(c.get("train", {}).get("mixed_precision", "-")), str(len(epochs)), _fmt(steps, "{}"),
-                      _fmt(best, "{:.2f}" if "acc" in metric else "{:.4g}"),
-                      _fmt(final, "{:.2f}" if "acc" in metric else "{:.4g}"), _fmt(seconds, "{:.1f}s"),
-                      _fmt(speed, "{:.0f}"), "finished" if run.summary else "[yellow]incomplete[/]")
+                      str(c.get("model", {}).get("name", "-")), cell(s.get("world_size"), "{}"),
+                      str(c.get("train", {}).get("mixed_precision", "-")), str(len(epochs)), cell(steps, "{}"),
+                      cell(best, "{:.2f}" if "acc" in metric else "{:.4g}"),
+                      cell(final, "{:.2f}" if "acc" in metric else "{:.4g}"), cell(seconds, "{:.1f}s"),
+                      cell(speed, "{:.0f}"), "finished" if run.summary else "[yellow]incomplete[/]")
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import UserError
+from .models import MODELS  # the registry decides which model names exist
 
 
 @dataclass
@@ -122,6 +123,18 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict, sep: str = "/", prefix: str = "") -> dict:
+    """Nested dicts to one level: {"test/per_class": {"cat": 50.0}} -> {"test/per_class/cat": 50.0} (W&B's
+    keys) or, with sep=".", a config's dotted keys. None values are dropped."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -277,8 +290,6 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from .models import MODELS  # the registry decides which names exist
-
     _require(cfg.model.name in MODELS, "model.name", "one of " + ", ".join(sorted(MODELS)), cfg.model.name)
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     m = cfg.model

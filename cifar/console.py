@@ -16,7 +16,8 @@ EPOCH_COLUMNS = [("epoch", "epoch", "{}"), ("step", "step", "{}"), ("train loss"
                  ("time", "epoch_time", "{:.1f}s")]
 
 
-def _fmt(fmt: str, value) -> str:
+def cell(value, fmt: str = "{}") -> str:
+    """A table cell: the value formatted, or "-" where there is none."""
     return "-" if value is None else fmt.format(value)
 
 
@@ -68,7 +69,7 @@ class Console:
     def epoch(self, row: dict):
         if not self.enabled:
             return
-        cells = [_fmt(fmt, row.get(key)) for _, key, fmt in EPOCH_COLUMNS]
+        cells = [cell(row.get(key), fmt) for _, key, fmt in EPOCH_COLUMNS]
         if self.live:
             self.table.add_row(*cells)
         else:

@@ -11,6 +11,11 @@ EXIT_USAGE = 2
 EXIT_RESUMABLE = 75
 
 
+def warn(message: str) -> None:
+    """A problem the run survives: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class UserError(Exception):
     """Bad input the user can fix (config, data, checkpoint). The message names the problem and the fix."""
 

@@ -158,3 +158,10 @@ def expiring_parameters(cfg, model: nn.Module, steps_per_epoch: int) -> dict:
     if cfg.whiten_bias_epochs is None:
         return {}
     return {model.whiten.bias: cfg.whiten_bias_epochs * steps_per_epoch}
+
+
+def train_only_until(expiring: dict, step: int) -> None:
+    """Freeze each expiring parameter from its step on. Frozen, it gets no gradient (the optimizer skips it, its
+    lr has reached 0 anyway) and autograd skips the backward pass below it."""
+    for p, until in expiring.items():
+        p.requires_grad_(step < until)

@@ -4,32 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from .checkpoint import WEIGHTS
 from .config import Config
-from .errors import UserError
-
-WEIGHTS = "model.safetensors"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .files import save_weights, write_atomic
 
 
 def _clean(value):
@@ -75,11 +56,7 @@ class RunWriter:
         self._metrics.flush()
 
     def save_weights(self, model: torch.nn.Module) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        path = os.path.join(self.dir, WEIGHTS)
-        tmp = path + ".tmp"
-        save_file(state, tmp)
-        os.replace(tmp, path)
+        save_weights(model, os.path.join(self.dir, WEIGHTS))
 
     def save_summary(self, summary: dict) -> None:
         write_atomic(os.path.join(self.dir, "summary.json"), (json.dumps(_clean(summary), indent=2) + "\n").encode())
@@ -92,16 +69,3 @@ class RunWriter:
 
     def close(self) -> None:
         self._metrics.close()
-
-
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load safetensors weights, refusing a file made for another network with one clear line."""
-    state = load_file(path)
-    own = model.state_dict()
-    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        first = sorted(missing or unexpected or wrong)[0]
-        raise UserError(f"weights in {path} do not fit model {type(model).__name__} (first mismatch: {first}); "
-                        f"use the run's own config or the right checkpoint")
-    model.load_state_dict(state)

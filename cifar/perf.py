@@ -31,6 +31,14 @@ def device_peak(device: torch.device, precision: str) -> float | None:
     return None if peak is None else peak if precision in ("bf16", "fp16") else peak / 2
 
 
+def mfu(flops: float, images: int, seconds: float, accelerator, precision: str) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak (None where the peak is unknown)."""
+    peak = device_peak(accelerator.device, precision)
+    if peak is None or seconds <= 0:
+        return None
+    return flops * images / seconds / (peak * accelerator.num_processes)
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc serve large blocks from its heap and keep what is freed, instead of mapping each block
     fresh from the OS and unmapping it on free. A CPU training step at batch 2000 allocates about 6 GB of

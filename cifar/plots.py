@@ -30,12 +30,13 @@ def confusion_png(confusion: list[list[int]], path: str, title: str = "") -> Non
     plt.close(fig)
 
 
-def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8) -> None:
-    """The tutorial's imshow grid, saved: each image titled 'true / predicted', red where wrong.
-    images: float (N, 3, 32, 32) in [0, 1]."""
+def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
+    """The tutorial's imshow grid: each image titled 'true / predicted', red where wrong, each title in the space
+    above its own image (constrained layout), never over the image above. images: float (N, 3, 32, 32) in [0, 1]."""
     n = len(images)
     rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.65 + 0.35), dpi=120, squeeze=False,
+                             layout="constrained")
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
@@ -44,6 +45,10 @@ def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8)
         ok = labels[k] == preds[k]
         ax.set_title(f"{CLASSES[labels[k]]} / {CLASSES[preds[k]]}", fontsize=7, color="black" if ok else "red")
     fig.suptitle("true / predicted", fontsize=9)
-    fig.tight_layout()
+    return fig
+
+
+def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8) -> None:
+    fig = predictions_figure(images, labels, preds, cols)
     fig.savefig(path)
     plt.close(fig)

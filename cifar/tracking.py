@@ -18,7 +18,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
+
+import accelerate
+import numpy as np
+import torch
+
+from .config import flatten
+from .data import CLASSES
+from .errors import warn
 
 MODES = ("online", "offline", "disabled")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,17 +46,6 @@ def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]
     return value, None
 
 
-def flatten(row: dict, prefix: str = "") -> dict:
-    """{"test/per_class": {"cat": 50.0}} -> {"test/per_class/cat": 50.0}; None values dropped."""
-    out = {}
-    for key, value in row.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}/"))
-        elif value is not None:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def git_commit() -> str | None:
     """HEAD of the code's git checkout, or None (not a checkout, no git)."""
     try:
@@ -63,8 +59,6 @@ def git_commit() -> str | None:
 
 def run_info(cfg, accelerator) -> dict:
     """What the config does not say about a run: its processes, precision, global batch and device."""
-    import torch
-
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"world_size": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
@@ -73,9 +67,6 @@ def run_info(cfg, accelerator) -> dict:
 
 
 def _code_info(wandb) -> dict:
-    import accelerate
-    import torch
-
     return {"git_commit": git_commit(), "torch": torch.__version__, "accelerate": accelerate.__version__,
             "wandb": wandb.__version__, "python": platform.python_version()}
 
@@ -115,7 +106,7 @@ class Tracker:
             return tracker
         mode, problem = resolve_mode(cfg.wandb.mode)
         if problem:
-            _warn(f"W&B is off: {problem}")
+            warn(f"W&B is off: {problem}")
         if mode == "disabled":
             return tracker
         try:
@@ -175,10 +166,6 @@ class Tracker:
         if self._run is None:
             return
         try:
-            import numpy as np
-
-            from .data import CLASSES
-
             wandb = self._wandb
             cells = [[CLASSES[i], CLASSES[j], int(n)] for i, row in enumerate(confusion) for j, n in enumerate(row)]
             matrix = wandb.plot_table("wandb/confusion_matrix/v1",
@@ -233,8 +220,4 @@ class Tracker:
         key = os.environ.get("WANDB_API_KEY")
         if key:
             message = message.replace(key, "***")
-        _warn(f"W&B {where} failed, continuing without W&B: {type(error).__name__}: {message[:300]}")
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+        warn(f"W&B {where} failed, continuing without W&B: {type(error).__name__}: {message[:300]}")

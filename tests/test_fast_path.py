@@ -11,7 +11,7 @@ from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
 
 from cifar.config import DataConfig, OptimConfig, ScheduleConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
-from cifar.engine import compile_mode
+from cifar.runtime import compile_mode
 from cifar.evaluation import predict
 from cifar.models import FastNet
 from cifar.optim import Muon, build_optimizer, orthogonalize
@@ -221,7 +221,7 @@ def test_tta_views():
 FAULTS = """
 import resource, sys, torch
 from cifar.config import load_config
-from cifar.engine import make_accelerator
+from cifar.runtime import make_accelerator
 make_accelerator(load_config("configs/debug.yaml", [f"train.keep_freed_memory={sys.argv[1]}"]))
 for _ in range(15):
     torch.ones(2**24)

@@ -1,0 +1,92 @@
+"""evaluate.py's work: find a run's weights and config, evaluate them exactly, print the tutorial's report, write
+eval.json and two PNGs, and log to W&B when it is on."""
+from __future__ import annotations
+
+import json
+import os
+
+from .checkpoint import WEIGHTS, read_pointer
+from .config import load_config
+from .data import build_batches
+from .errors import UserError
+from .evaluation import evaluate
+from .files import load_weights, write_atomic
+from .models import build_model
+from .outputs import to_json
+from .plots import confusion_png, predictions_png
+from .runtime import make_accelerator, shut_down
+from .tracking import Tracker, run_info
+
+
+def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
+    """(config.yaml, weights) for a checkpoint folder, a weights file, or a run folder. In a run folder, `pick`
+    chooses the final weights, the `latest` or the `best` checkpoint; auto means final if the run finished, else
+    latest."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    checkpoints = os.path.join(folder, "checkpoints")
+    if os.path.isdir(folder) and not os.path.isfile(path):
+        if pick in ("latest", "best") or (pick == "auto" and not os.path.isfile(os.path.join(folder, WEIGHTS))):
+            target = read_pointer(checkpoints, "latest" if pick == "auto" else pick)
+            if target is None and pick != "auto":
+                raise UserError(f"{folder} has no '{pick}' checkpoint; use --pick final or latest")
+            folder = target or folder
+    weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, "config.yaml")
+    if not os.path.isfile(weights) or not os.path.isfile(config):
+        raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
+                        f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
+    return config, weights
+
+
+def trained_run(weights: str) -> tuple[str | None, int | None]:
+    """(W&B run id, global step) of the training that produced these weights, when it says."""
+    folder = os.path.dirname(weights)
+    for name, pick in (("state.json", lambda d: d["state"]), ("summary.json", lambda d: d)):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                record = pick(json.load(f))
+            return record.get("wandb_run_id"), record.get("step", record.get("steps"))
+        except (OSError, ValueError, KeyError):
+            continue
+    return None, None
+
+
+def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: str | None,
+                 preview: int = 16, pick: str = "auto", into_train_run: bool = False) -> dict:
+    """Exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run (job_type eval,
+    in the recipe's group) or, with into_train_run, the training run itself."""
+    config_path, weights = find_run_files(checkpoint, pick)
+    cfg = load_config(config_path, overrides)
+    accelerator = make_accelerator(cfg)
+    model = build_model(cfg.model.name)
+    load_weights(model, weights, "use the run's own config or the right checkpoint")
+    _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
+    model = accelerator.prepare(model)
+    result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
+    run_id, step = trained_run(weights)
+    report = {"checkpoint": weights, "step": step, "tta": tta, "world_size": accelerator.num_processes,
+              "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
+              "per_class": result.per_class, "confusion": result.confusion}
+    if accelerator.is_main_process:
+        out = output_dir or os.path.dirname(weights)
+        os.makedirs(out, exist_ok=True)
+        print(f"Accuracy of the network on the {result.count} test images: {result.accuracy:.2f} %")
+        for name, acc in result.per_class.items():
+            print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
+        write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
+        title = f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (
+            f" ({tta} TTA)" if tta != "none" else "")
+        confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
+        predictions_png(*result.samples, os.path.join(out, "predictions.png"))
+        print(f"wrote {out}/eval.json, confusion.png, predictions.png")
+        report["output_dir"] = out
+
+        tracker = Tracker.start(cfg, output_dir=out, enabled=True, job_type="eval",
+                                run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
+        prefix = "eval/" if tta == "none" else f"eval_{tta}/"
+        tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
+        tracker.log_eval(step or 0, result.confusion, *result.samples)
+        tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
+        tracker.finish(0)
+    shut_down(accelerator)
+    return report

@@ -1,0 +1,88 @@
+"""Everything a training run reports goes through one Reporter, one call per event: it fans the event out to the
+run folder (metrics.jsonl, status.json, summary.json, final weights), W&B and the console. The other ranks get a
+Reporter whose sinks are all off, so the loop calls it the same way everywhere."""
+from __future__ import annotations
+
+from .config import Config
+from .console import Console
+from .errors import EXIT_RESUMABLE
+from .evaluation import EvalResult
+from .outputs import RunWriter
+from .tracking import Tracker
+
+
+class Reporter:
+    def __init__(self, cfg: Config, output_dir: str, *, main: bool, run_info: dict, resume_step: int | None,
+                 wandb_run_id: str | None):
+        """A fresh run starts metrics.jsonl anew; a resumed one (resume_step given) continues it. The W&B run
+        continues too when its id was kept in the checkpoint."""
+        self.console = Console(enabled=main)
+        self.writer = RunWriter(output_dir, cfg, resume_step) if main else None
+        self.cfg, self.output_dir, self.run_info, self.wandb_run_id = cfg, output_dir, run_info, wandb_run_id
+        self.tracker = Tracker(wandb_run_id)
+
+    def started(self, step: int, epoch: int, total_steps: int, world: int, resumed_from: str | None) -> str | None:
+        """The run begins (or resumes at `step`); returns the W&B run id to keep in checkpoints."""
+        self.console.config(self.cfg.to_yaml(), self.output_dir)
+        if resumed_from:
+            self.console.print(f"resuming from {resumed_from} (step {step}, epoch {epoch})")
+        if self.writer:
+            self.writer.status("running", step=step, total_steps=total_steps, world_size=world,
+                               resumed_from=resumed_from)
+        self.tracker = Tracker.start(self.cfg, output_dir=self.output_dir, enabled=self.writer is not None,
+                                     run_id=self.wandb_run_id, extra=self.run_info)
+        return self.tracker.run_id
+
+    @property
+    def wants_samples(self) -> bool:
+        """Whether evaluations should keep a few images and predictions (W&B shows them)."""
+        return self.tracker.active
+
+    def print(self, text: str) -> None:
+        self.console.print(text)
+
+    def training(self, total_steps: int, first_step: int) -> None:
+        self.console.start(total_steps, first_step)
+
+    def step(self, step: int, row: dict | None) -> None:
+        """After every optimizer step; row holds the logged metrics on the steps that log."""
+        if row is not None:
+            self._log(row)
+        self.console.step(step, row)
+
+    def epoch(self, row: dict, result: EvalResult | None) -> None:
+        """An epoch's row, with its evaluation's metrics when it had one."""
+        self._log(row)
+        if result is not None and result.samples:
+            self.tracker.log_eval(row["step"], result.confusion, *result.samples)
+        self.console.epoch(row)
+
+    def stopped(self, step: int, signal: str, checkpoint: str | None) -> None:
+        """Stopped on a signal after saving a checkpoint: resumable."""
+        self.console.stop()
+        if self.writer:
+            self.writer.status("stopped", step=step, signal=signal, checkpoint=checkpoint)
+        self.tracker.finish(EXIT_RESUMABLE)
+
+    def failed(self, step: int, error: BaseException) -> None:
+        self.console.stop()
+        if self.writer:
+            self.writer.status("failed", step=step, error=f"{type(error).__name__}: {error}".splitlines()[0])
+        self.tracker.finish(1)
+
+    def finished(self, summary: dict, model, total_steps: int) -> None:
+        """Training is over: the final weights, summary.json, the W&B summary and the console's table."""
+        self.console.stop()
+        if self.writer:
+            self.writer.save_weights(model)
+            self.writer.save_summary(summary)
+            self.writer.status("finished", step=summary["steps"], total_steps=total_steps)
+            self.writer.close()
+        self.tracker.summary(summary)
+        self.tracker.finish(0)
+        self.console.summary(summary)
+
+    def _log(self, row: dict) -> None:
+        if self.writer:
+            self.writer.log(row)
+        self.tracker.log(row)

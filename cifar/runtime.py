@@ -1,0 +1,67 @@
+"""The process setup both entry points share: an Accelerator for the config, main-process-only work, and a clean
+end of the process group."""
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin,
+                               broadcast_object_list)
+
+from .config import Config
+from .errors import UserError
+from .perf import keep_freed_memory
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "fp16" and not cuda:
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
+    if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    elif cfg.train.keep_freed_memory:
+        keep_freed_memory()
+    mode = compile_mode(cfg.train.compile_mode, int(os.environ.get("WORLD_SIZE", "1")))
+    dynamo = TorchDynamoPlugin(backend="inductor" if cfg.train.compile else "no", mode=mode)
+    # A parameter that stops training mid-run (model.whiten_bias_epochs) gets no gradient afterwards; DDP's reducer
+    # then fails the next step unless it looks for unused parameters in every backward pass.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.whiten_bias_epochs is not None)
+    # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
+    return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
+                       dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
+
+
+def compile_mode(mode: str, world: int) -> str:
+    """torch.compile's mode for a run of `world` processes. CUDA graphs around DDP's bucketed all-reduce are
+    untested here, so several processes compile the same way without them."""
+    if world > 1:
+        return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return mode
+
+
+def on_main(accelerator: Accelerator, fn):
+    """Run fn on the main process only and hand every rank its result, or the same UserError."""
+    box = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """Ranks tear the process group down together: a rank that leaves while another still uses it can abort
+    ("terminate called without an active exception") instead of exiting cleanly."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
