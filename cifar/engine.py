@@ -119,13 +119,13 @@ def train_epoch(run: Run, epoch: int) -> dict:
                                    accelerator.is_main_process)
     state.epoch, state.samples_in_epoch = epoch, state.samples_in_epoch if resumed else 0
     meters.epoch_start = time.perf_counter()
-    done, waited = skip, [0.0]
+    done, waited, batches = skip, [0.0], len(run.train_batches)
     for window in windows(feed(run.train_batches.epoch(epoch, skip), waited, cfg.train.channels_last),
                           cfg.train.grad_accum_steps):
         done += len(window)
         optimizer_step(run, window, epoch)
         stopping = run.stop.agreed(accelerator)
-        if run.checkpoints.should_save(state.step, last_window=done == len(run.train_batches), stopping=stopping):
+        if run.checkpoints.should_save(state.step, last_window=done == batches, stopping=stopping):
             path = save(run)
             if stopping:
                 run.report.stopped(state.step, run.stop.name, path)

@@ -104,6 +104,7 @@ def test_kill_9_at_random_instants_then_rerun_gives_identical_weights(tmp_path, 
     assert metric_rows(ref) == metric_rows(out)         # no lost or repeated log rows either
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, reference):
     out = tmp_path / "run"
     # CIFAR_FAULT makes the process SIGKILL itself halfway through writing the step-24 checkpoint
@@ -118,6 +119,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, re
     assert bitwise_equal(reference, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [64, 120])
 def test_kill_right_after_a_save_resumes_without_repeating_or_losing_rows(tmp_path, reference, step):
     # step 64 ends epoch 0 (64 steps of 32 images) and is also an every_steps multiple: the save must hold the
@@ -144,6 +146,7 @@ def test_ddp_kill_9_then_rerun_gives_identical_weights(tmp_path):
     assert bitwise_equal(ref, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
     out = tmp_path / "run"
@@ -222,6 +225,7 @@ def test_a_stopped_rank_terminated_during_shutdown_still_exits_resumable():
     assert proc.returncode == 75, err
 
 
+@pytest.mark.slow
 def test_sigint_single_process_exits_resumable_and_resumes(tmp_path, long_reference):
     out = tmp_path / "run"
     proc = launch([*LONG, f"output_dir={out}"])
@@ -262,6 +266,7 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-64"
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_one_clear_line(tmp_path):
     out = tmp_path / "run"
     run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
@@ -271,6 +276,7 @@ def test_resume_with_another_model_is_one_clear_line(tmp_path):
     assert "model tutorial_net" in line and "model.name=tutorial_net" in line and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_shape_is_one_clear_line(tmp_path):
     out = tmp_path / "run"
     run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
@@ -287,6 +293,7 @@ def test_resume_with_another_shape_is_one_clear_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_a_folder_with_checkpoints(tmp_path):
     out = tmp_path / "run"
     run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
@@ -297,6 +304,7 @@ def test_resume_never_refuses_a_folder_with_checkpoints(tmp_path):
     assert steps_of(out) == [8]
 
 
+@pytest.mark.slow
 def test_explicit_resume_path_and_evaluate_on_a_checkpoint(tmp_path, reference):
     out = tmp_path / "other"
     run("train.py", *RECIPE, f"checkpoint.resume={reference}/checkpoints/step-184", f"output_dir={out}")

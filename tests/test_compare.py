@@ -41,6 +41,7 @@ def compare(*args, cwd=ROOT):
                           timeout=120, env=env(), cwd=cwd)
 
 
+@pytest.mark.slow
 def test_table_and_png(runs, tmp_path):
     png = tmp_path / "out" / "compare.png"
     proc = compare(*runs, "--output", str(png))

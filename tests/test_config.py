@@ -74,6 +74,7 @@ def test_bad_values_are_refused_naming_the_key(override, key):
     (["--config", "configs/nope.yaml"], "nope.yaml"),
     (["train.mixed_precision=fp16"], "fp16"),         # no GPU here: refused before any work
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_input_with_one_line_and_exit_2(tmp_path, args, needle):
     if args[0] != "--config":
         args = ["--config", "configs/debug.yaml", *args]

@@ -17,6 +17,7 @@ def _png(path, min_size):
     return img
 
 
+@pytest.mark.slow
 def test_debug_recipe_then_evaluate(tmp_path):
     out = tmp_path / "debug"
     proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={out}")
@@ -57,6 +58,7 @@ def test_debug_recipe_then_evaluate(tmp_path):
     assert read_json(tmp_path / "plain" / "eval.json")["accuracy"] == pytest.approx(summary["final_test_acc"])
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     out = tmp_path / "bf16"
     run("train.py", "--config", "configs/debug.yaml", "train.mixed_precision=bf16", "train.epochs=2",
@@ -73,6 +75,7 @@ def test_evaluate_refuses_a_folder_without_a_run(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(tmp_path) in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_weights_of_another_model(tmp_path):
     out = tmp_path / "r"
     run("train.py", "--config", "configs/debug.yaml", "train.max_steps=2", f"output_dir={out}")

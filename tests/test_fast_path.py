@@ -88,6 +88,7 @@ def test_device_loader_two_processes_equal_one_process_with_double_batch(tmp_pat
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
 
 
+@pytest.mark.slow
 def test_fast_recipe_on_a_small_subset_with_checkpoints_and_metrics(tmp_path):
     out = tmp_path / "fast"
     run("train.py", *TINY_FAST, "checkpoint.every_steps=4", "checkpoint.keep_last=2", "train.target_acc=20",
@@ -179,6 +180,7 @@ def test_whiten_bias_trains_for_its_epochs_then_stays_frozen_under_ddp(tmp_path)
     assert not torch.equal(checkpointed(out, 8, "head.weight"), checkpointed(out, 24, "head.weight"))
 
 
+@pytest.mark.slow
 def test_resume_at_the_freeze_gives_the_uninterrupted_weights(tmp_path):
     common = [*TINY_FAST, "train.epochs=3", "model.whiten_bias_epochs=1", "checkpoint.every_epochs=1",
               "checkpoint.keep_last=3"]
@@ -189,6 +191,7 @@ def test_resume_at_the_freeze_gives_the_uninterrupted_weights(tmp_path):
     assert torch.equal(weights(tmp_path / "full")["whiten.bias"], checkpointed(tmp_path / "full", 8, "whiten.bias"))
 
 
+@pytest.mark.slow
 def test_resume_with_other_parameter_groups_is_one_clear_line(tmp_path):
     run("train.py", *TINY_FAST, "train.epochs=1", f"output_dir={tmp_path}")
     proc = run("train.py", *TINY_FAST, "model.whiten_bias_epochs=null", f"output_dir={tmp_path}", check=False)

@@ -19,6 +19,7 @@ def test_warmup_rises_then_cosine_falls():
     assert f[5:] == sorted(f[5:], reverse=True) and f[-1] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_run_with_accumulation_ends_on_the_schedule_end(tmp_path, schedule):
     # 200 synthetic images, micro-batch 16 -> 13 micro-batches per epoch, windows of 3 -> 5 optimizer steps/epoch

@@ -90,6 +90,7 @@ def test_scripts_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_train_sbatch_runs_to_completion(cluster, tmp_path):
     job, out = submit(cluster, tmp_path, "slurm/train.sbatch", ["configs/debug.yaml", "train.epochs=1"])
     info = cluster.wait(job, {"COMPLETED"}, timeout=120)
@@ -100,6 +101,7 @@ def test_train_sbatch_runs_to_completion(cluster, tmp_path):
     assert "training finished" in log and info["Restarts"] == "0", log[-3000:]
 
 
+@pytest.mark.slow
 def test_multinode_two_machines_rendezvous(cluster, tmp_path):
     """Two "machines" (two srun tasks on the one node) x 1 process: c10d rendezvous, world size 2."""
     job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", ["configs/debug.yaml", "train.epochs=1"],
@@ -112,6 +114,7 @@ def test_multinode_two_machines_rendezvous(cluster, tmp_path):
     assert "--num_machines 2 --machine_rank 0" in log and "--rdzv_backend c10d" in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     """USR1 to the batch shell (what `--signal=B:USR1@N` sends) -> checkpoint, exit 75 -> requeue -> resume, finish;
     the final weights equal those of the same command run without interruption."""
@@ -144,6 +147,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     assert not different, f"weights differ after preemption + resume: {different}"
 
 
+@pytest.mark.slow
 def test_preempted_multinode_job_requeues_and_resumes(cluster, tmp_path):
     """The same on two machines: the batch shell passes USR1 to srun, srun to each machine's task, each task to its
     training process; the launchers report 75; the job requeues, both machines rendezvous again and finish."""

@@ -156,6 +156,7 @@ def test_api_key_is_written_nowhere(offline_run):
     assert SENTINEL_KEY not in offline_run["stderr"]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_past_the_old_step(offline_run, tmp_path):
     result, stderr = drive(offline_run["tmp"], offline_run["output_dir"], steps=(50, 60, 70, 80),
                            run_id=offline_run["run_id"])
@@ -224,6 +225,7 @@ def test_online_without_api_key_does_not_prompt(tmp_path):
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow
 def test_online_unreachable_server_gives_up(tmp_path):
     start = time.monotonic()
     result, stderr = drive(tmp_path, tmp_path / "run", overrides=["wandb.mode=online"],

@@ -21,6 +21,7 @@ def runs_in(out):
     return sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*")))
 
 
+@pytest.mark.slow
 def test_debug_run_writes_one_readable_run(tmp_path):
     out = tmp_path / "r"
     run("train.py", *RECIPE, f"output_dir={out}", "wandb.tags=[ci, debug]", **wandb_env(tmp_path))
@@ -53,6 +54,7 @@ def test_two_processes_write_exactly_one_run(tmp_path):
     assert not glob.glob(str(tmp_path / "**" / "offline-run-*"), recursive=True)[1:]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path):
     out = tmp_path / "r"
     args = [*RECIPE, "data.limit_train=16384", "checkpoint.every_steps=16", f"output_dir={out}"]   # 1536 steps
@@ -71,6 +73,7 @@ def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path):
     assert steps[0] > stopped - 16 and steps[0] == (stopped // 16 + 1) * 16 and steps[-1] == 1536
 
 
+@pytest.mark.slow
 def test_disabled_writes_nothing(tmp_path):
     out = tmp_path / "r"
     run("train.py", *RECIPE, "train.max_steps=4", "wandb.mode=disabled", f"output_dir={out}",
@@ -78,6 +81,7 @@ def test_disabled_writes_nothing(tmp_path):
     assert not os.path.exists(out / "wandb") and not runs_in(out)
 
 
+@pytest.mark.slow
 def test_unusable_wandb_warns_once_and_training_completes(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where W&B wants a folder")
@@ -89,6 +93,7 @@ def test_unusable_wandb_warns_once_and_training_completes(tmp_path):
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines()]) == 5
 
 
+@pytest.mark.slow
 def test_evaluate_logs_an_eval_run_or_into_the_training_run(tmp_path):
     out = tmp_path / "r"
     run("train.py", *RECIPE, "train.epochs=1", f"output_dir={out}", **wandb_env(tmp_path))
