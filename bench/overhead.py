@@ -7,7 +7,6 @@ The engine's time per step is summary.json's train_seconds / steps (its loop wit
 checks, epoch ends; evaluation excluded). The bare loop is zero_grad / forward / loss / backward / step / schedule
 over the same `epoch()` batches. Best of --repeats, interleaved. Targets: <= 5% (core), <= 3% (fast path).
 """
-import argparse
 import contextlib
 import io
 import os
@@ -27,6 +26,7 @@ from cifar.engine import train  # noqa: E402
 from cifar.models import build_model  # noqa: E402
 from cifar.optim import build_optimizer  # noqa: E402
 from cifar.schedule import build_scheduler  # noqa: E402
+from common import parser  # noqa: E402
 
 
 def sync():
@@ -79,10 +79,9 @@ def engine(config: str, overrides: list[str]) -> tuple[float, int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, "configs/debug.yaml")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--config", default="configs/debug.yaml")
     args, overrides = ap.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
     torch.set_num_threads(args.threads)
