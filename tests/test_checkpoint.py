@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -15,7 +16,8 @@ import torch
 from conftest import ROOT, command, env, read_json, read_jsonl, run, weights
 from safetensors.torch import load_file, save_file
 
-from cifar.checkpoint import verify
+from cifar.checkpoint import Checkpoints, verify
+from cifar.config import load_config
 
 # 2048 synthetic images, batch 32, 3 epochs = 192 steps; a checkpoint every 8 steps and at each epoch end.
 RECIPE = ["--config", "configs/debug.yaml", "checkpoint.every_steps=8", "train.log_every_steps=4"]
@@ -316,3 +318,23 @@ def test_explicit_resume_path_and_evaluate_on_a_checkpoint(tmp_path, reference):
     assert read_json(tmp_path / "b" / "eval.json")["checkpoint"].endswith(
         (reference / "checkpoints" / "best").read_text().strip() + "/model.safetensors")
     assert latest.returncode == 0
+
+
+def test_should_save_decides_when_a_checkpoint_is_due(tmp_path):
+    """every_steps saves mid-epoch, except on an epoch's last step, which waits for the epoch's evaluation; a stop
+    saves at once; an epoch end saves on every_epochs, on a pending step save, and at the last epoch."""
+    def policy(*overrides, total_steps=40, epochs=4):
+        cfg = load_config(os.path.join(ROOT, "configs", "debug.yaml"), list(overrides))
+        accelerator = SimpleNamespace(is_main_process=True, scaler=None)
+        return Checkpoints(str(tmp_path), cfg, accelerator, model=None, optimizer=None, scheduler=None,
+                           total_steps=total_steps, epochs=epochs)
+
+    every8 = policy("checkpoint.every_steps=8", "checkpoint.every_epochs=null")
+    assert [s for s in range(1, 41) if every8.should_save(s)] == [8, 16, 24, 32]       # not 40: the run's end
+    assert not every8.should_save(8, last_window=True)                                 # waits for the epoch end
+    assert every8.should_save(8, epoch_end=0)
+    assert every8.should_save(3, stopping=True) and not every8.should_save(3)
+    assert [e for e in range(4) if every8.should_save(10 * (e + 1), epoch_end=e)] == [3]   # only the last epoch
+    every2 = policy("checkpoint.every_epochs=2")
+    assert [e for e in range(4) if every2.should_save(10 * (e + 1), epoch_end=e)] == [1, 3]
+    assert not every2.should_save(5)
