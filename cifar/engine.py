@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from .checkpoint import Checkpoints, TrainState
 from .config import Config
-from .data import build_batches
+from .data import TrainBatches, build_batches
 from .errors import Stopped, UserError
 from .evaluation import EvalResult, evaluate
 from .models import build_model, expiring_parameters, train_only_until
@@ -50,11 +50,11 @@ class Run:
     accelerator: Accelerator
     model: torch.nn.Module          # as prepared: DDP-wrapped and/or compiled
     raw_model: torch.nn.Module      # what is saved and loaded
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # Accelerate's wrapper; .optimizer is the plain one, saved and loaded
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: torch.nn.Module
-    train_batches: object           # data.TrainBatches
-    test_batches: object
+    train_batches: TrainBatches
+    test_batches: TrainBatches      # epoch(0) is the test set, this rank's shard
     expiring: dict                  # parameters trained until a step (models.expiring_parameters)
     checkpoints: Checkpoints
     report: Reporter
