@@ -41,7 +41,7 @@ data=(data.root=.gpu-data data.download=false)
 #    is the cold one. A failure here stops the script at once, so the rest of the device time is kept for a rerun.
 step fast94-bf16 60 "$py" bench/fast94.py --seeds 5 --name fast94-bf16 "${data[@]}" train.target_acc=91.0 \
     "${extra[@]}" || exit 1
-# 2. the recipe before 10f9d40: the whitening bias trained throughout instead of for the first 3 epochs only
+# 2. the recipe before the whitening-bias freeze (2026-11-27): the whitening bias trained throughout instead of for the first 3 epochs only
 #    (freezing it stops the backward pass at the first block: -3.8% of the FLOPs). Does step 1 beat it on the GPU?
 step fast94-bias-all 60 "$py" bench/fast94.py --seeds 5 --name fast94-bias-all "${data[@]}" train.target_acc=91.0 \
     model.whiten_bias_epochs=null "${extra[@]}"
