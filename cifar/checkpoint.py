@@ -22,8 +22,9 @@ import torch
 from accelerate.utils import gather_object
 
 from .config import Config, flatten
-from .errors import UserError, warn
+from .errors import SaveFailed, UserError, warn
 from .files import fsync_dir, fsync_file, load_weights, save_weights, sha256
+from .runtime import on_main
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -133,13 +134,53 @@ def list_checkpoints(folder: str) -> list[str]:
 
 
 def newest_valid(folder: str) -> str | None:
-    """The newest checkpoint in `folder` whose manifest verifies, warning about each newer one that does not."""
+    """The newest checkpoint in `folder` whose manifest verifies, warning about each newer one that does not. When
+    there are checkpoints and none verifies: one line listing each and why, and the choices (never a silent fresh
+    start over a run's history)."""
+    problems = []
     for path in list_checkpoints(folder):
         problem = verify(path)
         if problem is None:
+            for name, why in problems:
+                warn(f"checkpoint {os.path.join(folder, name)} is unusable ({why}); resuming from the older "
+                     f"{os.path.basename(path)}")
             return path
-        warn(f"checkpoint {path} is unusable ({problem}); trying an older one")
+        problems.append((os.path.basename(path), problem))
+    if problems:
+        listed = "; ".join(f"{name}: {why}" for name, why in problems)
+        raise UserError(f"no checkpoint in {folder} verifies ({listed}); resume from another one with "
+                        f"checkpoint.resume=<path to a step-N folder>, or start over with checkpoint.resume=never "
+                        f"checkpoint.overwrite=true (this run's files are then kept in previous-<time>/)")
     return None
+
+
+def choose_resume(run_dir: str, policy) -> str | None:
+    """The checkpoint a run in `run_dir` continues from, per checkpoint.resume; None to start fresh. Main process,
+    with the run folder locked. Deletes nothing: a fresh start's caller moves earlier outputs aside."""
+    folder = os.path.join(run_dir, "checkpoints")
+    resume = policy.resume
+    if resume == "never":
+        if list_checkpoints(folder) and not policy.overwrite:
+            raise UserError(f"{folder} already holds checkpoints and checkpoint.resume=never; use "
+                            f"checkpoint.resume=auto to continue, checkpoint.overwrite=true to start over (the old "
+                            f"files are kept in previous-<time>/), or another output_dir")
+        return None
+    if resume == "auto":
+        return newest_valid(folder)
+    path = os.path.abspath(resume)
+    if os.path.isdir(os.path.join(path, "checkpoints")):      # a run folder: its newest valid checkpoint
+        found = newest_valid(os.path.join(path, "checkpoints"))
+        if found is None:
+            raise UserError(f"no checkpoint in {path}/checkpoints; pass a step-<N> folder or "
+                            f"checkpoint.resume=never")
+        return found
+    if not os.path.isdir(path) or not STEP_DIR.match(os.path.basename(path)):
+        raise UserError(f"checkpoint.resume={resume} is not a checkpoint folder (step-<N>) or a run folder; "
+                        f"use auto, never or an existing path")
+    problem = verify(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is unusable ({problem}); pick another step-<N> folder")
+    return path
 
 
 class Checkpoints:
@@ -169,36 +210,6 @@ class Checkpoints:
         every = self.policy.every_epochs
         return step_due or epoch_end == self.epochs - 1 or bool(every and (epoch_end + 1) % every == 0)
 
-    # -- which
-
-    def resume_path(self) -> str | None:
-        """The checkpoint this run continues from, per checkpoint.resume; None to start fresh. Main process."""
-        resume = self.policy.resume
-        if resume == "never":
-            if list_checkpoints(self.folder) and not self.policy.overwrite:
-                raise UserError(f"{self.folder} already holds checkpoints and checkpoint.resume=never; use "
-                                f"checkpoint.resume=auto to continue, checkpoint.overwrite=true to start over, or "
-                                f"another output_dir")
-            if os.path.isdir(self.folder):
-                shutil.rmtree(self.folder)
-            return None
-        if resume == "auto":
-            return newest_valid(self.folder)
-        path = os.path.abspath(resume)
-        if os.path.isdir(os.path.join(path, "checkpoints")):      # a run folder: its newest valid checkpoint
-            found = newest_valid(os.path.join(path, "checkpoints"))
-            if found is None:
-                raise UserError(f"no usable checkpoint in {path}/checkpoints; pass a step-<N> folder or "
-                                f"checkpoint.resume=never")
-            return found
-        if not os.path.isdir(path) or not STEP_DIR.match(os.path.basename(path)):
-            raise UserError(f"checkpoint.resume={resume} is not a checkpoint folder (step-<N>) or a run folder; "
-                            f"use auto, never or an existing path")
-        problem = verify(path)
-        if problem:
-            raise UserError(f"checkpoint {path} is unusable ({problem}); pick another step-<N> folder")
-        return path
-
     # -- saving
 
     def save(self, state: TrainState, acc: float | None = None) -> str | None:
@@ -206,17 +217,28 @@ class Checkpoints:
         atomically, updates the pointers and prunes, and no rank returns before it has. acc: the test accuracy
         measured at this very step, which keep_best ranks by (None mid-epoch). The path, on the main process."""
         rngs = gather_object([rng_state()]) if self.accelerator.num_processes > 1 else [rng_state()]
-        path = self._write(state, rngs, acc) if self.is_main else None
-        self.accelerator.wait_for_everyone()
-        return path
+        return on_main(self.accelerator, lambda: self._write(state, rngs, acc))    # a failed save fails every rank
 
     def _write(self, state: TrainState, rng_states: list, acc: float | None) -> str:
-        os.makedirs(self.folder, exist_ok=True)
+        """The save, or SaveFailed (a full disk, an I/O error) with its partial files removed: the previous
+        checkpoints and the pointers are left as they were."""
         name = f"step-{state.step}"
+        tmp = os.path.join(self.folder, f".tmp-{name}-{os.getpid()}")
+        try:
+            return self._write_files(state, rng_states, acc, name, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = read_pointer(self.folder, "latest")
+            kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint was saved"
+            raise SaveFailed(f"could not save checkpoint {name} in {self.folder} ({e.strerror or e}: "
+                             f"{e.filename or self.folder}); {kept}; free space (or fix the disk) and rerun the same "
+                             f"command to resume") from None
+
+    def _write_files(self, state: TrainState, rng_states: list, acc: float | None, name: str, tmp: str) -> str:
+        os.makedirs(self.folder, exist_ok=True)
         final = os.path.join(self.folder, name)
         if os.path.isdir(final) and verify(final) is None:
             return final                                  # already saved at this step (e.g. epoch end + signal)
-        tmp = os.path.join(self.folder, f".tmp-{name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         save_weights(self.model, os.path.join(tmp, WEIGHTS))

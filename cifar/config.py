@@ -189,6 +189,12 @@ def _read_recipe(path: str, seen: tuple) -> dict:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UserError(f"config file {path} not found; pass an existing recipe, e.g. --config configs/debug.yaml")
+    except IsADirectoryError:
+        raise UserError(f"config {path} is a folder; pass a recipe file in it, e.g. --config configs/debug.yaml")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not a text (YAML) file; pass a recipe, e.g. configs/debug.yaml")
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror}); check its permissions, or pass another")
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

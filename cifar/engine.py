@@ -21,8 +21,10 @@ from .config import Config
 from .data import TrainBatches, build_batches
 from .errors import Stopped, UserError
 from .evaluation import EvalResult, evaluate
+from .lock import RunLock
 from .models import build_model, expiring_parameters, train_only_until
 from .optim import build_optimizer
+from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
 from .reporting import Reporter
 from .runtime import make_accelerator, on_main, shut_down
@@ -57,6 +59,7 @@ class Run:
     test_batches: TrainBatches      # epoch(0) is the test set, this rank's shard
     expiring: dict                  # parameters trained until a step (models.expiring_parameters)
     checkpoints: Checkpoints
+    lock: RunLock                   # held by the main process for the whole run
     report: Reporter
     stop: StopRequest
     state: TrainState
@@ -104,6 +107,7 @@ def train(cfg: Config) -> dict:
     run.accelerator.wait_for_everyone()
     run.report.finished(summary, run.raw_model, run.total_steps)
     shut_down(run.accelerator)
+    run.lock.release()
     return summary
 
 
@@ -200,6 +204,10 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     main, world, t = accelerator.is_main_process, accelerator.num_processes, cfg.train
     output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    # Before any work: one writer per folder, and the checkpoint to resume from (refusing, rather than starting
+    # over, when there are checkpoints and none verifies). The main process decides; every rank loads it below.
+    lock = RunLock(output_dir)
+    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock))
     set_seed(cfg.seed)
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
@@ -219,10 +227,8 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     checkpoints = Checkpoints(output_dir, cfg, accelerator, model=raw_model, optimizer=optimizer.optimizer,
                               scheduler=scheduler, total_steps=total_steps, epochs=epochs)
 
-    # resume: the main process picks the checkpoint (warning about unusable ones), every rank loads it
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
     state = TrainState(global_batch=global_batch, world_size=world)
-    resumed_from = on_main(accelerator, checkpoints.resume_path)
     if resumed_from:
         state = checkpoints.load(resumed_from)
         if state.global_batch != global_batch:
@@ -251,8 +257,8 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
                     window_start=now, train_seconds=state.train_seconds, epoch_start=now)
     return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, optimizer=optimizer,
                scheduler=scheduler, loss_fn=loss_fn, train_batches=train_batches, test_batches=test_batches,
-               expiring=expiring, checkpoints=checkpoints, report=report, stop=stop, state=state, meters=meters,
-               total_steps=total_steps, epochs=epochs, output_dir=output_dir, resumed_from=resumed_from,
+               expiring=expiring, checkpoints=checkpoints, lock=lock, report=report, stop=stop, state=state,
+               meters=meters,               total_steps=total_steps, epochs=epochs, output_dir=output_dir, resumed_from=resumed_from,
                data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds)
 
 

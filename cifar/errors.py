@@ -1,6 +1,7 @@
 """User-facing errors: one clear line and exit code 2, never a traceback wall."""
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -9,6 +10,10 @@ EXIT_USAGE = 2
 # Stopped early on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint: rerun the same command to resume.
 # 75 is sysexits' EX_TEMPFAIL, "temporary failure; the user is invited to retry".
 EXIT_RESUMABLE = 75
+# A write to the run folder failed (disk full, quota, I/O error, file-size limit): sysexits' EX_IOERR. What was saved
+# before is intact; free space and rerun the same command to resume.
+EXIT_IO = 74
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
 
 
 def warn(message: str) -> None:
@@ -18,6 +23,17 @@ def warn(message: str) -> None:
 
 class UserError(Exception):
     """Bad input the user can fix (config, data, checkpoint). The message names the problem and the fix."""
+    exit_code = EXIT_USAGE
+
+
+class SaveFailed(UserError):
+    """Writing to the run folder failed (disk full, I/O error); the message names the path and what is intact."""
+    exit_code = EXIT_IO
+
+
+def disk_fault(e: BaseException) -> bool:
+    """An OSError of the kind a full or failing disk raises, as opposed to a bug."""
+    return isinstance(e, OSError) and e.errno in _DISK_ERRNOS
 
 
 class Stopped(Exception):
@@ -33,7 +49,15 @@ def cli(main):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USAGE)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            if not disk_fault(e):
+                raise
+            # a write outside a checkpoint save (metrics, status, the final weights): the checkpoints are intact
+            print(f"error: cannot write {e.filename or 'the run folder'} ({e.strerror}); free space (or fix the "
+                  f"disk) and rerun the same command to resume from the newest checkpoint", file=sys.stderr,
+                  flush=True)
+            sys.exit(EXIT_IO)
         except Stopped as e:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
             # The checkpoint is safe; what is left is interpreter shutdown (the process group, W&B), during which

@@ -8,9 +8,47 @@ import time
 
 import torch
 
-from .checkpoint import WEIGHTS
-from .config import Config
-from .files import save_weights, write_atomic
+from .checkpoint import WEIGHTS, choose_resume
+from .config import CheckpointConfig, Config
+from .errors import warn
+from .files import fsync_dir, save_weights, write_atomic
+from .lock import RunLock
+
+# What train.py and evaluate.py write into a run folder: a fresh start moves these aside, never deletes them.
+OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summary.json", WEIGHTS, "eval.json",
+           "confusion.png", "predictions.png", "wandb")
+
+
+def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
+    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). A fresh start, or one from
+    another folder's checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
+    lock.acquire()
+    resume = choose_resume(run_dir, policy)
+    lock.record()
+    own = os.path.join(os.path.abspath(run_dir), "checkpoints") + os.sep
+    if resume is None or not os.path.abspath(resume).startswith(own):
+        moved_to = set_aside(run_dir)
+        if moved_to:
+            warn(f"{run_dir} held an earlier run's outputs; they are now in {moved_to}")
+    return resume
+
+
+def set_aside(run_dir: str) -> str | None:
+    """Move the earlier outputs in run_dir into run_dir/previous-<time>/; its path, or None when there were none."""
+    found = [name for name in OUTPUTS if os.path.lexists(os.path.join(run_dir, name))]
+    if not found:
+        return None
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    target = os.path.join(run_dir, f"previous-{stamp}")
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(run_dir, f"previous-{stamp}-{n}")
+    os.makedirs(target)
+    for name in found:
+        os.rename(os.path.join(run_dir, name), os.path.join(target, name))
+    fsync_dir(target)
+    fsync_dir(run_dir)
+    return target
 
 
 def _clean(value):
@@ -38,17 +76,18 @@ def to_json(obj) -> str:
 
 class RunWriter:
     def __init__(self, output_dir: str, cfg: Config, resume_step: int | None = None):
-        """A fresh run starts metrics.jsonl anew; a resumed one keeps the rows up to its checkpoint's step, so
-        rows logged after that checkpoint by the interrupted run are not repeated."""
+        """metrics.jsonl is only appended to, or cut back to the resumed checkpoint's step, so that rows logged
+        after that checkpoint by the interrupted run are not repeated (a fresh start finds it set aside)."""
         self.dir = output_dir
         os.makedirs(output_dir, exist_ok=True)
         write_atomic(os.path.join(output_dir, "config.yaml"), cfg.to_yaml().encode())
         path = os.path.join(output_dir, "metrics.jsonl")
-        kept = b""
         if resume_step is not None and os.path.exists(path):
             with open(path, "rb") as f:
-                kept = b"".join(line for line in f if _row_step(line) is not None and _row_step(line) <= resume_step)
-        write_atomic(path, kept)
+                lines = f.readlines()
+            kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= resume_step]
+            if kept != lines:
+                write_atomic(path, b"".join(kept))
         self._metrics = open(path, "a")
 
     def log(self, row: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .config import Config
 from .console import Console
-from .errors import EXIT_RESUMABLE
+from .errors import EXIT_RESUMABLE, warn
 from .evaluation import EvalResult
 from .outputs import RunWriter
 from .tracking import Tracker
@@ -67,7 +67,10 @@ class Reporter:
     def failed(self, step: int, error: BaseException) -> None:
         self.console.stop()
         if self.writer:
-            self.writer.status("failed", step=step, error=f"{type(error).__name__}: {error}".splitlines()[0])
+            try:
+                self.writer.status("failed", step=step, error=f"{type(error).__name__}: {error}".splitlines()[0])
+            except OSError as e:       # the disk that failed the run: its error, not this one, is what to show
+                warn(f"could not record the failure in {self.writer.dir}/status.json ({e.strerror})")
         self.tracker.finish(1)
 
     def finished(self, summary: dict, model, total_steps: int) -> None:

@@ -45,18 +45,18 @@ def compile_mode(mode: str, world: int) -> str:
 
 
 def on_main(accelerator: Accelerator, fn):
-    """Run fn on the main process only and hand every rank its result, or the same UserError."""
+    """Run fn on the main process only and hand every rank its result, or the same UserError (or SaveFailed)."""
     box = [None]
     if accelerator.is_main_process:
         try:
             box[0] = ("ok", fn())
         except UserError as e:
-            box[0] = ("error", str(e))
+            box[0] = ("error", e)
     if accelerator.num_processes > 1:
         broadcast_object_list(box, from_process=0)
     kind, value = box[0]
     if kind == "error":
-        raise UserError(value)
+        raise value
     return value
 
 
