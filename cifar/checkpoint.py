@@ -9,6 +9,8 @@ pruned only after that. Resume takes the newest checkpoint whose manifest verifi
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -23,7 +25,7 @@ from accelerate.utils import gather_object
 
 from .config import Config, flatten
 from .errors import SaveFailed, UserError, warn
-from .files import fsync_dir, fsync_file, load_weights, save_weights, sha256
+from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
 from .runtime import on_main
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -55,10 +57,7 @@ class TrainState:
 
 def _write_pointer(folder: str, name: str, target: str) -> None:
     tmp = os.path.join(folder, f".{name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_durable(tmp, (target + "\n").encode())
     os.replace(tmp, os.path.join(folder, name))
 
 
@@ -241,25 +240,23 @@ class Checkpoints:
             return final                                  # already saved at this step (e.g. epoch end + signal)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_weights(self.model, os.path.join(tmp, WEIGHTS))
+        # serialised in memory, written with plain writes: a full disk is an OSError naming the file (torch.save's
+        # and safetensors' own writers raise their own, unnamed errors)
+        training = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "rng": [_as_tensors(r) for r in rng_states]},
-                   os.path.join(tmp, "training.pt"))
-        _fault_point("kill-during-save", state.step)
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"state": asdict(state), "test_acc": acc, "config": self.cfg.to_dict()}, f, indent=1)
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(self.cfg.to_yaml())
+                    "rng": [_as_tensors(r) for r in rng_states]}, training)
+        contents = {WEIGHTS: weights_bytes(self.model), "training.pt": training.getvalue(),
+                    "state.json": json.dumps({"state": asdict(state), "test_acc": acc, "config": self.cfg.to_dict()},
+                                             indent=1).encode(),
+                    "config.yaml": self.cfg.to_yaml().encode()}
         files = {}
-        for file in sorted(os.listdir(tmp)):
-            path = os.path.join(tmp, file)
-            fsync_file(path)
-            files[file] = {"size": os.path.getsize(path), "sha256": sha256(path)}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"step": state.step, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        for file, data in contents.items():
+            write_durable(os.path.join(tmp, file), data)
+            files[file] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if file == "training.pt":
+                _fault_point("kill-during-save", state.step)
+        write_durable(os.path.join(tmp, MANIFEST), json.dumps({"step": state.step, "files": files}, indent=1).encode())
         fsync_dir(tmp)
         if os.path.isdir(final):                          # an invalid leftover with the same name
             shutil.rmtree(final)

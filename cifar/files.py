@@ -6,7 +6,7 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 
@@ -20,11 +20,6 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -33,15 +28,24 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def write_durable(path: str, data: bytes) -> None:
+    """Write and fsync; an OSError (a full disk, an I/O error) names the file, which a failed write() does not."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durable(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -49,12 +53,14 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state_dict as safetensors (no pickle). Serialised in memory, so that writing it is a plain
+    write whose failure is an OSError like any other (safetensors' own writer raises its own error type)."""
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
 def save_weights(model: torch.nn.Module, path: str) -> None:
-    """The model's state_dict as safetensors (no pickle), written beside `path` and renamed into place."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, weights_bytes(model))
 
 
 def load_weights(model: torch.nn.Module, path: str, fix: str) -> None:
