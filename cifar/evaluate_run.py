@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from safetensors import SafetensorError
+
 from .checkpoint import WEIGHTS, read_pointer
 from .config import load_config
 from .data import build_batches
@@ -26,16 +28,36 @@ def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
     folder = os.path.dirname(path) if os.path.isfile(path) else path
     checkpoints = os.path.join(folder, "checkpoints")
     if os.path.isdir(folder) and not os.path.isfile(path):
-        if pick in ("latest", "best") or (pick == "auto" and not os.path.isfile(os.path.join(folder, WEIGHTS))):
+        finished = os.path.isfile(os.path.join(folder, WEIGHTS))
+        has_latest = read_pointer(checkpoints, "latest") is not None
+        if pick == "final" and not finished and has_latest:
+            raise UserError(f"{folder} has no final weights yet (no {WEIGHTS}: the run has not finished); use "
+                            f"--pick latest to evaluate its newest checkpoint, or rerun the training command to "
+                            f"finish it")
+        if pick in ("latest", "best") or (pick == "auto" and not finished):
             target = read_pointer(checkpoints, "latest" if pick == "auto" else pick)
             if target is None and pick != "auto":
-                raise UserError(f"{folder} has no '{pick}' checkpoint; use --pick final or latest")
+                others = [p for p, ok in (("latest", has_latest), ("final", finished)) if ok and p != pick]
+                hint = f"use --pick {' or '.join(others)}" if others else "it holds no weights to evaluate yet"
+                raise UserError(f"{folder} has no '{pick}' checkpoint; {hint}")
             folder = target or folder
     weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, "config.yaml")
     if not os.path.isfile(weights) or not os.path.isfile(config):
         raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
                         f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
     return config, weights
+
+
+def load_run_weights(model, weights: str) -> None:
+    """The weights into the model, or one line naming the file when it is truncated, corrupt, not safetensors
+    (SafetensorError) or unreadable (OSError), or made for another network."""
+    try:
+        load_weights(model, weights, "use the run's own config or the right checkpoint")
+    except (SafetensorError, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{weights} cannot be read as model weights ({reason}): the file is truncated, corrupt or "
+                        f"not a safetensors file; evaluate another checkpoint of the run (a checkpoints/step-<N> "
+                        f"folder, or --pick latest) or retrain") from None
 
 
 def trained_run(weights: str) -> tuple[str | None, int | None]:
@@ -59,7 +81,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     cfg = load_config(config_path, overrides)
     accelerator = make_accelerator(cfg)
     model = build_model(cfg.model.name)
-    load_weights(model, weights, "use the run's own config or the right checkpoint")
+    load_run_weights(model, weights)
     _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     model = accelerator.prepare(model)
     result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
