@@ -90,7 +90,8 @@ class CheckpointConfig:
     keep_last: int = 2                       # newest checkpoints kept
     keep_best: int = 1                       # best by test accuracy, kept besides the newest
     resume: str = "auto"                     # auto | never | <path to a checkpoint or run folder>
-    overwrite: bool = False                  # with resume: never, allow starting over in a folder with checkpoints
+    overwrite: bool = False                  # with resume: never, start over in a folder with checkpoints
+                                             # (its earlier files are moved into previous-<time>/)
 
 
 @dataclass
