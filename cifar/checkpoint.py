@@ -285,10 +285,15 @@ class Checkpoints:
 
     # -- loading
 
-    def load(self, path: str) -> TrainState:
-        """Restore the model, optimizer, scheduler, grad scaler and this rank's RNGs from `path` (every rank)."""
+    def load(self, path: str, global_batch: int) -> TrainState:
+        """Restore the model, optimizer, scheduler, grad scaler and this rank's RNGs from `path` (every rank),
+        refusing a checkpoint trained with another global batch (its data position and schedule would not fit)."""
         with open(os.path.join(path, "state.json")) as f:
             saved = json.load(f)
+        theirs = saved["state"]["global_batch"]
+        if theirs != global_batch:
+            raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has "
+                            f"{global_batch} (batch_size x processes x grad_accum_steps); keep it equal")
         theirs, ours = saved["config"]["model"]["name"], self.cfg.model.name
         if theirs != ours:
             raise UserError(f"checkpoint {path} is for model {theirs}, this run is model {ours}; resume with "

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from .checkpoint import Checkpoints, TrainState
 from .config import Config
 from .data import TrainBatches, build_batches
-from .errors import Stopped, UserError
+from .errors import Stopped
 from .evaluation import EvalResult, evaluate
 from .lock import RunLock
 from .models import build_model, expiring_parameters, train_only_until
@@ -230,10 +230,7 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
     state = TrainState(global_batch=global_batch, world_size=world)
     if resumed_from:
-        state = checkpoints.load(resumed_from)
-        if state.global_batch != global_batch:
-            raise UserError(f"checkpoint {resumed_from} was trained with a global batch of {state.global_batch}, "
-                            f"this run has {global_batch} (batch_size x processes x grad_accum_steps); keep it equal")
+        state = checkpoints.load(resumed_from, global_batch)
     report = Reporter(cfg, output_dir, main=main, run_info=run_info(cfg, accelerator),
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from)
