@@ -99,3 +99,20 @@ def test_missing_dataset_names_the_folder(tmp_path):
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and str(root / "cifar-10-batches-py") in line and "data.root" in line
+
+
+def test_config_that_is_a_folder_or_not_readable_is_one_line(tmp_path):
+    """--config naming a folder, a binary file, or a file that cannot be opened: one line each, exit 2."""
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    folder = tmp_path / "loops"
+    folder.mkdir()
+    looped = folder / "loop.yaml"
+    looped.symlink_to(looped)                        # ELOOP: unreadable even for root, unlike chmod 000
+    for path, needle in [("configs", "is a folder"), (binary, r"not a text \(YAML\) file"),
+                         (looped, "cannot read config file")]:
+        with pytest.raises(UserError, match=needle):
+            load_config(str(path), [])
+    proc = run("train.py", "--config", "configs", check=False)
+    assert proc.returncode == 2 and "configs is a folder" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
