@@ -223,8 +223,11 @@ class DataLoaderBatches:
     def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
         self.accelerator, self.split = accelerator, split
         cuda = accelerator.device.type == "cuda"
+        # Every new iterator draws its workers' base seed from `generator`: one of the loader's own keeps the
+        # global RNG (dropout, ...) the same whether or not a run was resumed, which creates its iterators elsewhere.
         workers = dict(num_workers=cfg.num_workers, pin_memory=cuda, persistent_workers=cfg.num_workers > 0,
-                       prefetch_factor=4 if cfg.num_workers > 0 else None)
+                       prefetch_factor=4 if cfg.num_workers > 0 else None,
+                       generator=torch.Generator().manual_seed(seed))
         dataset = CifarDataset(split, cfg.augment and train, seed, cfg.crop_padding, cfg.alternating_flip,
                                cfg.pad_mode)
         if train:

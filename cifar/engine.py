@@ -235,18 +235,23 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from)
 
-    # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time
-    probe = next(iter(train_batches.epoch(0)))
-    flops = flops_per_image(raw_model, probe[0][:32])
+    # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time, and
+    # invisible to the RNG: a dropout mask drawn here would shift every later draw, so that a resumed run's draws
+    # would no longer be the uninterrupted run's
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=t.label_smoothing)
     compile_seconds = 0.0
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        probe = next(iter(train_batches.epoch(0)))
+        flops = flops_per_image(raw_model, probe[0][:32])
+        if t.compile:
+            compile_seconds = compile_warmup(
+                model, optimizer, accelerator.scaler,
+                lambda: train_step(accelerator, model, optimizer, loss_fn, [probe], t.grad_clip),
+                lambda: evaluate(model, test_batches, accelerator, tta=t.tta),
+                # a frozen parameter changes the graph: compile that one too, or it would compile mid-run
+                phases=[lambda step=step: train_only_until(expiring, step)
+                        for step in sorted({0, *expiring.values()})])
     if t.compile:
-        compile_seconds = compile_warmup(
-            model, optimizer, accelerator.scaler,
-            lambda: train_step(accelerator, model, optimizer, loss_fn, [probe], t.grad_clip),
-            lambda: evaluate(model, test_batches, accelerator, tta=t.tta),
-            # a frozen parameter changes the graph: compile that one too, or it would compile mid-run
-            phases=[lambda step=step: train_only_until(expiring, step) for step in sorted({0, *expiring.values()})])
         report.print(f"compiled in {compile_seconds:.1f}s (not counted as training time)")
     now = time.perf_counter()
     meters = Meters(epoch=StepStats.start(accelerator.device), window=StepStats.start(accelerator.device,

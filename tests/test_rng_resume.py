@@ -17,16 +17,9 @@ DROPOUT = ["--config", "configs/debug.yaml", "model.name=dropout_net", "data.lim
            "train.epochs=2", "checkpoint.every_steps=4"]
 KILL_AT = 12       # mid epoch 1, after epoch 0's evaluation and checkpoint
 
-# What the code gets wrong as of this test (commit e8e1bc3): each cause found with it and confirmed by fixing it in
-# a scratch copy of the tree. Fixed, the tests XPASS, which strict xfail reports as a failure: then drop the marks.
-PROBE = ("cifar/engine.py start_run draws from the global RNG after the checkpoint's RNG states are restored: "
-         "flops_per_image runs a forward pass of the model in train mode (dropout masks), and so does the compile "
-         "warm-up when train.compile is on; saving the RNG state before the probe and restoring it after the "
-         "warm-up fixes it")
-ITERATOR = ("and on the DataLoader path every new DataLoader iterator draws its base seed from the global torch "
-            "RNG (torch's _BaseDataLoaderIter): the probe batch in start_run and the resumed epoch's iterator are "
-            "draws the uninterrupted run never made; a DataLoader generator of its own (DataLoader(generator=...) in "
-            "cifar/data.py) fixes it")
+# Two causes this test found (fixed in cifar/engine.py and cifar/data.py): start_run's FLOPs probe and compile warm-up
+# drew dropout masks after the checkpoint's RNG states were restored, and every new DataLoader iterator drew its
+# workers' base seed from the global RNG (the probe's, and the resumed epoch's that the uninterrupted run never made).
 
 
 def test_dropout_net_draws_from_the_global_rng():
@@ -56,31 +49,25 @@ def kill_and_resume(tmp_path, args, procs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", [
-    pytest.param("dataloader", marks=pytest.mark.xfail(strict=True, reason=f"known: {PROBE}; {ITERATOR}")),
-    pytest.param("device", marks=pytest.mark.xfail(strict=True, reason=f"known: {PROBE}")),
-])
+@pytest.mark.parametrize("loader", ["dataloader", "device"])
 def test_kill_9_and_resume_restores_the_rng(tmp_path, loader):
     """Killed right after a mid-epoch checkpoint and rerun, a dropout network ends bitwise equal to the
     uninterrupted run, on both loaders.
 
-    Checked that it fails: on HEAD both variants fail (see the xfail reasons). In a scratch copy with those two
-    causes fixed (the torch RNG state saved before the FLOPs probe and restored after the warm-up in start_run, and
-    a seeded generator given to the training DataLoader), both pass; with cifar/checkpoint.py's
-    set_rng_state(training["rng"][rank]) then replaced by `pass`, both fail again."""
+    Checked that it fails: before the two causes above were fixed, both variants failed; with them fixed and
+    cifar/checkpoint.py's set_rng_state(training["rng"][rank]) replaced by `pass`, both fail again."""
     ref, out = kill_and_resume(tmp_path, [*DROPOUT, f"data.loader={loader}"], procs=1)
     assert bitwise_equal(ref, out)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"known: {PROBE}")
 def test_ddp_kill_9_and_resume_restores_each_ranks_rng(tmp_path):
     """The same under 2 processes (device loader, batch 16 each): each rank's RNG stream is its own (dropout_net's
     extra draws depend on the rank's images, and the checkpoint holds two different states), and each rank gets its
     own back.
 
-    Checked that it fails: on HEAD (the xfail reason). In the scratch copy with the causes fixed it passes; with
-    set_rng_state(training["rng"][0]) on every rank (rank 0's state everywhere) it fails."""
+    Checked that it fails: before the probe fix it failed; with set_rng_state(training["rng"][0]) on every rank
+    (rank 0's state everywhere) it fails."""
     args = [*DROPOUT, "data.loader=device", "data.batch_size=16"]
     ref, out = kill_and_resume(tmp_path, args, procs=2)
     rng = torch.load(out / "checkpoints" / f"step-{KILL_AT}" / "training.pt", weights_only=True)["rng"]
