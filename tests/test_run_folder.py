@@ -88,8 +88,9 @@ def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_holder_leaves_no_stale_lock(tmp_path):
-    """A holder killed with -9 leaves nothing to clean by hand: the next run starts at once."""
+def test_killed_holder_leaves_no_stale_lock_and_readers_never_lock(tmp_path):
+    """A holder killed with -9 leaves nothing to clean by hand: the next run starts at once. evaluate.py only reads:
+    it runs on a folder whose lock is held."""
     folder = tmp_path / "run"
     holder = hold_lock(folder)
     refused = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False)
@@ -99,6 +100,13 @@ def test_killed_holder_leaves_no_stale_lock(tmp_path):
     run("train.py", "--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
         "train.epochs=1", f"output_dir={folder}")
     assert read_json(folder / "status.json")["state"] == "finished"
+    holder = hold_lock(folder)
+    try:
+        run("evaluate.py", "--checkpoint", str(folder), "--output", str(tmp_path / "eval"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] >= 0
 
 
 def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path):
