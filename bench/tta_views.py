@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cifar.config import load_config                  # noqa: E402
+from cifar.config import load_saved_config  # noqa: E402
 from cifar.data import build_batches                  # noqa: E402
 from cifar.checkpoint import WEIGHTS                  # noqa: E402
 from cifar.files import load_weights                  # noqa: E402
@@ -45,7 +45,7 @@ SCHEMES = {
 
 @torch.no_grad()
 def view_logits(run_dir: str, overrides: list[str]):
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides)
+    cfg = load_saved_config(os.path.join(run_dir, "config.yaml"), overrides)
     accelerator = make_accelerator(cfg)
     model = build_model(cfg.model.name)
     load_weights(model, os.path.join(run_dir, WEIGHTS), "pass runs trained by this project")

@@ -42,6 +42,9 @@ class DataConfig:
     crop_padding: int = 4                    # random crop of 32 from the image padded by this many pixels
     pad_mode: Literal["zeros", "reflect"] = "zeros"   # reflect: mirror about the edge, no black borders
     alternating_flip: bool = False           # flip each image in every other epoch instead of at random
+    # Input normalisation, on every path and in evaluate/predict/export: the tutorial's (0.5, 0.5, 0.5) /
+    # (0.5, 0.5, 0.5), or CIFAR-10's per-channel mean/std. Weights only score as trained with their own.
+    normalize: Literal["cifar", "tutorial"] = "tutorial"
 
 
 @dataclass
@@ -142,7 +145,21 @@ def flatten(tree: dict, sep: str = "/", prefix: str = "") -> dict:
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Recipe file (or the defaults) + overrides -> validated Config."""
-    raw = _read_recipe(path, seen=()) if path else {}
+    return _with_overrides(_read_recipe(path, seen=()) if path else {}, overrides)
+
+
+# A saved config (a run's or a checkpoint's config.yaml) lacks the keys added after it was written; these are what
+# its training used, where that differs from today's default: every run before data.normalize existed was normalised
+# with the CIFAR statistics, while the default is now the tutorial's.
+SAVED_DEFAULTS = {"data": {"normalize": "cifar"}}
+
+
+def load_saved_config(path: str, overrides: list[str] = ()) -> Config:
+    """A run's saved config.yaml + overrides -> validated Config, keys it predates read as SAVED_DEFAULTS."""
+    return _with_overrides(_merge(SAVED_DEFAULTS, _read_recipe(path, seen=())), overrides)
+
+
+def _with_overrides(raw: dict, overrides: list[str]) -> Config:
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, prefix="")
@@ -151,10 +168,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Rebuild a Config saved in a run folder (config.yaml)."""
-    cfg = _build(Config, dict(raw), prefix="")
-    validate(cfg)
-    return cfg
+    """Rebuild a Config saved in a run folder (config.yaml); keys it predates read as SAVED_DEFAULTS."""
+    return _with_overrides(_merge(SAVED_DEFAULTS, dict(raw)), [])
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:

@@ -23,8 +23,11 @@ from .config import DataConfig
 from .errors import UserError
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+# (mean, std) per channel of the [0, 1] pixels, by data.normalize's name: CIFAR-10's training-set statistics, or
+# the tutorial's transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) (pixels to [-1, 1]). A network sees
+# differently scaled inputs under the other one, so weights only score as trained with their own.
+STATS = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+         "tutorial": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 PAD = 4
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -180,24 +183,28 @@ class CifarDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), int(self.split.labels[index])
 
 
-def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1))
+def _mean_std(stats: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = STATS[stats]
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,3,H,W) on any device -> float32 normalised. Done after the copy: 4x fewer bytes to move."""
-    mean, std = _mean_std(images.device)
+def normalize(images: torch.Tensor, stats: str) -> torch.Tensor:
+    """uint8 (B,3,H,W) on any device -> float32 normalised with STATS[stats]. Done after the copy: 4x fewer bytes
+    to move. The same float32 operations as torchvision's ToTensor then Normalize, so the tutorial's inputs are
+    reproduced bit for bit."""
+    mean, std = _mean_std(stats, images.device)
     return (images.float() / 255 - mean) / std
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    mean, std = _mean_std(images.device)
+def denormalize(images: torch.Tensor, stats: str) -> torch.Tensor:
+    mean, std = _mean_std(stats, images.device)
     return (images * std + mean).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- batches for the engine
 
 class TrainBatches(Protocol):
+    stats: str                                         # the normalisation's name (STATS), for denormalize
     def __len__(self) -> int: ...                      # batches per epoch on this process
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def first_images(self, n: int) -> torch.Tensor: ...  # n training images, normalised, no augmentation
@@ -221,7 +228,7 @@ class DataLoaderBatches:
     ours on top). Test: a disjoint shard per rank. Both normalised on the device."""
 
     def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
-        self.accelerator, self.split = accelerator, split
+        self.accelerator, self.split, self.stats = accelerator, split, cfg.normalize
         cuda = accelerator.device.type == "cuda"
         # Every new iterator draws its workers' base seed from `generator`: one of the loader's own keeps the
         # global RNG (dropout, ...) the same whether or not a run was resumed, which creates its iterators elsewhere.
@@ -247,16 +254,17 @@ class DataLoaderBatches:
         if not self.train:
             device = self.accelerator.device
             for images, labels in self.loader:
-                yield normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                yield normalize(images, self.stats), labels
             return
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter.
         loader.set_epoch(epoch)
         for images, labels in loader:
-            yield normalize(images), labels
+            yield normalize(images, self.stats), labels
 
     def first_images(self, n: int) -> torch.Tensor:
-        return normalize(torch.from_numpy(self.split.images[:n]).to(self.accelerator.device))
+        return normalize(torch.from_numpy(self.split.images[:n]).to(self.accelerator.device), self.stats)
 
 
 class DeviceBatches:
@@ -274,7 +282,7 @@ class DeviceBatches:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.images = torch.from_numpy(split.images).to(self.device)
         self.labels = torch.from_numpy(split.labels).to(self.device)
-        self.train, self.seed = train, seed
+        self.train, self.seed, self.stats = train, seed, cfg.normalize
         self.augment = cfg.augment and train
         self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
@@ -301,7 +309,7 @@ class DeviceBatches:
         if not self.train:
             for k in range(len(self)):
                 idx = self.shard[k * self.batch_size:(k + 1) * self.batch_size]
-                yield normalize(self.images[idx]), self.labels[idx]
+                yield normalize(self.images[idx], self.stats), self.labels[idx]
             return
         order = epoch_order(len(self.labels), self.seed, epoch).to(self.device)
         params = self.augmentation(epoch) if self.augment else None
@@ -311,10 +319,10 @@ class DeviceBatches:
             images = self.images[idx]
             if params is not None:
                 images = crop_flip(images, *(p[idx] for p in params), self.pad, self.pad_mode)
-            yield normalize(images), self.labels[idx]
+            yield normalize(images, self.stats), self.labels[idx]
 
     def first_images(self, n: int) -> torch.Tensor:
-        return normalize(self.images[:n])
+        return normalize(self.images[:n], self.stats)
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int,

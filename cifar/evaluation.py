@@ -62,7 +62,7 @@ def evaluate(model, batches, accelerator, tta: str = "none", samples: int = 0) -
             logits = predict(net, images, tta)
         preds = logits.argmax(1)
         if samples and kept is None:
-            kept = (denormalize(images[:samples]).float().cpu().numpy(), labels[:samples].tolist(),
+            kept = (denormalize(images[:samples], batches.stats).float().cpu().numpy(), labels[:samples].tolist(),
                     preds[:samples].tolist())
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += torch.bincount(labels * n + preds, minlength=n * n).double()

@@ -1,8 +1,9 @@
 """Recipes, overrides and the one-line refusals of bad input (exit code 2, the key named, no traceback)."""
 import pytest
+import yaml
 from conftest import run
 
-from cifar.config import Config, load_config, parse_overrides
+from cifar.config import Config, config_from_dict, load_config, load_saved_config, parse_overrides
 from cifar.errors import UserError
 
 
@@ -12,6 +13,29 @@ def test_defaults_are_the_tutorial():
     assert (t.model.name, t.data.batch_size, t.optim.lr, t.optim.momentum, t.train.epochs, t.data.augment) == \
         ("tutorial_net", 4, 0.001, 0.9, 2, False)
     assert (cfg.model.name, cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs) == ("tutorial_net", 4, 0.001, 2)
+    # the tutorial's Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), with and without the recipe, and in debug.yaml
+    assert cfg.data.normalize == t.data.normalize == load_config("configs/debug.yaml").data.normalize == "tutorial"
+
+
+def test_the_other_recipes_keep_the_cifar_statistics():
+    """fast94 and resnet18 were tuned and measured with CIFAR's per-channel mean/std: they say so explicitly, so
+    the tutorial default does not change them."""
+    for recipe in ("fast94", "resnet18"):
+        assert load_config(f"configs/{recipe}.yaml").data.normalize == "cifar"
+        assert "normalize: cifar" in open(f"configs/{recipe}.yaml").read()
+
+
+def test_a_saved_config_without_normalize_was_trained_with_the_cifar_statistics(tmp_path):
+    """config.yaml of a run from before data.normalize existed: read back (evaluate, predict, export) as what the
+    run used, cifar, not today's default; a saved value, or an override, still wins."""
+    saved = load_config("configs/debug.yaml").to_dict()
+    del saved["data"]["normalize"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(saved))
+    assert load_saved_config(str(tmp_path / "old.yaml")).data.normalize == "cifar"
+    assert config_from_dict(saved).data.normalize == "cifar"
+    assert load_saved_config(str(tmp_path / "old.yaml"), ["data.normalize=tutorial"]).data.normalize == "tutorial"
+    (tmp_path / "new.yaml").write_text(load_config("configs/debug.yaml").to_yaml())
+    assert load_saved_config(str(tmp_path / "new.yaml")).data.normalize == "tutorial"
 
 
 def test_base_recipe_and_overrides(tmp_path):

@@ -10,10 +10,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import run, write_cifar
+from PIL import Image
+from torchvision import transforms
 
 from cifar.config import DataConfig
-from cifar.data import (CifarDataset, DataLoaderBatches, augment_params, denormalize, load_split, normalize,
-                        synthetic_split)
+from cifar.data import (STATS, CifarDataset, DataLoaderBatches, DeviceBatches, augment_params, denormalize,
+                        epoch_order, load_split, normalize, synthetic_split)
+from cifar.evaluation import evaluate
+from cifar.models import TutorialNet
 
 
 def test_reads_the_official_pickle_layout(cifar_root):
@@ -72,9 +76,44 @@ def test_batches_do_not_depend_on_num_workers_and_change_per_epoch(cifar_root):
     assert sorted(seen.tolist()) == sorted(split.labels.tolist())   # each sample exactly once per epoch
 
 
-def test_normalize_round_trip():
+@pytest.mark.parametrize("stats", sorted(STATS))
+def test_normalize_round_trip(stats):
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
-    assert torch.allclose(denormalize(normalize(x)), x.float() / 255, atol=1e-6)
+    assert torch.allclose(denormalize(normalize(x, stats), stats), x.float() / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("stats", sorted(STATS))
+def test_normalize_is_torchvisions_to_tensor_then_normalize_bit_for_bit(stats):
+    """data.normalize=tutorial feeds the network exactly what the tutorial's transforms.Compose([ToTensor(),
+    Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]) makes of a PIL image; cifar, its Normalize(mean, std)."""
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*STATS[stats])])
+    theirs = torch.stack([transform(Image.fromarray(image)) for image in images])
+    ours = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), stats)
+    assert torch.equal(ours, theirs)
+    other = "cifar" if stats == "tutorial" else "tutorial"
+    assert not torch.allclose(normalize(torch.from_numpy(images).permute(0, 3, 1, 2), other), theirs, atol=0.01)
+
+
+@pytest.mark.parametrize("kind", [DataLoaderBatches, DeviceBatches])
+@pytest.mark.parametrize("stats", sorted(STATS))
+def test_every_batch_path_and_the_evaluation_samples_use_the_configs_normalisation(cifar_root, kind, stats):
+    """Training and test batches, first_images (FastNet's whitening) on both loaders, and the sample images
+    evaluation denormalises for predictions.png, all follow data.normalize."""
+    acc = Accelerator(cpu=True)
+    cfg = DataConfig(root=cifar_root, batch_size=8, num_workers=0, normalize=stats)
+    split = load_split(cfg, train=True)
+    raw = torch.from_numpy(split.images)
+    test_split = load_split(cfg, train=False)
+    test = kind(acc, test_split, cfg, False, seed=3)
+    assert torch.equal(torch.cat([x for x, _ in test.epoch(0)]), normalize(torch.from_numpy(test_split.images), stats))
+    train = kind(acc, split, cfg, True, seed=3)
+    assert torch.equal(train.first_images(5), normalize(raw[:5], stats))
+    x, y = next(iter(train.epoch(0)))
+    order = epoch_order(len(split), 3, 0)[:8]
+    assert torch.equal(y, torch.from_numpy(split.labels)[order]) and torch.equal(x, normalize(raw[order], stats))
+    result = evaluate(TutorialNet(), test, acc, samples=4)
+    assert np.allclose(result.samples[0], test_split.images[:4] / 255, atol=1e-6)
 
 
 def test_download_extracts_an_archive_when_missing(tmp_path):
