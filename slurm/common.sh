@@ -114,14 +114,21 @@ build_launch() {
 # ----------------------------------------------------------------------------- running with signals
 
 CHILD=""
-STOPPING=""
+STOPPING=""      # the latest stop signal (USR1 | TERM), empty until one comes
+SIGNALS_SEEN=" "  # every stop signal received, each logged once
 LAUNCH_KIND=""   # python (train.py itself) | accelerate (a launcher whose children train) | srun (one per machine)
 
 # forward SIG: pass a preemption signal on to the training processes: to train.py itself, to the launcher's
 # children (not the launcher), or to srun, which passes it to every task (machine_main below) of the step.
 forward() {
     local sig=$1
-    [[ -z $STOPPING ]] && log "SIG$sig received: asking training to save a checkpoint and stop"
+    # At a time limit SLURM sends the --signal warning (if not sent yet) and SIGTERM in the same second: log both.
+    if [[ -z $STOPPING ]]; then
+        log "SIG$sig received: asking training to save a checkpoint and stop"
+    elif [[ $SIGNALS_SEEN != *" $sig "* ]]; then
+        log "SIG$sig received as well (already stopping on SIG$STOPPING)"
+    fi
+    SIGNALS_SEEN+="$sig "
     STOPPING=$sig
     [[ -n $CHILD ]] || return 0
     case $LAUNCH_KIND in

@@ -1,14 +1,17 @@
 """The SLURM scripts on a real local cluster (munge + slurmctld + slurmd, see tests/slurm_cluster.py): lint, a job to
 COMPLETED, two "machines" rendezvousing through multinode.sbatch, and preemption -> checkpoint -> requeue -> resume
-ending with exactly the weights of an uninterrupted run.
+ending with exactly the weights of an uninterrupted run. The failure paths: a bad override fails at once (no requeue),
+requeueing stops at MAX_RESTARTS, a plain scancel saves but does not requeue, a time limit saves and requeues.
 
 Needs root (the cluster's daemons run as root) and the Debian packages slurmctld slurmd slurm-client munge (installed
-on the fly with apt-get when missing); skipped with the reason otherwise. shellcheck is needed for its test only.
+on the fly with apt-get when missing); skipped with the reason otherwise, except under CI=true as root, where a
+cluster that cannot run fails the suite. shellcheck is needed for its test only.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +20,19 @@ import time
 import pytest
 import torch
 
+from cifar.checkpoint import read_pointer, step_of, verify
 from conftest import ROOT, env, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
 
 SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/common.sh"]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides of the scripts' GPU headers
+# Far more steps than any test waits for (about 64 steps/s on one core): the job is still training when signalled.
+LONG_RUN = ["configs/debug.yaml", "train.epochs=200", "checkpoint.every_steps=20"]
+
+
+def must_run_here() -> bool:
+    """CI (CI=true) as root: the SLURM tests must run, so a cluster that cannot start fails the suite."""
+    return os.environ.get("CI") == "true" and os.geteuid() == 0
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +42,8 @@ def cluster(tmp_path_factory):
     try:
         ensure_installed()
     except Unavailable as e:
+        if must_run_here():
+            pytest.fail(f"CI=true as root, yet the local SLURM cluster cannot run: {e}", pytrace=False)
         pytest.skip(str(e))
     c = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
     c.start()
@@ -62,19 +75,56 @@ def read(path) -> str:
         return f.read()
 
 
-def preempt_after_first_checkpoint(cluster, job, run, timeout=120):
-    """Wait for DIR/checkpoints/step-*, then send SIGUSR1 to the batch shell only, as `--signal=B:USR1@N` does
-    (which itself fires only within ~30 s of its time, too loose for a test)."""
+def newest_step(run) -> int:
+    """The highest N of RUN/checkpoints/step-N (completed saves only: a save is renamed into place), -1 if none."""
+    return max((step_of(p) for p in glob.glob(str(run / "checkpoints" / "step-*"))), default=-1)
+
+
+def wait_for_checkpoint(cluster, job, run, after_step=-1, timeout=120) -> int:
+    """Wait, while the job runs, for a checkpoint RUN/checkpoints/step-N with N > after_step; returns N."""
     deadline = time.monotonic() + timeout
-    while not glob.glob(str(run / "checkpoints" / "step-*")):
+    while newest_step(run) <= after_step:
         info = cluster.job(job)
         assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), \
-            f"job ended before a checkpoint appeared in {run}/checkpoints\n{cluster.job_output(info)}"
-        assert time.monotonic() < deadline, f"no checkpoint in {run}/checkpoints after {timeout} s\n" \
-                                            f"{cluster.job_output(info)}"
+            f"job ended before a checkpoint after step {after_step} appeared in {run}/checkpoints\n" \
+            f"{cluster.job_output(info)}"
+        assert time.monotonic() < deadline, f"no checkpoint after step {after_step} in {run}/checkpoints after " \
+                                            f"{timeout} s\n{cluster.job_output(info)}"
         time.sleep(0.1)
+    return newest_step(run)
+
+
+def preempt_after_checkpoint(cluster, job, run, after_step=-1) -> int:
+    """Wait for a checkpoint newer than after_step, then send SIGUSR1 to the batch shell only, as
+    `--signal=B:USR1@N` does (which itself fires only within ~30 s of its time, too loose for a test)."""
+    step = wait_for_checkpoint(cluster, job, run, after_step)
     proc = cluster.run(["scancel", "--batch", "--signal=USR1", job])
     assert proc.returncode == 0, proc.stderr
+    return step
+
+
+def wait_restarted(cluster, job, restarts: int, timeout=60, running=True) -> dict:
+    """Wait until the job has been requeued `restarts` times (and, when `running`, runs again)."""
+    deadline, info = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("Restarts") == str(restarts) and (info.get("JobState") == "RUNNING" or not running):
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"job {job} not {'running ' if running else ''}after {restarts} restart(s) within "
+                         f"{timeout} s: {info.get('JobState')} Restarts={info.get('Restarts')}\n"
+                         f"{cluster.job_output(info)}")
+
+
+def assert_stopped_with_checkpoint(run, signal: str) -> int:
+    """status.json says training stopped on `signal`, and checkpoints/latest names the step-N folder it saved, whose
+    manifest verifies (every file's size and SHA-256). Returns N."""
+    status = read_json(run / "status.json")
+    assert status["state"] == "stopped" and status["signal"] == signal, status
+    latest = read_pointer(str(run / "checkpoints"), "latest")
+    assert latest and step_of(latest) == status["step"], (latest, status)
+    assert verify(latest) is None, f"{latest}: {verify(latest)}"
+    return status["step"]
 
 
 def test_scripts_parse():
@@ -126,7 +176,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     try:
         job, out = submit(cluster, tmp_path, "slurm/train.sbatch", args)
         run = tmp_path / "runs" / f"debug-job{job}"
-        preempt_after_first_checkpoint(cluster, job, run)
+        preempt_after_checkpoint(cluster, job, run)
         info = cluster.wait(job, {"COMPLETED"}, timeout=150)
         ref_log, _ = reference.communicate(timeout=150)
     finally:
@@ -156,9 +206,142 @@ def test_preempted_multinode_job_requeues_and_resumes(cluster, tmp_path):
     job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", args,
                       sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2")
     run = tmp_path / "runs" / f"debug-job{job}"
-    preempt_after_first_checkpoint(cluster, job, run)
+    preempt_after_checkpoint(cluster, job, run)
     info = cluster.wait(job, {"COMPLETED"}, timeout=150)
     log = read(out)
     assert info["Restarts"] == "1", log[-4000:]
     assert "training stopped with a checkpoint (status.json)" in log and "restart 1 of this job: resuming" in log, log[-4000:]
     assert read_json(run / "summary.json")["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- failure paths
+
+
+@pytest.mark.slow
+def test_bad_override_fails_at_once_with_one_line(cluster, tmp_path):
+    """A bad value and an unknown key, each submitted through train.sbatch: train.py exits 2 with one `error:` line
+    (no traceback) that lands in slurm-<id>.out, the script logs that it is not requeueing, and the job ends FAILED
+    with exit code 2 and Restarts=0 (a real failure is never requeued)."""
+    bad = {"optim.lr=abc": "optim.lr", "optim.nosuch=1": "nosuch"}   # both jobs run at once (one core each)
+    jobs = {override: submit(cluster, tmp_path, "slurm/train.sbatch", ["configs/debug.yaml", override])
+            for override in bad}
+    for override, (job, out) in jobs.items():
+        info = cluster.wait(job, {"FAILED"}, timeout=60)
+        log = read(out)
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and bad[override] in errors[0], log
+        assert "Traceback" not in log, log
+        assert "training failed (exit 2): not requeueing" in log, log
+        assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info["ExitCode"], info["Restarts"], log)
+
+
+@pytest.mark.slow
+def test_requeueing_stops_at_max_restarts(cluster, tmp_path):
+    """MAX_RESTARTS=1: the first preemption (USR1 to the batch shell) requeues; the restart resumes and saves; a
+    second preemption ends the job with the line saying it stopped after 1 restart and is not requeued. The job ends
+    FAILED with exit 75 (resumable) and Restarts=1, and the run folder's latest checkpoint is the one that second stop
+    saved, intact (manifest verifies), so `output_dir=<run>` continues it."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN, MAX_RESTARTS="1")
+    run = tmp_path / "runs" / f"debug-job{job}"
+    preempt_after_checkpoint(cluster, job, run)
+    wait_restarted(cluster, job, 1)
+    first_stop = newest_step(run)   # the first run saved this on USR1 before it requeued
+    preempt_after_checkpoint(cluster, job, run, after_step=first_stop)   # once the restart has saved one of its own
+    info = cluster.wait(job, {"FAILED"}, timeout=60)
+    log = read(out)
+    assert info["ExitCode"] == "75:0" and info["Restarts"] == "1", (info["ExitCode"], info["Restarts"], log[-4000:])
+    assert log.count("requeueing (restart 1 of at most 1)") == 1, log[-4000:]
+    assert "stopped with a checkpoint after 1 restarts (MAX_RESTARTS=1): not requeueing" in log, log[-4000:]
+    assert f"submit again with output_dir={run}" in log, log[-4000:]
+    assert assert_stopped_with_checkpoint(run, "SIGUSR1") > first_stop
+
+
+@pytest.mark.slow
+def test_scancel_saves_and_does_not_requeue(cluster, tmp_path):
+    """A plain `scancel` (SIGTERM to every process of the job, SIGKILL KillWait seconds later: 10 s on this cluster,
+    30 s by SLURM's default): the batch shell and train.py get SIGTERM, training saves a checkpoint within the grace,
+    the script sees the job being cancelled and says it is not requeued. The job ends CANCELLED with Restarts=0."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN)
+    run = tmp_path / "runs" / f"debug-job{job}"
+    wait_for_checkpoint(cluster, job, run)
+    proc = cluster.run(["scancel", job])
+    assert proc.returncode == 0, proc.stderr
+    info = cluster.wait(job, {"CANCELLED"}, timeout=60)
+    log = read(out)
+    assert info["Restarts"] == "0", log[-4000:]
+    assert f"JOB {job} ON {cluster.host} CANCELLED AT" in log and "SIGTERM received" in log, log[-4000:]
+    assert "the job was cancelled, so it is not requeued" in log and "requeueing" not in log, log[-4000:]
+    assert_stopped_with_checkpoint(run, "SIGTERM")   # saved, not cut short by the SIGKILL
+
+
+@pytest.mark.slow
+def test_time_limit_saves_and_requeues(cluster, tmp_path):
+    """A job that reaches its time limit: SLURM ends it (Reason=TimeLimit), its SIGTERM reaches the batch shell and
+    train.py, training saves, the script requeues (restart 1), and the restart resumes from that checkpoint.
+
+    SLURM's shortest --time is 1 minute and slurmctld tests time limits only every 30 s (PERIODIC_TIMEOUT, compiled
+    in), so a --time=1 job would end 60-90 s after it starts; and with the script's `--signal=B:USR1@120` it would
+    get the USR1 warning at the first test, never reaching its limit. So the limit is shortened on the running job
+    instead: `scontrol update EndTime=<now>` (which also sets TimeLimit), and the job ends at slurmctld's next
+    time-limit test, 0-30 s later. (An end even one second later could meet that test first, which then sends only
+    the USR1 warning: the preemption path, tested above.) At the limit SLURM sends the warning (USR1, not sent yet)
+    and SIGTERM in the same second, as to any job whose warning came too late: the log shows both."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN)
+    run = tmp_path / "runs" / f"debug-job{job}"
+    wait_for_checkpoint(cluster, job, run)
+    for _ in range(5):   # EndTime=now: a time already past is refused, so try again when the second turns
+        proc = cluster.run(["scontrol", "update", f"JobId={job}", f"EndTime={time.strftime('%Y-%m-%dT%H:%M:%S')}"])
+        if proc.returncode == 0 or "Invalid time" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr
+    try:
+        wait_restarted(cluster, job, 1, timeout=75, running=False)
+        # the restart would keep the lowered 1-minute limit, and so get the USR1 warning at slurmctld's next check
+        proc = cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
+        assert proc.returncode == 0, proc.stderr
+        wait_restarted(cluster, job, 1)
+        deadline = time.monotonic() + 60
+        while not re.search(r"^resuming from ", read(out), re.M) and time.monotonic() < deadline:   # train.py's
+            time.sleep(0.2)
+        log = read(out)
+    finally:
+        cluster.run(["scancel", job])   # the resumed run would train on: the scancel test covers what follows
+    assert f"JOB {job} ON {cluster.host} CANCELLED AT" in log and "DUE TO TIME LIMIT" in log, log[-4000:]
+    assert "SIGTERM received" in log, log[-4000:]
+    assert "stopped with a checkpoint: requeueing (restart 1 of at most 10)" in log, log[-4000:]
+    stopped = re.search(r"^stopped: SIG\w+ at step (\d+); checkpoint (\S+);", log, re.M)
+    assert stopped, log[-4000:]
+    assert verify(stopped[2]) is None
+    assert "restart 1 of this job: resuming" in log and f"resuming from {stopped[2]} (step {stopped[1]}," in log, \
+        log[-4000:]
+    cluster.wait(job, {"CANCELLED"}, timeout=60)
+
+
+@pytest.mark.slow
+def test_ci_fails_when_the_cluster_cannot_run(tmp_path):
+    """The cluster fixture, in a pytest of its own with SLURM missing and no apt-get to install it (PATH emptied):
+    under CI=true as root the SLURM tests fail, naming why; without CI=true they are skipped with the reason. (The
+    skip for a user who is not root is the fixture's first line; it is not run here because this interpreter may
+    live where other users cannot run it, as in /root/.pyenv.)"""
+    if os.geteuid() != 0:
+        pytest.skip("the fail-under-CI rule is for root; this run is not root")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    procs = {}
+    try:
+        for name, ci in (("ci", "true"), ("dev", "")):
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--basetemp={tmp_path / name}",
+                 f"{ROOT}/tests/test_slurm.py::test_train_sbatch_runs_to_completion"],
+                cwd=ROOT, env=env(PATH=str(empty), CI=ci), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        outputs = {name: (proc.communicate(timeout=120)[0], proc.returncode) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output, rc = outputs["ci"]
+    assert rc == 1 and "1 error" in output and "CI=true as root, yet the local SLURM cluster cannot run" in output \
+        and "slurmctld/slurmd/munge are not installed" in output, output[-3000:]
+    output, rc = outputs["dev"]
+    assert rc == 0 and "1 skipped" in output and "slurmctld/slurmd/munge are not installed" in output, output[-3000:]
