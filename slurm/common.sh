@@ -2,7 +2,8 @@
 # Shared by slurm/train.sbatch and slurm/multinode.sbatch; sourced from the project folder, never run on its own.
 #
 # The contract with train.py: exit 0 = finished; 75 = stopped on SIGUSR1/SIGTERM/SIGINT after saving a checkpoint,
-# rerun the same command to resume (checkpoint.resume: auto); anything else = a real failure.
+# rerun the same command to resume (checkpoint.resume: auto); 74 = a write to the run folder failed (disk full), the
+# previous checkpoint intact; anything else = a real failure.
 #
 # Signals. SLURM sends `--signal=B:USR1@N` to this batch shell only, and SIGTERM on scancel, time limit or
 # preemption to every process of the job. The launcher (torch elastic under `accelerate launch`) does not forward
@@ -156,11 +157,14 @@ wait_child() {
 }
 
 # run_status: the state train.py's main process last wrote to RUN_DIR/status.json (running | stopped | finished |
-# failed), if it wrote it after MARKER was made; empty otherwise.
+# failed | save-failed), if it wrote it after MARKER was made; empty otherwise.
 run_status() {
     local file=$RUN_DIR/status.json
     [[ -f $file && $file -nt $MARKER ]] || return 0
-    "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["state"])' "$file" 2> /dev/null
+    # "failed" becomes "save-failed" when a write to the run folder failed (train.py exits 74, which launchers hide)
+    "$PYTHON" -c 'import json, sys; s = json.load(open(sys.argv[1]))
+print("save-failed" if s["state"] == "failed" and str(s.get("error")).startswith("SaveFailed") else s["state"])' \
+        "$file" 2> /dev/null
 }
 
 # run_launch: run LAUNCH with the signal forwarding above; sets RC to 0 (finished), 75 (resumable) or the failure.
@@ -188,6 +192,7 @@ run_launch() {
         case $state in
             stopped) log "the launcher exited $RC; training stopped with a checkpoint (status.json)"; RC=75 ;;
             finished) log "the launcher exited $RC after training finished (status.json)"; RC=0 ;;
+            save-failed) log "the launcher exited $RC; a write to the run folder failed (status.json)"; RC=74 ;;
         esac
     fi
     if [[ $LAUNCH_KIND == srun && -n $STOPPING ]] && (( RC >= 128 )); then
@@ -267,6 +272,11 @@ finish() {
             fi
             log "scontrol requeue failed: to continue, submit again with output_dir=$RUN_DIR"
             exit 75 ;;
+        74)
+            log "training failed: a write to $RUN_DIR failed (disk full or an I/O error; see the error line above):" \
+                "not requeueing; the previous checkpoint is intact: free space, then submit again with" \
+                "output_dir=$RUN_DIR"
+            exit 74 ;;
         *)
             log "training failed (exit $rc): not requeueing"
             exit "$rc" ;;
