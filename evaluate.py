@@ -1,21 +1,19 @@
 """Evaluate a trained run: overall and per-class accuracy, confusion matrix, a grid of predictions.
 
     python evaluate.py --checkpoint runs/<run> [--pick best] [--tta] [--output DIR] [data.root=/datasets/cifar ...]
+    python evaluate.py --checkpoint cifar_net.pth     # the tutorial's torch.save(net.state_dict(), PATH)
     accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>
 """
 import argparse
 
 from cifar.errors import cli
-from cifar.evaluate_run import evaluate_run
+from cifar.evaluate_run import add_run_arguments, evaluate_run
 
 
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder, checkpoint folder (checkpoints/step-N) or a model.safetensors")
-    parser.add_argument("--pick", choices=["auto", "final", "latest", "best"], default="auto",
-                        help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
+    add_run_arguments(parser)
     parser.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_translate"],
                         help="test-time augmentation: average the image with its mirror (flip, the default when "
                              "given alone), and one-pixel shifts of both (flip_translate)")

@@ -1,5 +1,6 @@
-"""evaluate.py's work: find a run's weights and config, evaluate them exactly, print the tutorial's report, write
-eval.json and two PNGs, and log to W&B when it is on."""
+"""evaluate.py's work: find a run's weights and config (or take a bare state_dict file, as the tutorial saves one),
+evaluate them exactly, print the tutorial's report, write eval.json and two PNGs, and log to W&B when it is on.
+predict.py and `python -m cifar.export` load their weights the same way (load_run)."""
 from __future__ import annotations
 
 import json
@@ -8,16 +9,26 @@ import os
 from safetensors import SafetensorError
 
 from .checkpoint import WEIGHTS, read_pointer
-from .config import load_config
+from .config import Config, load_config, load_saved_config
 from .data import build_batches
 from .errors import UserError
 from .evaluation import evaluate
-from .files import load_weights, write_atomic
-from .models import build_model
+from .files import load_fitting, load_weights, read_state_dict, write_atomic
+from .models import MODELS, build_model
 from .outputs import to_json
 from .plots import confusion_png, predictions_png
 from .runtime import make_accelerator, shut_down
 from .tracking import Tracker, run_info
+
+
+def add_run_arguments(parser) -> None:
+    """--checkpoint and --pick, as evaluate.py, predict.py and python -m cifar.export all take them."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder, checkpoint folder (checkpoints/step-N), a model.safetensors, or a bare "
+                             "state_dict file (.pth/.pt, taken as the tutorial's Net and normalisation unless "
+                             "model.name=... data.normalize=... say otherwise)")
+    parser.add_argument("--pick", choices=["auto", "final", "latest", "best"], default="auto",
+                        help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
 
 
 def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
@@ -60,6 +71,39 @@ def load_run_weights(model, weights: str) -> None:
                         f"folder, or --pick latest) or retrain") from None
 
 
+# What torch.save(net.state_dict(), PATH) files are called: the tutorial's cifar_net.pth, and PyTorch's examples.
+STATE_DICT_SUFFIXES = (".pth", ".pt")
+
+
+def is_state_dict_file(path: str) -> bool:
+    return path.lower().endswith(STATE_DICT_SUFFIXES) and not os.path.isdir(path)
+
+
+def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
+    """(config, model with its weights, weights path) for a run folder, a checkpoint, a model.safetensors, or a bare
+    PyTorch state_dict file (.pth/.pt). A state_dict comes with no config: it is taken to be the tutorial's Net and
+    preprocessing (the config's defaults), which overrides such as model.name=... data.normalize=... change."""
+    if is_state_dict_file(checkpoint):
+        weights = os.path.abspath(checkpoint)
+        cfg = load_config(None, overrides)
+        model = build_model(cfg.model.name)
+        load_fitting(model, read_state_dict(weights), weights,
+                     f"it holds a network of another shape than model.name={cfg.model.name}; for another of this "
+                     f"project's networks pass model.name=NAME ({', '.join(sorted(MODELS))})")
+        return cfg, model, weights
+    config_path, weights = find_run_files(checkpoint, pick)
+    cfg = load_saved_config(config_path, overrides)
+    model = build_model(cfg.model.name)
+    load_run_weights(model, weights)
+    return cfg, model, weights
+
+
+def describe(cfg: Config, weights: str) -> str:
+    """What a bare state_dict was taken for, and how to say otherwise (its file says nothing of it)."""
+    return (f"{os.path.basename(weights)}: a bare PyTorch state_dict, taken as model.name={cfg.model.name} with "
+            f"data.normalize={cfg.data.normalize} (pass model.name=... data.normalize=... if it is another)")
+
+
 def trained_run(weights: str) -> tuple[str | None, int | None]:
     """(W&B run id, global step) of the training that produced these weights, when it says."""
     folder = os.path.dirname(weights)
@@ -77,29 +121,35 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
                  preview: int = 16, pick: str = "auto", into_train_run: bool = False) -> dict:
     """Exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run (job_type eval,
     in the recipe's group) or, with into_train_run, the training run itself."""
-    config_path, weights = find_run_files(checkpoint, pick)
-    cfg = load_config(config_path, overrides)
+    cfg, model, weights = load_run(checkpoint, overrides, pick)
+    bare = is_state_dict_file(weights)
     accelerator = make_accelerator(cfg)
-    model = build_model(cfg.model.name)
-    load_run_weights(model, weights)
     _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     model = accelerator.prepare(model)
     result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
-    run_id, step = trained_run(weights)
+    run_id, step = (None, None) if bare else trained_run(weights)
+    images, labels, preds = result.samples or (None, [], [])   # None: no test image on this rank
     report = {"checkpoint": weights, "step": step, "tta": tta, "world_size": accelerator.num_processes,
+              "model": cfg.model.name, "normalize": cfg.data.normalize,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
-              "per_class": result.per_class, "confusion": result.confusion}
+              "per_class": result.per_class, "confusion": result.confusion,
+              # the images predictions.png shows: the main process's first ones, test images 0, w, 2w, ... of its
+              # shard (w processes), so that a single image's prediction can be checked against predict.py
+              "samples": [{"index": i * accelerator.num_processes, "label": label, "predicted": pred}
+                          for i, (label, pred) in enumerate(zip(labels, preds))]}
     if accelerator.is_main_process:
         out = output_dir or os.path.dirname(weights)
         os.makedirs(out, exist_ok=True)
+        if bare:
+            print(describe(cfg, weights))
         print(f"Accuracy of the network on the {result.count} test images: {result.accuracy:.2f} %")
         for name, acc in result.per_class.items():
             print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
-        title = f"{cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (
+        title = f"{os.path.basename(weights) if bare else cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (
             f" ({tta} TTA)" if tta != "none" else "")
         confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
-        predictions_png(*result.samples, os.path.join(out, "predictions.png"))
+        predictions_png(images, labels, preds, os.path.join(out, "predictions.png"))
         print(f"wrote {out}/eval.json, confusion.png, predictions.png")
         report["output_dir"] = out
 
@@ -107,7 +157,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
                                 run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
         prefix = "eval/" if tta == "none" else f"eval_{tta}/"
         tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
-        tracker.log_eval(step or 0, result.confusion, *result.samples)
+        tracker.log_eval(step or 0, result.confusion, images, labels, preds)
         tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
         tracker.finish(0)
     shut_down(accelerator)

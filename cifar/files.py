@@ -1,9 +1,14 @@
-"""Files that are never seen half-written: atomic replacement, fsync, checksums, and weights with a shape check."""
+"""Files that are never seen half-written: atomic replacement, fsync, checksums, and weights with a shape check:
+safetensors, and the tutorial's bare PyTorch state_dict files (read with weights_only=True only)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
+import re
 import tempfile
+import warnings
 
 import torch
 from safetensors.torch import load_file, save
@@ -65,11 +70,67 @@ def save_weights(model: torch.nn.Module, path: str) -> None:
 
 def load_weights(model: torch.nn.Module, path: str, fix: str) -> None:
     """Load safetensors weights, refusing a file made for another network with one line that ends with `fix`."""
-    state = load_file(path)
+    load_fitting(model, load_file(path), path, fix)
+
+
+def load_fitting(model: torch.nn.Module, state: dict, path: str, fix: str) -> None:
+    """Load a state_dict read from `path`, refusing one made for another network (other names or shapes) with one
+    line naming the first mismatch and ending with `fix`."""
     own = model.state_dict()
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-    wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        first = sorted(missing or unexpected or wrong)[0]
+        if wrong and not (missing or unexpected):
+            first = f"{wrong[0]}: {list(state[wrong[0]].shape)} in the file, {list(own[wrong[0]].shape)} here"
+        else:
+            first = f"{sorted(missing)[0]} missing from the file" if missing else f"{sorted(unexpected)[0]} unexpected"
         raise UserError(f"weights in {path} do not fit model {type(model).__name__} (first mismatch: {first}); {fix}")
     model.load_state_dict(state)
+
+
+# What torch.load turns a file into when it is not a PyTorch file at all, or a truncated one.
+_NOT_TORCH = (RuntimeError, EOFError, KeyError, ValueError, UnicodeDecodeError)
+
+
+def read_state_dict(path: str) -> dict:
+    """A bare PyTorch state_dict file (torch.save(net.state_dict(), PATH), as the tutorial saves it), read with
+    weights_only=True only: unpickling arbitrary objects runs code the file chooses, so a file that needs it is
+    refused, as is anything that is not a flat mapping of names to tensors. One line each, naming the file."""
+    try:
+        with warnings.catch_warnings():     # torch's warnings on a foreign file would precede our one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; pass a state_dict saved with torch.save(net.state_dict(), PATH), or a "
+                        f"run folder written by train.py") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler names the first class or function the file would have to import
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not needed:
+            raise _not_torch(path, e) from None
+        raise UserError(f"{path} needs arbitrary unpickling to load (it holds a {needed.group(1)}, not only "
+                        f"tensors), which could run code from the file, so it is refused: only weights are loaded "
+                        f"(weights_only=True); save the network with torch.save(net.state_dict(), PATH)") from None
+    except _NOT_TORCH as e:
+        raise _not_torch(path, e) from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = (f"a {type(state).__name__}" if not isinstance(state, dict) else
+                f"a mapping with keys {', '.join(map(str, list(state)[:4]))}" if state else "an empty mapping")
+        raise UserError(f"{path} is not a state_dict (it holds {what}, not layer names to tensors); save the "
+                        f"network's weights with torch.save(net.state_dict(), PATH)")
+    return state
+
+
+def _not_torch(path: str, e: Exception) -> UserError:
+    return UserError(f"{path} is not a PyTorch file, or is truncated or corrupt ({type(e).__name__}); pass a "
+                     f"state_dict saved with torch.save(net.state_dict(), PATH)")
+
+
+def state_dict_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state_dict as torch.save writes it (what the tutorial loads with torch.load(PATH,
+    weights_only=True)): CPU tensors, each its own storage, so the file holds no more than the weights."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()

@@ -30,22 +30,36 @@ def confusion_png(confusion: list[list[int]], path: str, title: str = "") -> Non
     plt.close(fig)
 
 
-def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
-    """The tutorial's imshow grid: each image titled 'true / predicted', red where wrong, each title in the space
-    above its own image (constrained layout), never over the image above. images: float (N, 3, 32, 32) in [0, 1]."""
+def grid_figure(images: np.ndarray, titles: list[str], colors: list[str], suptitle: str, cols: int = 8):
+    """The tutorial's imshow grid: each image under its title, each title in the space above its own image
+    (constrained layout), never over the image above. images: float (N, 3, H, W) in [0, 1]."""
     n = len(images)
+    cols = max(1, min(cols, n))
     rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.65 + 0.35), dpi=120, squeeze=False,
-                             layout="constrained")
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(cols, 3) * 1.4, rows * (1.45 + 0.2 * lines) + 0.35), dpi=120,
+                             squeeze=False, layout="constrained")
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
             continue
         ax.imshow(np.transpose(images[k], (1, 2, 0)), interpolation="nearest")
-        ok = labels[k] == preds[k]
-        ax.set_title(f"{CLASSES[labels[k]]} / {CLASSES[preds[k]]}", fontsize=7, color="black" if ok else "red")
-    fig.suptitle("true / predicted", fontsize=9)
+        ax.set_title(titles[k], fontsize=7, color=colors[k])
+    fig.suptitle(suptitle, fontsize=9)
     return fig
+
+
+def grid_png(images: np.ndarray, titles: list[str], colors: list[str], suptitle: str, path: str) -> None:
+    fig = grid_figure(images, titles, colors, suptitle)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
+    """Test images titled 'true / predicted', red where wrong."""
+    titles = [f"{CLASSES[t]} / {CLASSES[p]}" for t, p in zip(labels, preds)]
+    colors = ["black" if t == p else "red" for t, p in zip(labels, preds)]
+    return grid_figure(images, titles, colors, "true / predicted", cols)
 
 
 def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8) -> None:
