@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from cifar.config import Config, WandbConfig
+from cifar.config import Config, WandbConfig, load_config
 from cifar.tracking import Tracker, flatten, resolve_mode
 from conftest import ROOT, env, free_port
+
+DEBUG_LR = load_config(os.path.join(ROOT, "configs", "debug.yaml")).optim.lr   # what the debug runs' W&B config says
 
 SENTINEL_KEY = "sentinel" * 5  # 40 characters, the length of a real key
 
@@ -115,7 +117,7 @@ def test_config_is_nested_with_run_info(offline_run):
     assert s["run_id"] == offline_run["run_id"] and s["state"] == "finished" and s["exit_code"] == 0
     assert s["name"] == "debug-run" and s["project"] == "cifar10"  # default name: the run folder
     config = s["config"]
-    assert config["optim"]["lr"] == 0.01 and config["data"]["source"] == "synthetic" and config["name"] == "debug"
+    assert config["optim"]["lr"] == DEBUG_LR and config["data"]["source"] == "synthetic" and config["name"] == "debug"
     info = config["run"]
     assert info["world_size"] == 2 and info["global_batch_size"] == 64
     assert {"torch", "accelerate", "wandb", "python", "git_commit"} <= info.keys()
@@ -165,7 +167,7 @@ def test_resume_continues_the_same_run_past_the_old_step(offline_run, tmp_path):
     assert result["run_dir"] != offline_run["run_dir"] and result["run_dir"].endswith(offline_run["run_id"])
     steps = [r["global_step"] for r in history(result["run_dir"]) if "train/loss" in r]
     assert steps == [50, 60, 70, 80]  # wandb's own _step restarts at 0 offline; the global step does not
-    assert leet(result["run_dir"], summary=True)["config"]["optim"]["lr"] == 0.01
+    assert leet(result["run_dir"], summary=True)["config"]["optim"]["lr"] == DEBUG_LR
 
 
 # ----------------------------------------------------------------------------- off: zero cost

@@ -6,7 +6,7 @@ import signal
 import pytest
 from conftest import read_json, run
 from test_checkpoint import launch, steps_of, wait_for
-from test_tracking import SENTINEL_KEY, files_under, history, leet
+from test_tracking import DEBUG_LR, SENTINEL_KEY, files_under, history, leet
 
 RECIPE = ["--config", "configs/debug.yaml", "train.log_every_steps=16"]
 
@@ -27,7 +27,7 @@ def test_debug_run_writes_one_readable_run(tmp_path):
     run("train.py", *RECIPE, f"output_dir={out}", "wandb.tags=[ci, debug]", **wandb_env(tmp_path))
     (run_dir,) = runs_in(out)
     s = leet(run_dir, summary=True)
-    assert s["config"]["optim"]["lr"] == 0.01 and s["config"]["schedule"]["name"] == "cosine"
+    assert s["config"]["optim"]["lr"] == DEBUG_LR and s["config"]["schedule"]["name"] == "cosine"
     assert s["config"]["run"]["world_size"] == 1 and s["config"]["run"]["global_batch_size"] == 32
     summary = read_json(out / "summary.json")
     assert s["summary"]["final_test_acc"] == pytest.approx(summary["final_test_acc"])
