@@ -98,7 +98,7 @@ def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
     return cfg, model, weights
 
 
-def describe(cfg: Config, weights: str) -> str:
+def bare_state_dict_note(cfg: Config, weights: str) -> str:
     """What a bare state_dict was taken for, and how to say otherwise (its file says nothing of it)."""
     return (f"{os.path.basename(weights)}: a bare PyTorch state_dict, taken as model.name={cfg.model.name} with "
             f"data.normalize={cfg.data.normalize} (pass model.name=... data.normalize=... if it is another)")
@@ -141,12 +141,13 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
         out = output_dir or os.path.dirname(weights)
         os.makedirs(out, exist_ok=True)
         if bare:
-            print(describe(cfg, weights))
+            print(bare_state_dict_note(cfg, weights))
         print(f"Accuracy of the network on the {result.count} test images: {result.accuracy:.2f} %")
         for name, acc in result.per_class.items():
             print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
-        title = f"{os.path.basename(weights) if bare else cfg.name}: {result.accuracy:.2f}% on {result.count} test images" + (
+        name = os.path.basename(weights) if bare else cfg.name
+        title = f"{name}: {result.accuracy:.2f}% on {result.count} test images" + (
             f" ({tta} TTA)" if tta != "none" else "")
         confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
         predictions_png(images, labels, preds, os.path.join(out, "predictions.png"))

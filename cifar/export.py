@@ -21,7 +21,7 @@ import torch
 
 from .data import CLASSES, STATS
 from .errors import UserError, cli, warn
-from .evaluate_run import add_run_arguments, load_run
+from .evaluate_run import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_run
 from .files import state_dict_bytes, write_atomic
 
 FORMATS = {"tutorial": "cifar_net.pth", "pt2": "model.pt2"}   # and the file each writes by default
@@ -56,6 +56,8 @@ def program_bytes(model: torch.nn.Module, stats: str, metadata: dict) -> bytes:
 def export(checkpoint: str, fmt: str, output: str | None, overrides: list[str], pick: str = "auto") -> str:
     """Write the run's weights in `fmt` (beside them unless `output` says where); the path written."""
     cfg, model, weights = load_run(checkpoint, overrides, pick)
+    if is_state_dict_file(weights):
+        print(bare_state_dict_note(cfg, weights))
     path = os.path.abspath(output or os.path.join(os.path.dirname(weights), FORMATS[fmt]))
     if path == weights:
         raise UserError(f"the export would overwrite its input {weights}; pass --output with another path")

@@ -50,9 +50,7 @@ def grid_figure(images: np.ndarray, titles: list[str], colors: list[str], suptit
 
 
 def grid_png(images: np.ndarray, titles: list[str], colors: list[str], suptitle: str, path: str) -> None:
-    fig = grid_figure(images, titles, colors, suptitle)
-    fig.savefig(path)
-    plt.close(fig)
+    save(grid_figure(images, titles, colors, suptitle), path)
 
 
 def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
@@ -63,6 +61,9 @@ def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
 
 
 def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8) -> None:
-    fig = predictions_figure(images, labels, preds, cols)
+    save(predictions_figure(images, labels, preds, cols), path)
+
+
+def save(fig, path: str) -> None:
     fig.savefig(path)
-    plt.close(fig)
+    plt.close(fig)              # pyplot keeps every open figure alive otherwise

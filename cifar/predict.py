@@ -18,13 +18,14 @@ from rich.table import Table
 from . import evaluation
 from .data import CLASSES, normalize
 from .errors import UserError
-from .evaluate_run import load_run
+from .evaluate_run import bare_state_dict_note, is_state_dict_file, load_run
 from .plots import grid_png
 from .runtime import make_accelerator
 
 SIZE = 32                 # what a CIFAR-10 network takes
 EXIT_SOME_FAILED = 1      # some inputs were not images (each named on an error line); the rest were predicted
 BATCH = 256
+GRID_MAX = 64             # images drawn by --grid: the first ones (a figure of thousands is unreadable)
 NOTE = (f"note: CIFAR-10 networks see {SIZE}x{SIZE} images: each was resized to {SIZE} pixels on its shorter side and "
         f"center-cropped (torchvision's Resize({SIZE}) + CenterCrop({SIZE})); --grid PNG shows what the network saw")
 
@@ -99,6 +100,8 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         raise UserError(f"--top-k must be between 1 and {len(CLASSES)}; got {top_k}")
     if not paths:
         raise UserError("no image given; pass image files or folders of them after the options")
+    if grid and not os.path.isdir(os.path.dirname(os.path.abspath(grid))):
+        raise UserError(f"--grid {grid}: its folder does not exist; create it or pass another path")
     cfg, model, weights = load_run(checkpoint, overrides, pick)
     files, problems = image_files(paths)
     errors = [f"{path}: {problem}" for path, problem in problems]
@@ -122,12 +125,15 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         print(json.dumps({"checkpoint": weights, "model": cfg.model.name, "normalize": cfg.data.normalize,
                           "predictions": rows, "errors": errors}, indent=2))
     elif rows:
+        if is_state_dict_file(weights):
+            print(bare_state_dict_note(cfg, weights))
         print_table(rows, top_k)
     if grid and rows:
-        images = torch.stack([r[1] for r in read]).float().div(255).numpy()
+        shown = rows[:GRID_MAX]
+        images = torch.stack([r[1] for r in read[:GRID_MAX]]).float().div(255).numpy()
         titles = [f"{os.path.basename(r['image'])[:18]}\n{r['top'][0]['class']} {r['top'][0]['probability']:.0%}"
-                  for r in rows]
-        grid_png(images, titles, ["black"] * len(rows), "what the network saw (32x32): top class", grid)
+                  for r in shown]
+        grid_png(images, titles, ["black"] * len(shown), "what the network saw (32x32): top class", grid)
         if not as_json:
             print(f"wrote {grid}")
     return EXIT_SOME_FAILED if errors else 0

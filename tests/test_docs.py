@@ -81,6 +81,10 @@ def check_command(cmd: str) -> list[str]:
     if not os.path.isfile(os.path.join(ROOT, script)):
         return [f"{cmd}: no file {script}"]
     source = read(os.path.join(ROOT, script))
+    # flags that an entry point takes from a shared helper (evaluate_run.add_run_arguments): the modules it imports
+    for module in re.findall(r"^from (?:cifar\.|\.)(\w+) import", source, re.M):
+        if os.path.isfile(os.path.join(ROOT, "cifar", f"{module}.py")):
+            source += read(os.path.join(ROOT, "cifar", f"{module}.py"))
     if script.startswith("bench/") and script.endswith(".py"):    # their own --config default, else common's
         source += read(os.path.join(ROOT, "bench", "common.py"))
         own = re.search(r'parser\(__doc__, "([^"]+)"\)', source)
@@ -154,6 +158,9 @@ def test_the_checkers_catch_what_does_not_exist():
     assert check_command("python train.py --config configs/nope.yaml")
     assert check_command("python train.py --config configs/debug.yaml optim.lrr=0.1")
     assert check_command("python evaluate.py --checkpoint runs/<run> --pikc best")
+    assert check_command("python predict.py --checkpoint runs/<run> cat.png --topk 3")
+    assert not check_command("python predict.py --checkpoint runs/<run> cat.png --top-k 3 --pick best")
+    assert not check_command("python -m cifar.export --checkpoint runs/<run> --format pt2 --pick best")
     assert check_command("accelerate launch --multi_gpus train.py")
     assert check_command("sbatch slurm/nope.sbatch configs/debug.yaml")
     assert not check_command("accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>")

@@ -155,7 +155,8 @@ def test_evaluate_scores_the_tutorials_cifar_net_pth_as_the_tutorial_does(tutori
     assert f"Accuracy of the network on the {N_TEST} test images: {100 * correct / N_TEST:.2f} %" in out
     for i, name in enumerate(CLASSES):
         assert f"Accuracy of {name:>5s} : {100 * confusion[i][i] / max(sum(confusion[i]), 1):5.1f} %" in out
-    assert "a bare PyTorch state_dict, taken as model.name=tutorial_net with data.normalize=tutorial" in out
+    assert "cifar_net.pth: a bare PyTorch state_dict, taken as model.name=tutorial_net with " \
+        "data.normalize=tutorial" in out
 
     assert evaluated["cifar"]["confusion"] != confusion and evaluated["cifar"]["normalize"] == "cifar"
     assert evaluated["old-run"]["normalize"] == "cifar"
