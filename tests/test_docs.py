@@ -55,9 +55,11 @@ def check_command(cmd: str) -> list[str]:
     if argv[0] == "python":
         if argv[1] == "-m":
             module, rest = argv[2], argv[3:]
-            if module == "pytest":
-                return [] if all(os.path.exists(os.path.join(ROOT, a)) for a in rest if not a.startswith("-")
-                                 and a not in ("slow", "not slow")) else [f"{cmd}: no such test path"]
+            if module == "pytest":      # the paths must exist; -n and -m take a value
+                paths = [a for i, a in enumerate(rest)
+                         if not a.startswith("-") and (i == 0 or rest[i - 1] not in ("-n", "-m"))]
+                return [] if all(os.path.exists(os.path.join(ROOT, a)) for a in paths) else \
+                    [f"{cmd}: no such test path"]
             script = module.replace(".", "/") + ".py"
         else:
             script, rest = argv[1], argv[2:]
@@ -163,6 +165,8 @@ def test_the_checkers_catch_what_does_not_exist():
     assert not check_command("python -m cifar.export --checkpoint runs/<run> --format pt2 --pick best")
     assert check_command("accelerate launch --multi_gpus train.py")
     assert check_command("sbatch slurm/nope.sbatch configs/debug.yaml")
+    assert check_command("python -m pytest -q -n 2 tests/test_nope.py")
+    assert not check_command('python -m pytest -q -n 2 tests -m "not slow"')
     assert not check_command("accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>")
     assert not check_command("CPU=1 sbatch --gpus-per-node=0 slurm/train.sbatch configs/debug.yaml optim.lr=0.1")
 
