@@ -23,7 +23,9 @@ from torchvision import transforms
 from cifar.config import load_config
 from cifar.data import CLASSES, TEST_FILES, TRAIN_FILES, synthetic_split
 from cifar.errors import UserError
+from cifar.export import export
 from cifar.files import read_state_dict
+from cifar.models import build_model
 from cifar.predict import read_image, split_overrides
 
 
@@ -363,3 +365,30 @@ def test_predict_tells_overrides_from_paths(tmp_path, monkeypatch):
     (tmp_path / "data.root=x.png").write_bytes(b"")
     paths, overrides = split_overrides(["cat.jpg", "data.normalize=cifar", "data.root=x.png", "photos/"])
     assert paths == ["cat.jpg", "data.root=x.png", "photos/"] and overrides == ["data.normalize=cifar"]
+
+
+def test_export_for_the_tutorial_says_what_does_not_fit_it(tmp_path, capsys):
+    """--format tutorial: a run trained with the CIFAR statistics is written with one warning naming the Normalize
+    the notebook must use instead (the weights load, the notebook's (0.5, ...) would score lower); a network that
+    is not the tutorial's Net is refused, naming --format pt2; an export onto its own input is refused."""
+    def fake_run(name: str, overrides: list[str], net: nn.Module):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(load_config(os.path.join(ROOT, "configs", "tutorial.yaml"),
+                                                        overrides).to_yaml())
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+        return folder
+
+    cifar_run = fake_run("cifar", ["data.normalize=cifar"], Net())
+    export(str(cifar_run), "tutorial", None, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: this run was trained with data.normalize=cifar")
+    assert "transforms.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))" in err[0]
+    net = Net()
+    net.load_state_dict(torch.load(cifar_run / "cifar_net.pth", weights_only=True))
+
+    resnet_run = fake_run("resnet", ["model.name=resnet18"], build_model("resnet18"))
+    with pytest.raises(UserError, match="this run is model resnet18; use --format pt2"):
+        export(str(resnet_run), "tutorial", None, [])
+    with pytest.raises(UserError, match="would overwrite its input"):
+        export(str(cifar_run / "cifar_net.pth"), "tutorial", None, [])
