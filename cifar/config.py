@@ -191,6 +191,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text  # not YAML: keep the plain string, type checks still apply
+        if text == "None":  # `wandb agent` writes Python's None for a null parameter (f"{key}={value}")
+            value = None
         out.append((key.strip(), value))
         i += 1
     return out
@@ -241,7 +243,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override {key}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        # a section given whole (`optim={lr: 0.1}`, as `wandb agent` passes nested sweep parameters) sets those
+        # keys and keeps the recipe's others
+        node[parts[-1]] = _merge(node[parts[-1]], value)
+    else:
+        node[parts[-1]] = value
 
 
 # ----------------------------------------------------------------------------- typing

@@ -34,13 +34,15 @@ MAX_SAMPLES = 64             # sample predictions per log_eval table
 
 
 def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]:
-    """(mode, problem): the config's mode, else $WANDB_MODE, else disabled; problem names an unusable $WANDB_MODE."""
+    """(mode, problem): the config's mode, else $WANDB_MODE, else online under `wandb agent`, else disabled;
+    problem names an unusable $WANDB_MODE."""
     if mode is not None:
         return mode, None
     value = environ.get("WANDB_MODE", "").strip().lower()
     value = {"dryrun": "offline", "run": "online"}.get(value, value)  # wandb's older spellings
     if not value:
-        return "disabled", None
+        # `wandb agent` starts its runs with WANDB_SWEEP_ID set and no WANDB_MODE: they are meant to report
+        return ("online", None) if environ.get("WANDB_SWEEP_ID") else ("disabled", None)
     if value not in MODES:
         return "disabled", f"WANDB_MODE={value!r} is not one of {', '.join(MODES)}"
     return value, None
@@ -64,6 +66,44 @@ def run_info(cfg, accelerator) -> dict:
     return {"world_size": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
             "global_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
             "device_type": device.type, "device_name": name}
+
+
+def agent_parameters(cfg, folder: str, environ=os.environ) -> list[str]:
+    """Under `wandb agent`: the agent writes the run's sweep parameters to a file ($WANDB_SWEEP_PARAM_PATH) that
+    wandb.init merges into the run's config as given: a dotted name (`optim.lr`) would become a second, flat key
+    beside our nested `optim: {lr: ...}`. Rewrite it nested, with the values this run really trained with (the
+    command line's), point wandb at the copy, and return the parameters as `key=value` tags."""
+    path = environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not path or not os.path.isfile(path):
+        return []
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw.pop("wandb_version", None)
+    given = flatten({k: v.get("value") if isinstance(v, dict) and "value" in v else v for k, v in raw.items()}, ".")
+    config, nested, tags = cfg.to_dict(), {}, []
+    for key, value in given.items():
+        node, parts = config, key.split(".")
+        for part in parts:
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:
+            warn(f"W&B sweep parameter {key} is not a config key; it is not in the run's config")
+            continue
+        if node != value:
+            warn(f"W&B sweep parameter {key}={value!r} did not reach train.py (it trained with {node!r}); put "
+                 f"${{args_no_hyphens}} in the sweep's command")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = node
+        tags.append(f"{key}={node:.4g}" if isinstance(node, float) else f"{key}={node}")
+    copy = os.path.join(folder, "wandb", f"sweep-parameters-{environ.get('WANDB_RUN_ID', os.getpid())}.yaml")
+    os.makedirs(os.path.dirname(copy), exist_ok=True)
+    with open(copy, "w") as f:
+        yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in nested.items()}}, f, sort_keys=False)
+    environ["WANDB_SWEEP_PARAM_PATH"] = copy
+    return tags
 
 
 def _code_info(wandb) -> dict:
@@ -116,6 +156,11 @@ class Tracker:
         return tracker
 
     def _init(self, cfg, mode, output_dir, run_id, job_type, extra) -> None:
+        folder = os.environ.get("WANDB_DIR") or output_dir
+        os.makedirs(folder, exist_ok=True)  # a file in the way raises here; wandb would silently use /tmp
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"W&B folder {folder} is not writable")
+        sweep_tags = agent_parameters(cfg, folder)  # before wandb reads its settings
         try:
             import wandb
         except ImportError as e:
@@ -123,10 +168,11 @@ class Tracker:
 
         self._wandb = wandb
         w = cfg.wandb
-        folder = os.environ.get("WANDB_DIR") or output_dir
-        os.makedirs(folder, exist_ok=True)  # a file in the way raises here; wandb would silently use /tmp
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"W&B folder {folder} is not writable")
+        # a run started by `wandb agent`: grouped by its sweep unless the config names a group, tagged with its
+        # parameters (cifar.sweep passes both on the command line instead)
+        sweep_id = os.environ.get("WANDB_SWEEP_ID")
+        group = w.group or (f"sweep-{sweep_id}" if sweep_id else cfg.name)
+        tags = list(dict.fromkeys(list(w.tags) + sweep_tags))
         # Without a key, wandb.init asks for one on a terminal and waits: check without prompting instead.
         if mode == "online" and not os.environ.get("WANDB_API_KEY") and not wandb.login(prompt=False, verify=False):
             raise RuntimeError("no API key; run `wandb login` or set WANDB_API_KEY, or use wandb.mode=offline")
@@ -134,8 +180,8 @@ class Tracker:
         config["run"] = {**_code_info(wandb), **(extra or {})}
         timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT)
         kwargs = dict(mode=mode, project=w.project, entity=w.entity,
-                      name=w.name or os.path.basename(os.path.normpath(output_dir)), group=w.group or cfg.name,
-                      tags=list(w.tags) or None, job_type=job_type or w.job_type, notes=w.notes, config=config,
+                      name=w.name or os.path.basename(os.path.normpath(output_dir)), group=group,
+                      tags=tags or None, job_type=job_type or w.job_type, notes=w.notes, config=config,
                       dir=folder, settings=wandb.Settings(init_timeout=timeout))
         if run_id:
             kwargs.update(id=run_id, resume="allow")
