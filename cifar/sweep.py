@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,12 +132,12 @@ def _read_command(command, where: str) -> tuple[str | None, list[str]]:
                         f"configs/debug.yaml, ${{args_no_hyphens}}]")
     words = [str(c) for c in command]
     macros = [w for w in words if w.startswith("${")]
-    if not any(m in ARG_MACROS for m in macros):
-        raise UserError(f"{where}: command never passes the parameters to train.py; add ${{args_no_hyphens}} "
-                        f"(or ${{args}})")
     odd = [m for m in macros if m not in ARG_MACROS + OTHER_MACROS]
     if odd:
         raise UserError(f"{where}: train.py cannot read {odd[0]} in command; use ${{args_no_hyphens}} or ${{args}}")
+    if not any(m in ARG_MACROS for m in macros):
+        raise UserError(f"{where}: command never passes the parameters to train.py; add ${{args_no_hyphens}} "
+                        f"(or ${{args}})")
     rest = [w for w in words if not w.startswith("${")]
     if any(os.path.basename(w) in ("python", "python3", "train.py") for w in rest):
         raise UserError(f"{where}: write ${{interpreter}} ${{program}} in command rather than python or train.py")
@@ -395,6 +396,8 @@ class Runner:
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
         self.stopping = False
         self.active: dict[int, tuple[Run, subprocess.Popen, float]] = {}   # slot -> (run, process, start)
+        self.last_error: dict[int, str] = {}                               # index -> its last `error:` line
+        self.relays: dict[int, threading.Thread] = {}
         self.results: dict[int, tuple[str, str]] = {}                      # index -> (outcome, detail)
 
     def _signal(self, signum, frame) -> None:
@@ -424,15 +427,37 @@ class Runner:
 
     def _start(self, run: Run, slot: int):
         print(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting", flush=True)
-        out = None
-        if self.log_dir:
+        command = [sys.executable, os.path.join(ROOT, "train.py"), *run.args]
+        if self.log_dir:  # several at once: each to its own log
             os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"{os.path.basename(run.folder)}.log"), "ab")
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *run.args],
-                                env=child_env(slot, self.parallel), stdout=out, stderr=subprocess.STDOUT if out else None)
-        if out:
-            out.close()  # the child holds its own copy
+            with open(self._log(run), "ab") as out:
+                proc = subprocess.Popen(command, env=child_env(slot, self.parallel), stdout=out,
+                                        stderr=subprocess.STDOUT)
+        else:  # one at a time: on this terminal; stderr passes through here to keep the run's error line
+            proc = subprocess.Popen(command, env=child_env(slot, self.parallel), stderr=subprocess.PIPE, text=True)
+            self.relays[run.index] = threading.Thread(target=self._relay, args=(run, proc.stderr), daemon=True)
+            self.relays[run.index].start()
         return run, proc, time.monotonic()
+
+    def _log(self, run: Run) -> str:
+        return os.path.join(self.log_dir, f"{os.path.basename(run.folder)}.log")
+
+    def _relay(self, run: Run, stream) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.startswith("error: "):
+                self.last_error[run.index] = line[7:].strip()
+
+    def _error_line(self, run: Run) -> str:
+        """The run's own `error:` line: from status.json, else its log or stderr."""
+        if failure(run):
+            return failure(run)
+        if self.log_dir and os.path.exists(self._log(run)):
+            with open(self._log(run), errors="replace") as f:
+                lines = [line[7:].strip() for line in f if line.startswith("error: ")]
+            return lines[-1] if lines else ""
+        return self.last_error.get(run.index, "")
 
     def _reap(self) -> None:
         time.sleep(0.2)
@@ -447,7 +472,9 @@ class Runner:
             elif code == EXIT_RESUMABLE:
                 outcome, detail = "stopped", f"checkpoint saved after {took}; rerun to resume"
             else:
-                why = failure(run) or (f"killed by {signal.Signals(-code).name}" if code < 0 else "")
+                if run.index in self.relays:
+                    self.relays.pop(run.index).join(10)  # it has read the run's last line
+                why = self._error_line(run) or (f"killed by {signal.Signals(-code).name}" if code < 0 else "")
                 outcome, detail = f"failed (exit {code})", why
             self.results[run.index] = (outcome, detail)
             print(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
