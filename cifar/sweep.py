@@ -353,6 +353,14 @@ def changed(run: Run, sweep: Sweep) -> str | None:
     return ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:3]) or None
 
 
+def best_acc(run: Run) -> str:
+    try:
+        with open(os.path.join(run.folder, "summary.json")) as f:
+            return f"{json.load(f)['best_test_acc']:.2f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "-"
+
+
 def failure(run: Run) -> str:
     """The error line train.py left in status.json, if any."""
     try:
@@ -413,7 +421,7 @@ class Runner:
         old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             queue = list(self.runs)
-            while queue or self.active:
+            while (queue and not self.stopping) or self.active:
                 while queue and not self.stopping and len(self.active) < self.parallel:
                     slot = min(set(range(self.parallel)) - set(self.active))
                     self.active[slot] = self._start(queue.pop(0), slot)
@@ -567,8 +575,9 @@ def main(argv=None) -> None:
     rows = []
     for run in runs:
         outcome, detail = results.get(run.index, (states[run.index] + " (skipped)", ""))
-        rows.append((run.index, os.path.basename(run.folder), outcome, detail[:100]))
-    _table(rows, ("#", "run", "outcome", "detail"))
+        rows.append((run.index, os.path.basename(run.folder), outcome, best_acc(run), detail[:100]))
+    _table(rows, ("#", "run", "outcome", "best test acc", "detail"))
+    print(f"compare them: python -m cifar.compare {os.path.join(args.runs_dir, sweep.name)}")
     if any(o.startswith("failed") for o, _ in results.values()):
         sys.exit(1)
     if any(o in ("stopped", "not started") for o, _ in results.values()):

@@ -14,6 +14,7 @@ import accelerate.commands.launch
 import pytest
 from conftest import ROOT, env
 
+from cifar import sweep
 from cifar.config import load_config
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))),
@@ -74,7 +75,7 @@ def check_command(cmd: str) -> list[str]:
     elif argv[0] == "sbatch":
         i = next(i for i, a in enumerate(argv[1:], 1) if not a.startswith("-"))
         script, rest = argv[i], argv[i + 1:]
-        if rest and not is_override(rest[0]):
+        if rest and not is_override(rest[0]) and not rest[0].startswith("configs/sweeps/"):
             recipe, rest = rest[0], rest[1:]
     elif argv[0] == "bash":
         script, rest = argv[1], argv[2:]
@@ -104,6 +105,11 @@ def check_command(cmd: str) -> list[str]:
             overrides.append(arg.lstrip("-"))
         elif arg.startswith("configs/") and not os.path.exists(os.path.join(ROOT, arg)):
             problems.append(f"{cmd}: no file {arg}")
+        elif arg.startswith("configs/sweeps/"):     # a sweep file: every run it makes must be a valid config
+            try:
+                sweep.plan(sweep.read_sweep(os.path.join(ROOT, arg)), "runs")
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{cmd}: {e}")
         i += 1
     if recipe is not None and not os.path.isfile(os.path.join(ROOT, recipe)):
         problems.append(f"{cmd}: no recipe {recipe}")
@@ -165,6 +171,9 @@ def test_the_checkers_catch_what_does_not_exist():
     assert not check_command("python -m cifar.export --checkpoint runs/<run> --format pt2 --pick best")
     assert check_command("accelerate launch --multi_gpus train.py")
     assert check_command("sbatch slurm/nope.sbatch configs/debug.yaml")
+    assert check_command("python -m cifar.sweep configs/sweeps/nope.yaml --dry-run")
+    assert check_command("python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --nope")
+    assert not check_command("python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --parallel 2")
     assert check_command("python -m pytest -q -n 2 tests/test_nope.py")
     assert not check_command('python -m pytest -q -n 2 tests -m "not slow"')
     assert not check_command("accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>")

@@ -250,6 +250,24 @@ def test_a_sweep_killed_mid_run_resumes_to_the_same_weights(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_the_sweep_with_a_checkpoint_and_starts_nothing_more(tmp_path):
+    path = sweep_file(tmp_path)
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "cifar.sweep", path, "--runs-dir", str(runs_dir)], env=env(),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = runs_dir / "tiny" / "00-optim.lr=0.01,seed=0"
+    deadline = time.time() + 300
+    while newest_step(first) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)   # to the sweep alone, as a scheduler or `kill` would
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-2000:] + err[-2000:]
+    assert json.load(open(first / "status.json"))["state"] == "stopped" and newest_step(first) >= 2
+    assert folders(runs_dir) == ["00-optim.lr=0.01,seed=0"]          # nothing started after the signal
+    assert "SIGTERM received" in err and out.count("not started") == 3
+
+
+@pytest.mark.slow
 def test_a_failing_run_does_not_stop_the_others(tmp_path):
     command = ["${env}", "${interpreter}", "${program}", *TINY, "data.root=" + str(tmp_path / "nowhere"),
                "data.download=false", "${args_no_hyphens}"]
