@@ -6,13 +6,16 @@
 """
 import argparse
 
+from cifar.config_help import help_text
 from cifar.errors import cli
 from cifar.evaluate_run import add_run_arguments, evaluate_run
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The run's saved config applies; section.key=value overrides it (data.root "
+                                            "for another copy of the data, data.eval_batch_size...).\n\n" + help_text())
     add_run_arguments(parser)
     parser.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip_translate"],
                         help="test-time augmentation: average the image with its mirror (flip, the default when "

@@ -1,6 +1,7 @@
 """Train a CIFAR-10 classifier.
 
     python train.py [--config configs/RECIPE.yaml] [section.key=value ...]
+    python train.py --config configs/resnet18.yaml optim.lr=0.2 --print-config   # the resolved config, then exit
     accelerate launch --multi_gpu --num_processes 4 train.py --config configs/resnet18.yaml optim.lr=0.2
 
 With no --config the defaults are the PyTorch 60-minute tutorial (configs/tutorial.yaml).
@@ -8,16 +9,23 @@ With no --config the defaults are the PyTorch 60-minute tutorial (configs/tutori
 import argparse
 
 from cifar.config import load_config
+from cifar.config_help import help_text
 from cifar.engine import train
 from cifar.errors import cli
 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (default: the tutorial recipe)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (recipe + overrides) as YAML and exit; touches no data or folder")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
     train(cfg)
 
 

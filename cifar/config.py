@@ -21,7 +21,7 @@ from .models import MODELS  # the registry decides which model names exist
 
 @dataclass
 class ModelConfig:
-    name: str = "tutorial_net"
+    name: str = "tutorial_net"              # tutorial_net | resnet18 | fastnet (the registry in cifar/models.py)
     # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
     # it after: the backward pass then stops at the first block (3.8% of a step's FLOPs). null: train it throughout.
     whiten_bias_epochs: Optional[int] = None
@@ -29,15 +29,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["cifar10", "synthetic"] = "cifar10"
-    root: str = "./data"
-    download: bool = True
+    source: Literal["cifar10", "synthetic"] = "cifar10"   # synthetic: random CIFAR-shaped images, no download
+    root: str = "./data"                     # the folder holding cifar-10-batches-py/
+    download: bool = True                    # fetch the official archive (MD5-checked) when root lacks it
     batch_size: int = 4                      # per process
     eval_batch_size: Optional[int] = None    # per process; default max(batch_size, 256)
-    augment: bool = False
-    num_workers: int = 2
+    augment: bool = False                    # random crop and horizontal flip of the training images
+    num_workers: int = 2                     # DataLoader worker processes (the dataloader path)
     limit_train: Optional[int] = None        # first N training images (synthetic: the set's size)
-    limit_test: Optional[int] = None
+    limit_test: Optional[int] = None         # first N test images
     loader: Literal["dataloader", "device"] = "dataloader"   # device: the whole split on the GPU (fast path)
     crop_padding: int = 4                    # random crop of 32 from the image padded by this many pixels
     pad_mode: Literal["zeros", "reflect"] = "zeros"   # reflect: mirror about the edge, no black borders
@@ -52,36 +52,36 @@ class OptimConfig:
     name: Literal["sgd", "adamw", "muon"] = "sgd"   # muon: Muon on conv filters, Nesterov SGD on the rest
     lr: float = 0.001                        # muon: the conv filters' lr
     momentum: float = 0.9                    # muon: of the SGD part
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    nesterov: bool = False                   # Nesterov momentum (sgd, muon)
+    weight_decay: float = 0.0                # L2 for sgd and muon, decoupled for adamw
     bias_lr: Optional[float] = None          # muon: lr of biases and norms (default lr)
     head_lr: Optional[float] = None          # muon: lr of 2-D weights such as the classifier (default lr)
-    muon_momentum: float = 0.6
+    muon_momentum: float = 0.6               # muon: momentum of the orthogonalised updates
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "onecycle", "linear"] = "constant"
+    name: Literal["constant", "cosine", "onecycle", "linear"] = "constant"   # the lr over the optimizer steps
     warmup_steps: int = 0                    # optimizer steps
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 2                          # passes over the training set
     max_steps: Optional[int] = None          # optimizer steps; overrides epochs when set
-    grad_accum_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    grad_clip: Optional[float] = None
-    label_smoothing: float = 0.0
-    eval_every_epochs: int = 1
-    log_every_steps: int = 50
+    grad_accum_steps: int = 1                # micro-batches per optimizer step (global batch x this)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"   # autocast on the GPU (bf16 on recent GPUs)
+    grad_clip: Optional[float] = None        # clip the gradients' global norm to this
+    label_smoothing: float = 0.0             # of the cross-entropy targets
+    eval_every_epochs: int = 1               # evaluate on the test set every N epochs (and after the last)
+    log_every_steps: int = 50                # a metrics.jsonl / W&B row every N optimizer steps
     tta: Literal["none", "flip", "flip_translate"] = "none"   # test-time augmentation of the evaluations
     target_acc: Optional[float] = None       # summary.json reports the time and step it is first reached
     compile: bool = False                    # torch.compile the model (warm-up timed apart from training)
     # torch.compile's mode; reduce-overhead records CUDA graphs (one launch per forward/backward: small nets on a
     # fast GPU are otherwise bound by kernel launches). Several processes compile with default (see engine).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    channels_last: bool = False
+    channels_last: bool = False              # NHWC memory format (faster convolutions on recent GPUs)
     # CPU runs: malloc keeps freed memory for the next step instead of page-faulting it in again (perf.py)
     keep_freed_memory: bool = True
 
@@ -99,20 +99,21 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Optional[Literal["online", "offline", "disabled"]] = None   # null: $WANDB_MODE, else disabled
-    project: str = "cifar10"
-    entity: Optional[str] = None
+    mode: Optional[Literal["online", "offline", "disabled"]] = None   # null: $WANDB_MODE, else online under
+                                                                      # `wandb agent`, else disabled
+    project: str = "cifar10"                 # W&B project of the run
+    entity: Optional[str] = None             # W&B team or user (default: your default entity)
     name: Optional[str] = None               # default: the run folder's name
-    group: Optional[str] = None              # default: the recipe name
-    tags: list[str] = field(default_factory=list)
-    job_type: str = "train"
-    notes: Optional[str] = None
+    group: Optional[str] = None              # default: the recipe name (a sweep's runs: the sweep)
+    tags: list[str] = field(default_factory=list)   # W&B tags (a sweep adds its parameters as key=value)
+    job_type: str = "train"                  # W&B job type (evaluate.py's runs: eval)
+    notes: Optional[str] = None              # W&B notes, a line about the run
 
 
 @dataclass
 class Config:
-    name: str = "tutorial"
-    seed: int = 0
+    name: str = "tutorial"                   # the recipe's name: run folder prefix, default W&B group
+    seed: int = 0                            # model init, data order and augmentation
     output_dir: Optional[str] = None         # default runs/<name>-<timestamp>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,7 +1,7 @@
 """Recipes, overrides and the one-line refusals of bad input (exit code 2, the key named, no traceback)."""
 import pytest
 import yaml
-from conftest import run
+from conftest import ROOT, run
 
 from cifar.config import Config, config_from_dict, load_config, load_saved_config, parse_overrides
 from cifar.errors import UserError
@@ -140,3 +140,50 @@ def test_config_that_is_a_folder_or_not_readable_is_one_line(tmp_path):
     proc = run("train.py", "--config", "configs", check=False)
     assert proc.returncode == 2 and "configs is a folder" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- --help and --print-config
+
+def all_fields(cls=Config, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from all_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", getattr(cls(), f.name)
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_help_lists_every_config_key_with_type_default_and_comment(script):
+    out = run(script, "--help").stdout
+    fields = list(all_fields())
+    assert len(fields) > 50
+    for key, default in fields:
+        line = next((line for line in out.splitlines() if line.strip().startswith(f"{key} (")), None)
+        assert line is not None, f"{key} missing from {script} --help"
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else \
+            "[]" if default == [] else str(default)
+        assert line.rstrip().endswith(f"default {shown})"), line
+    # types and the dataclass comments (a trailing one, a continued one, one above the field)
+    assert "optim.name (sgd | adamw | muon, default sgd)" in out and "data.limit_train (int or null" in out
+    assert "per process; default max(batch_size, 256)" in out
+    assert "its earlier files are moved into" in out.replace("\n        ", " ")
+    assert "train the whitening conv's bias for the first N epochs only" in out
+
+
+def test_print_config_prints_the_resolved_yaml_and_touches_nothing(tmp_path):
+    proc = run("train.py", "--config", f"{ROOT}/configs/debug.yaml", "optim.lr=0.3", "--train.epochs", "7",
+               "--print-config", cwd=str(tmp_path))
+    printed = yaml.safe_load(proc.stdout)
+    expected = load_config(f"{ROOT}/configs/debug.yaml", ["optim.lr=0.3", "train.epochs=7"]).to_dict()
+    assert printed == expected and proc.stderr == ""
+    assert list(tmp_path.iterdir()) == []        # no runs/, no data/, no lock: nothing was touched
+
+
+def test_print_config_with_a_bad_override_is_one_line_exit_2(tmp_path):
+    proc = run("train.py", "--print-config", "optim.lr=-1", check=False, cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: config key 'optim.lr' must be > 0; got -1.0\n"
