@@ -1,5 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # CONFIG, RUN_DIR, DEVICE, ... are read by the scripts sourcing this
-# Shared by slurm/train.sbatch and slurm/multinode.sbatch; sourced from the project folder, never run on its own.
+# Shared by slurm/train.sbatch, slurm/multinode.sbatch and slurm/sweep.sbatch; sourced from the project folder, never
+# run on its own.
 #
 # The contract with train.py: exit 0 = finished; 75 = stopped on SIGUSR1/SIGTERM/SIGINT after saving a checkpoint,
 # rerun the same command to resume (checkpoint.resume: auto); 74 = a write to the run folder failed (disk full), the
@@ -19,7 +20,16 @@ MAX_RESTARTS=${MAX_RESTARTS:-10}     # stop requeueing after this many restarts 
 PYTHON=${PYTHON:-python}
 export PYTHONUNBUFFERED=1            # log lines reach runs/slurm-<job>.out as they happen
 
-log() { printf '[%(%F %T)T slurm job %s] %s\n' -1 "${SLURM_JOB_ID:-none}" "$*"; }
+# This job as scontrol, squeue and sacct name it. An array task is ARRAYID_TASK, not its own SLURM_JOB_ID: one task
+# of every array (the last to start) has the array's id as its SLURM_JOB_ID, and `scontrol requeue <array id>` requeues
+# every task of the array, finished ones too (`scontrol show job <array id>` shows them all).
+JOB_LABEL=${SLURM_JOB_ID:-none}
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    JOB_LABEL=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID
+fi
+AGAIN=""                             # how to continue a run that is not requeued (set by setup_run/setup_sweep_run)
+
+log() { printf '[%(%F %T)T slurm job %s] %s\n' -1 "$JOB_LABEL" "$*"; }
 die() { log "error: $*" >&2; exit 2; }
 
 # ----------------------------------------------------------------------------- the run
@@ -49,6 +59,41 @@ setup_run() {
         RUN_DIR="${RUNS_DIR:-runs}/${recipe}-job${SLURM_JOB_ID:?not inside a SLURM job}"
         OVERRIDES+=("output_dir=$RUN_DIR")
     fi
+    AGAIN="submit again with output_dir=$RUN_DIR"
+}
+
+# setup_sweep_run SWEEP.yaml [cifar.sweep options: --runs-dir=D --seed=S]: run number SLURM_ARRAY_TASK_ID of a sweep
+# file. Sets CONFIG (empty when the sweep names no recipe: train.py's defaults), OVERRIDES and RUN_DIR from
+# `python -m cifar.sweep SWEEP.yaml --index I --print-args`, so the run folder is the sweep's own,
+# <runs-dir>/<sweep name>/<II>-<key=value,...>, the one `python -m cifar.sweep` makes for run I: a requeued task (same
+# index) and a later local run of the sweep both resume it. A bad index or sweep file: cifar.sweep's one `error:` line
+# lands in the log and the task fails at once with its exit code (2), not requeued.
+setup_sweep_run() {
+    (( $# >= 1 )) || die "usage: sbatch --array=0-N slurm/sweep.sbatch SWEEP.yaml [--runs-dir=D] [--seed=S]"
+    local sweep=$1
+    [[ -f train.py ]] || die "train.py not found in $PWD (submit from the project folder or set PROJECT_DIR)"
+    [[ -n ${SLURM_ARRAY_TASK_ID:-} ]] || die "not an array task: submit with sbatch --array=0-N (python -m" \
+        "cifar.sweep $sweep --slurm prints the line)"
+    local out rc
+    out=$("$PYTHON" -m cifar.sweep "$@" --index "$SLURM_ARRAY_TASK_ID" --print-args)
+    rc=$?
+    if (( rc != 0 )); then
+        log "python -m cifar.sweep $* --index $SLURM_ARRAY_TASK_ID --print-args exited $rc (the reason is above):" \
+            "not training, not requeueing"
+        exit "$rc"
+    fi
+    local args
+    mapfile -t args <<< "$out"
+    [[ ${args[-1]} == output_dir=* ]] || die "python -m cifar.sweep --print-args gave no output_dir=... last: $out"
+    RUN_DIR=${args[-1]#output_dir=}
+    CONFIG=""
+    if [[ ${args[0]} == --config ]]; then
+        CONFIG=${args[1]}
+        args=("${args[@]:2}")
+    fi
+    OVERRIDES=("${args[@]}")
+    [[ -z $CONFIG || -f $CONFIG ]] || die "recipe $CONFIG (named in $sweep) not found in $PWD"
+    AGAIN="submit this index again (sbatch --array=$SLURM_ARRAY_TASK_ID slurm/sweep.sbatch $*), which resumes $RUN_DIR"
 }
 
 # ----------------------------------------------------------------------------- devices
@@ -94,7 +139,9 @@ job_port() { echo $(( 20000 + ${SLURM_JOB_ID:-0} % 20000 )); }
 # build_launch MACHINES MACHINE_RANK MAIN_IP: sets LAUNCH, the command for this machine.
 build_launch() {
     local machines=$1 rank=$2 main_ip=$3
-    local script=(train.py --config "$CONFIG" "${OVERRIDES[@]}")
+    local script=(train.py)
+    [[ -n $CONFIG ]] && script+=(--config "$CONFIG")   # a sweep without a recipe: train.py's defaults
+    script+=("${OVERRIDES[@]}")
     if (( machines == 1 && NPROC == 1 )); then
         LAUNCH_KIND=python
         LAUNCH=("$PYTHON" "${script[@]}")
@@ -239,12 +286,13 @@ log_start() {
     else
         log "starting in $RUN_DIR"
     fi
-    log "nodes ${SLURM_JOB_NODELIST:-?} | $1 | recipe $CONFIG ${OVERRIDES[*]}"
+    log "nodes ${SLURM_JOB_NODELIST:-?} | $1 | recipe ${CONFIG:-(defaults)} ${OVERRIDES[*]}"
 }
 
 # finish RC: exit 0 when finished; on 75 requeue this job (at most MAX_RESTARTS times); otherwise fail with RC.
 finish() {
     local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
+    AGAIN=${AGAIN:-submit again with output_dir=$RUN_DIR}
     trap '' USR1 TERM INT
     case $rc in
         0)
@@ -253,29 +301,28 @@ finish() {
         75)
             if (( restarts >= MAX_RESTARTS )); then
                 log "stopped with a checkpoint after $restarts restarts (MAX_RESTARTS=$MAX_RESTARTS): not requeueing;" \
-                    "to continue, submit again with output_dir=$RUN_DIR"
+                    "to continue, $AGAIN"
                 exit 75
             fi
             # A job being ended (COMPLETING) for any reason but its time limit or preemption was cancelled by a
             # person (scancel): keep the checkpoint, do not requeue. A signal to a running job (the USR1 warning,
             # scancel --signal) or a time limit / preemption requeues.
             local info
-            info=$(scontrol show job -o "$SLURM_JOB_ID" 2> /dev/null)
+            info=$(scontrol show job -o "$JOB_LABEL" 2> /dev/null)
             if [[ $info =~ JobState=(COMPLETING|CANCELLED) && ! $info =~ Reason=(TimeLimit|Preempt) ]]; then
                 log "stopped with a checkpoint; the job was cancelled, so it is not requeued;" \
-                    "to continue, submit again with output_dir=$RUN_DIR"
+                    "to continue, $AGAIN"
                 exit 75
             fi
             log "stopped with a checkpoint: requeueing (restart $(( restarts + 1 )) of at most $MAX_RESTARTS)"
-            if scontrol requeue "$SLURM_JOB_ID"; then
+            if scontrol requeue "$JOB_LABEL"; then   # this job, or this array task alone
                 exit 0
             fi
-            log "scontrol requeue failed: to continue, submit again with output_dir=$RUN_DIR"
+            log "scontrol requeue failed: to continue, $AGAIN"
             exit 75 ;;
         74)
             log "training failed: a write to $RUN_DIR failed (disk full or an I/O error; see the error line above):" \
-                "not requeueing; the previous checkpoint is intact: free space, then submit again with" \
-                "output_dir=$RUN_DIR"
+                "not requeueing; the previous checkpoint is intact: free space, then $AGAIN"
             exit 74 ;;
         *)
             log "training failed (exit $rc): not requeueing"

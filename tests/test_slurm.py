@@ -24,7 +24,7 @@ from cifar.checkpoint import read_pointer, step_of, verify
 from conftest import ROOT, env, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
 
-SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/common.sh"]
+SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/sweep.sbatch", "slurm/common.sh"]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides of the scripts' GPU headers
 # Far more steps than any test waits for (about 64 steps/s on one core): the job is still training when signalled.
 LONG_RUN = ["configs/debug.yaml", "train.epochs=200", "checkpoint.every_steps=20"]
@@ -62,12 +62,13 @@ def job_env(cluster, tmp_path, **extra) -> dict:
     return e
 
 
-def submit(cluster, tmp_path, script, args, sbatch=(), **extra) -> tuple[str, str]:
-    """sbatch from the project folder as a user would; returns (job id, its output file)."""
-    out = str(tmp_path / "slurm-%j.out")
+def submit(cluster, tmp_path, script, args, sbatch=(), output="slurm-%j.out", **extra) -> tuple[str, str]:
+    """sbatch from the project folder as a user would; returns (job id, its output file: for an array, with %a left
+    for the task)."""
+    out = str(tmp_path / output)
     job = cluster.sbatch([*CPU_JOB, f"--output={out}", *sbatch, script, *args], cwd=ROOT,
                          env=job_env(cluster, tmp_path, **extra))
-    return job, out.replace("%j", job)
+    return job, out.replace("%j", job).replace("%A", job)
 
 
 def read(path) -> str:
@@ -358,3 +359,162 @@ def test_a_failed_save_is_not_requeued_even_behind_a_launcher(tmp_path):
     assert proc.returncode == 74, proc.stdout + proc.stderr
     assert proc.stdout.startswith("save-failed\n"), proc.stdout
     assert "a write to" in proc.stdout and "not requeueing" in proc.stdout and "requeueing (" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------- a sweep as a job array
+
+# The tiny sweep of the array tests: 2 x 2 runs of 16 steps each (configs/debug.yaml on 256 images)
+TINY = ["data.limit_train=256", "data.limit_test=128", "train.epochs=2", "checkpoint.every_steps=2"]
+
+
+def write_sweep(tmp_path, fixed=TINY, parameters=("optim.lr: {values: [0.01, 0.05]}", "seed: {values: [0, 1]}"),
+                name="tiny") -> str:
+    """A W&B sweep file (grid) on configs/debug.yaml with `fixed` overrides in its command; returns its path."""
+    command = ["${env}", "${interpreter}", "${program}", "--config", "configs/debug.yaml", *fixed, "${args_no_hyphens}"]
+    lines = [f"name: {name}", "program: train.py", "method: grid", "command:", *(f"  - {w}" for w in command),
+             "parameters:", *(f"  {p}" for p in parameters)]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def submit_sweep(cluster, tmp_path, sweep, array, **extra) -> tuple[str, str]:
+    """sbatch --array=ARRAY slurm/sweep.sbatch SWEEP --runs-dir=TMP/runs; returns (array id, log with %a)."""
+    return submit(cluster, tmp_path, "slurm/sweep.sbatch", [sweep, f"--runs-dir={tmp_path / 'runs'}"],
+                  sbatch=[f"--array={array}"], output="slurm-%A_%a.out", **extra)
+
+
+def local_sweep(*args) -> subprocess.Popen:
+    """`python -m cifar.sweep ...` run here, as a user would, in the background."""
+    return subprocess.Popen([sys.executable, "-m", "cifar.sweep", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_local(proc: subprocess.Popen, timeout=150) -> str:
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def dry_run_folders(output: str) -> dict[int, str]:
+    """The folder column of `python -m cifar.sweep --dry-run`'s table, by run index (a long folder wraps: rejoined)."""
+    folders, index = {}, None
+    for line in output.splitlines():
+        cells = line.split("│")
+        if len(cells) < 5:
+            continue
+        if cells[1].strip():
+            index = int(cells[1])
+            folders[index] = ""
+        folders[index] += cells[2].strip()
+    return folders
+
+
+def assert_same_weights(run, reference):
+    a, b = weights(run), weights(reference)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{run} and {reference}: weights differ in {different}"
+
+
+@pytest.mark.slow
+def test_sweep_array_matches_the_local_runner(cluster, tmp_path):
+    """`sbatch --array=0-3 slurm/sweep.sbatch SWEEP --runs-dir=D`: every task COMPLETED, once, in exactly the folders
+    `python -m cifar.sweep SWEEP --runs-dir D --dry-run` lists (which then calls them finished), and run 1's weights
+    equal bitwise those of `python -m cifar.sweep SWEEP --index 1` run here."""
+    sweep = write_sweep(tmp_path)
+    reference = local_sweep(sweep, "--runs-dir", str(tmp_path / "local"), "--index", "1")
+    try:
+        job, out = submit_sweep(cluster, tmp_path, sweep, "0-3")
+        infos = [cluster.wait(f"{job}_{i}", {"COMPLETED"}, timeout=150) for i in range(4)]
+    finally:
+        finish_local(reference)
+    for i, info in enumerate(infos):
+        log = read(out.replace("%a", str(i)))
+        assert info["Restarts"] == "0" and info["ExitCode"] == "0:0", log[-3000:]
+        assert f"slurm job {job}_{i}]" in log and f"run {i} (task {job}_{i} = job {info['JobId']})" in log, log[-3000:]
+        assert log.count("starting in") == 1 and "training finished" in log, log[-3000:]
+
+    # The dry run from TMP (its table cuts long folders short) with --runs-dir runs: the same folders, written short
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")   # the recipe, as in the project folder
+    dry = subprocess.run([sys.executable, "-m", "cifar.sweep", sweep, "--runs-dir", "runs", "--dry-run"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    listed = {i: str(tmp_path / folder) for i, folder in dry_run_folders(dry.stdout).items()}
+    made = sorted(str(p) for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert sorted(listed.values()) == made and len(made) == 4, (dry.stdout, made)
+    assert listed[1] == str(tmp_path / "runs" / "tiny" / "01-optim.lr=0.01,seed=1")
+    assert dry.stdout.count(" finished ") == 4, dry.stdout
+    for i, folder in listed.items():
+        assert f"starting in {folder}\n" in read(out.replace("%a", str(i)))
+    assert_same_weights(listed[1], tmp_path / "local" / "tiny" / "01-optim.lr=0.01,seed=1")
+    a, b = weights(listed[0]), weights(listed[1])   # another seed: another model (the parameters reach train.py)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_usr1_to_one_array_task_requeues_that_task_alone(cluster, tmp_path):
+    """USR1 to the batch shell of one task (what `--signal=B:USR1@N` sends it): that task saves, requeues alone, and
+    resumes in its run folder to COMPLETED with the weights of an uninterrupted local run of that index; the other
+    tasks run once. The task signalled is the last to start, 3, the one whose own SLURM_JOB_ID is the array's id:
+    `scontrol requeue <array id>` would requeue every task of the array, finished ones too, so the script requeues
+    <array id>_<task>."""
+    sweep = write_sweep(tmp_path, fixed=["data.limit_train=1024", "data.limit_test=128", "train.epochs=4",
+                                         "checkpoint.every_steps=20"])   # 128 steps a run; USR1 comes after 20
+    job, out = submit_sweep(cluster, tmp_path, sweep, "0-3")
+    run = tmp_path / "runs" / "tiny" / "03-optim.lr=0.05,seed=1"
+    wait_for_checkpoint(cluster, f"{job}_3", run, timeout=150)
+    assert cluster.job(f"{job}_3")["JobId"] == job, "task 3, the last to start, should hold the array's id"
+    proc = cluster.run(["scancel", "--batch", "--signal=USR1", f"{job}_3"])
+    assert proc.returncode == 0, proc.stderr
+    # the uninterrupted run, here, while task 3 waits to restart (a core is free)
+    reference = local_sweep(sweep, "--runs-dir", str(tmp_path / "local"), "--index", "3")
+    try:
+        infos = [cluster.wait(f"{job}_{i}", {"COMPLETED"}, timeout=150) for i in range(4)]
+    finally:
+        finish_local(reference)
+    log = read(out.replace("%a", "3"))
+    assert [info["Restarts"] for info in infos] == ["0", "0", "0", "1"], log[-4000:]
+    assert "SIGUSR1 received" in log and "requeueing (restart 1" in log, log[-4000:]
+    assert "restart 1 of this job: resuming" in log and "training finished" in log, log[-4000:]
+    assert log.count("starting in") == 1, "the task's output file should hold both its runs, the first once"
+    for i in range(3):
+        other = read(out.replace("%a", str(i)))
+        assert "SIGUSR1" not in other and "restart 1" not in other and "training finished" in other, other[-3000:]
+    assert_same_weights(run, tmp_path / "local" / "tiny" / run.name)
+
+
+@pytest.mark.slow
+def test_sweep_array_bad_index_fails_at_once(cluster, tmp_path):
+    """`--array=5` on a 4-run sweep, and a sweep file whose parameter train.py does not know: each task fails at once
+    (exit 2, Restarts=0, no training) with cifar.sweep's one `error:` line in its log, no traceback."""
+    sweep = write_sweep(tmp_path)
+    bad = write_sweep(tmp_path, parameters=("optim.nosuch: {values: [1, 2]}",), name="bad")
+    jobs = {"index": (*submit_sweep(cluster, tmp_path, sweep, "5"), 5,
+                      "run index 5 is outside this sweep's runs 0..3"),
+            "file": (*submit_sweep(cluster, tmp_path, bad, "0"), 0, "nosuch")}
+    for what, (job, out, task, message) in jobs.items():
+        info = cluster.wait(f"{job}_{task}", {"FAILED"}, timeout=60)
+        log = read(out.replace("%a", str(task)))
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], log
+        assert "Traceback" not in log and "starting in" not in log, log
+        assert f"--index {task} --print-args exited 2 (the reason is above): not training, not requeueing" in log, log
+        assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info["ExitCode"], info["Restarts"], log)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_sbatch_outside_an_array_says_how_to_submit(tmp_path):
+    """Run without --array (no SLURM_ARRAY_TASK_ID): one line naming the fix, exit 2, before any Python runs."""
+    env_ = env(PYTHON="/nonexistent/python", SLURM_JOB_ID="7")
+    env_.pop("SLURM_ARRAY_TASK_ID", None)
+    proc = subprocess.run(["bash", "slurm/sweep.sbatch", "configs/sweeps/debug-lr-seed.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, env=env_, timeout=30)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: not an array task: submit with sbatch --array=0-N" in proc.stderr, proc.stderr
+    assert "configs/sweeps/debug-lr-seed.yaml --slurm" in proc.stderr and not proc.stdout, proc.stdout
