@@ -1,174 +1,269 @@
-"""Compare runs side by side: a table on the terminal and a PNG of their test curves.
+"""Compare runs: which settings differ between them, and what each one reached. A table and a PNG of the curves.
 
-    python -m cifar.compare runs/a runs/b [RUN ...] [--output compare.png] [--metric test/acc]
+    python -m cifar.compare RUN... [--metric test/acc] [--output compare.png] [--format table|md|csv|json]
+                            [--sort [-]KEY] [--where KEY=VALUE ...] [--by-seed | --each-run]
 
-Reads each run folder's config.yaml, metrics.jsonl and summary.json. A run without summary.json (still running,
-stopped or crashed) is shown with what it has and marked "incomplete". The PNG has --metric and the test loss
-(test accuracy when --metric is test/loss) against the global step and against training time (the sum of
-epoch times, so evaluation and restarts do not count).
+RUN: a run folder written by train.py; a sweep folder (no config.yaml, its children are run folders, e.g.
+runs/<sweep>/): its runs in name order; or a quoted glob ('runs/debug-*'), expanded here.
+
+The table has a column for every setting whose value differs among the runs shown: each config key, dotted as in
+overrides (optim.lr), and `processes` (the number of processes: 2 under `accelerate launch --num_processes 2`).
+Settings all of them share are printed once above it; keys that only name a run (output_dir, wandb.name,
+wandb.tags, wandb.notes) are left out; "-" marks a key a run's config lacks (an older run). Then what each run
+reached: best and final --metric, steps, time (summary.json's wall_seconds; for an unfinished run its epoch times
+so far), images/s, and its status.json state: finished, running, stopped, failed (with the start of its error),
+or "incomplete" (no status.json, or finished without its summary.json).
+
+--by-seed: runs that share every setting but the seed make one row: n, their seeds, mean ± sample std of best and
+final --metric and of the time (over the runs that have a value), and their states ("2 finished, 1 failed"). It is
+the default as soon as two runs shown differ only in seed; --each-run shows one row per run.
+
+--sort KEY: by a setting, processes, best, final, time, steps or status; -KEY (or --sort=-KEY) descending; rows
+without a value last. --where KEY=VALUE or KEY!=VALUE (repeatable, all must hold): VALUE is read as YAML and numbers
+compare as numbers (optim.lr=1e-2 matches 0.01). Colours do not change with the argument order, --sort or --where.
+
+--format md|csv|json: only that on stdout (json: {"metric", "mode", "shared", "rows"}; "wrote compare.png" goes to
+stderr). The PNG (--output) has rows for --metric, the other test metric and the training loss of every logged step,
+against the global step and against training time (the sum of epoch times: evaluation and restarts do not count).
+A seed group is drawn as its mean with a band from its lowest to its highest run; unfinished runs are dashed.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 import os
+import re
+import statistics
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import yaml
 
-from .console import cell
+from . import compare_output, compare_plot
+from .compare_output import MISSING, show, state_counts
+from .compare_runs import Run, load_run, run_folders  # noqa: F401 - load_run: part of this module's API
 from .errors import UserError, cli
 
-LABELS = {"test/acc": "test accuracy (%)", "test/loss": "test loss", "train/loss": "train loss",
-          "train/acc": "train accuracy (%)", "train/epoch_loss": "train loss (epoch)",
-          "train/epoch_acc": "train accuracy (epoch, %)", "lr": "learning rate", "images_per_sec": "images/s"}
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]
+OUTCOMES = ("best", "final", "time", "steps", "status")
 
 
-@dataclass
-class Run:
-    path: str
-    name: str
-    config: dict
-    summary: dict | None      # None: no summary.json (running, stopped or crashed)
-    rows: list[dict]          # metrics.jsonl, in order
+# ----------------------------------------------------------------------------- rows, --sort and --where
 
-    def epochs(self) -> list[dict]:
-        """Per-epoch rows, one per epoch (the last written wins, so a resumed run counts each epoch once)."""
-        by_epoch = {r["epoch"]: r for r in self.rows if "epoch_time" in r and "epoch" in r}
-        return [by_epoch[e] for e in sorted(by_epoch)]
-
-    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(global step, training seconds, value) of a metric, sorted by step."""
-        epochs = self.epochs()
-        if any(metric in r for r in epochs):
-            points = [r for r in epochs if metric in r]
-        else:  # a per-step metric such as train/loss: one point per step, the last written wins
-            points = list({r["step"]: r for r in self.rows if metric in r and "epoch_time" not in r}.values())
-        points = [r for r in sorted(points, key=lambda r: r["step"]) if isinstance(r[metric], (int, float))]
-        steps = np.array([r["step"] for r in points], dtype=float)
-        ends = np.array([0] + [r["step"] for r in epochs], dtype=float)
-        times = np.cumsum([0.0] + [r["epoch_time"] or 0.0 for r in epochs])
-        return steps, np.interp(steps, ends, times), np.array([r[metric] for r in points], dtype=float)
-
-
-def _read_json(path: str):
+def _number(value) -> float | None:
+    """A number, or a string that reads as one (YAML reads 1e-2 as a string); never a bool."""
+    if isinstance(value, bool):
+        return None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return float(value) if isinstance(value, (int, float, str)) else None
+    except ValueError:
         return None
 
 
-def load_run(path: str) -> Run:
-    config_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{path} is not a run folder (no config.yaml); pass folders written by train.py, "
-                        f"e.g. runs/<name>-<time>")
-    try:
-        with open(config_path) as f:
-            config = yaml.safe_load(f) or {}
-    except yaml.YAMLError:
-        raise UserError(f"{config_path} is not valid YAML; is {path} a run folder written by train.py?")
-    rows = []
-    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-        with open(os.path.join(path, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if isinstance(row, dict) and "step" in row:
-                    rows.append(row)
-    name = os.path.basename(os.path.normpath(os.path.abspath(path)))
-    return Run(path, name, config, _read_json(os.path.join(path, "summary.json")), rows)
+def order_key(value) -> tuple:
+    """Numbers as numbers, before other values (as text)."""
+    number = _number(value)
+    return (0, number, "") if number is not None else (1, 0.0, show(value))
 
 
-def best_final(run: Run, metric: str) -> tuple[float | None, float | None]:
-    values = run.curve(metric)[2]
-    if not len(values):
-        return None, None
-    return float(values.min() if "loss" in metric else values.max()), float(values[-1])
+def canon(value) -> str:
+    """A value as a comparable, hashable string (lists and dicts included); MISSING unequal to all."""
+    return "\0-" if value is MISSING else json.dumps(value, sort_keys=True, default=str)
 
 
-def print_table(runs: list[Run], metric: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(runs)} runs", title_justify="left")
-    for column in ("run", "recipe", "model", "procs", "precision", "epochs", "steps", f"best {metric}",
-                   f"final {metric}", "time", "img/s", "status"):
-        table.add_column(column, no_wrap=True, justify="left" if column in ("run", "recipe", "model") else "right")
-    for i, run in enumerate(runs):
-        s, c, epochs = run.summary or {}, run.config, run.epochs()
-        best, final = best_final(run, metric)
-        seconds = s.get("wall_seconds", sum(r.get("epoch_time") or 0.0 for r in epochs) if epochs else None)
-        speed = s.get("images_per_sec", epochs[-1].get("images_per_sec") if epochs else None)
-        steps = s.get("steps", run.rows[-1]["step"] if run.rows else None)
-        table.add_row(f"[{COLORS[i % len(COLORS)]}]{run.name}[/]", str(c.get("name", "-")),
-                      str(c.get("model", {}).get("name", "-")), cell(s.get("world_size"), "{}"),
-                      str(c.get("train", {}).get("mixed_precision", "-")), str(len(epochs)), cell(steps, "{}"),
-                      cell(best, "{:.2f}" if "acc" in metric else "{:.4g}"),
-                      cell(final, "{:.2f}" if "acc" in metric else "{:.4g}"), cell(seconds, "{:.1f}s"),
-                      cell(speed, "{:.0f}"), "finished" if run.summary else "[yellow]incomplete[/]")
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+def seed_id(run: Run) -> str:
+    """Every setting but the seed: runs with the same one are repeats of one experiment."""
+    return canon({k: v for k, v in run.settings.items() if k != "seed"})
 
 
-def plot(runs: list[Run], metrics: list[str], output: str) -> None:
-    import matplotlib
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(seed_id(run), []).append(run)
+    return list(groups.values())
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4 * len(metrics)), dpi=110, squeeze=False)
-    for row, metric in zip(axes, metrics):
-        for i, run in enumerate(runs):
-            steps, seconds, values = run.curve(metric)
-            if not len(values):
-                continue
-            style = dict(color=COLORS[i % len(COLORS)], marker="o", markersize=3.5, linewidth=1.6,
-                         linestyle="-" if run.summary else "--",
-                         label=run.name if run.summary else f"{run.name} (incomplete)")
-            row[0].plot(steps, values, **style)
-            row[1].plot(seconds, values, **style)
-        for ax, x in zip(row, ("global step", "training time (s)")):
-            ax.set_xlabel(x)
-            ax.set_ylabel(LABELS.get(metric, metric))
-            ax.set_title(f"{LABELS.get(metric, metric)} vs {x.split(' (')[0]}", fontsize=10)
-            ax.grid(True, alpha=0.3)
-            ax.set_xlim(left=0)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4) or 1, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.94 if len(labels) <= 4 else 0.9))
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(output)
-    plt.close(fig)
+@dataclass
+class Row:
+    """A table row and a plotted series: one run, or (by seed) the runs that share every setting but the seed."""
+    runs: list[Run]
+    label: str = ""
+    color: str = ""
+
+    def value(self, key: str, metric: str):
+        """A setting or outcome (for --sort and --where): a group's mean outcome, its lowest seed."""
+        if key == "status":
+            return self.runs[0].state if len(self.runs) == 1 else state_counts(self.runs)
+        if key in OUTCOMES:
+            values = [v for run in self.runs if (v := run.outcome(metric)[key]) is not None]
+            return statistics.mean(values) if values else None
+        return self.seeds()[0] if key == "seed" else self.runs[0].settings.get(key, MISSING)
+
+    def seeds(self) -> list:
+        return sorted((run.settings.get("seed", MISSING) for run in self.runs), key=order_key)
+
+
+def sort_rows(rows: list[Row], spec: str, metric: str) -> list[Row]:
+    """--sort [-]KEY, stable; rows without a value (null, or a key their config lacks) last either way."""
+    key, descending = spec.lstrip("-"), spec.startswith("-")
+    valued = [(row.value(key, metric), row) for row in rows]
+    have = sorted([p for p in valued if p[0] is not None and p[0] is not MISSING], key=lambda p: order_key(p[0]),
+                  reverse=descending)
+    return [row for _, row in have] + [row for v, row in valued if v is None or v is MISSING]
+
+
+@dataclass
+class Where:
+    """--where KEY=VALUE or KEY!=VALUE."""
+    key: str
+    text: str      # VALUE as typed
+    negate: bool
+
+    @classmethod
+    def parse(cls, spec: str) -> Where:
+        match = re.fullmatch(r"\s*([^=!\s]+)\s*(!=|=)(.*)", spec)
+        if not match:
+            raise UserError(f"--where {spec!r}: write KEY=VALUE or KEY!=VALUE, e.g. --where optim.lr=0.01")
+        return cls(match[1], match[3].strip(), match[2] == "!=")
+
+    def holds(self, run: Run, metric: str) -> bool:
+        value = Row([run]).value(self.key, metric)
+        try:
+            wanted = yaml.safe_load(self.text)
+        except yaml.YAMLError:
+            wanted = self.text
+        a, b = _number(value), _number(wanted)
+        if value is MISSING:
+            same = False
+        elif a is not None and b is not None:
+            same = math.isclose(a, b, rel_tol=1e-9)
+        else:  # the text too: YAML reads `no` (train.mixed_precision) as false
+            same = value == wanted or str(value) == self.text
+        return same != self.negate
+
+
+def check_key(key: str, runs: list[Run], flag: str) -> None:
+    known = {k for run in runs for k in run.settings} | set(OUTCOMES)
+    if key not in known:
+        close = difflib.get_close_matches(key, sorted(known), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(f"{flag} {key}: no run has a setting or outcome of that name; {hint}use a config key as "
+                        f"overrides write it (optim.lr), processes, or one of {', '.join(OUTCOMES)}")
+
+
+def split_settings(runs: list[Run], by_seed: bool) -> tuple[dict, list[str]]:
+    """(settings all runs share, keys whose value differs): the second are the table's columns."""
+    shared, differing = {}, []
+    for key in dict.fromkeys(k for run in runs for k in run.settings):
+        if len({canon(run.settings.get(key, MISSING)) for run in runs}) == 1:
+            shared[key] = runs[0].settings[key]
+        elif not (by_seed and key == "seed"):  # by seed, the seeds have their own column
+            differing.append(key)
+    return shared, differing
+
+
+@dataclass
+class View:
+    """What is shown: the table's rows (runs or seed groups) and the settings they share or differ in."""
+    metric: str
+    by_seed: bool
+    shared: dict
+    differing: list[str]
+    rows: list[Row]
+
+    @property
+    def plotted(self) -> list[str]:
+        """--metric, the other test metric, and the training loss of every logged step."""
+        other = "test/acc" if self.metric == "test/loss" else "test/loss"
+        return list(dict.fromkeys([self.metric, other, "train/loss"]))
+
+
+def load_runs(args: list[str]) -> list[Run]:
+    """Every run the arguments name, once each (a glob and a name may both name one), in argument order."""
+    folders: dict[str, str] = {}
+    for arg in args:
+        for path in run_folders(arg):
+            folders.setdefault(os.path.realpath(path), path)
+    runs = [load_run(path) for path in folders.values()]
+    if len({r.name for r in runs}) < len(runs):  # same folder name under different parents: show the paths
+        for run in runs:
+            run.name = os.path.normpath(run.path)
+    return runs
+
+
+def select(loaded: list[Run], args: argparse.Namespace) -> list[Run]:
+    """The runs --where keeps; refuses unknown keys (in --sort too) and a filter that keeps none."""
+    wheres = [Where.parse(spec) for spec in args.where]
+    for key, flag in [(w.key, "--where") for w in wheres] + ([(args.sort.lstrip("-"), "--sort")] if args.sort else []):
+        check_key(key, loaded, flag)
+    runs = [run for run in loaded if all(w.holds(run, args.metric) for w in wheres)]
+    if not runs:
+        have = "; ".join(f"{w.key} is {', '.join(sorted({show(Row([r]).value(w.key, args.metric)) for r in loaded}))}"
+                         for w in wheres)
+        raise UserError(f"no run matches --where {' '.join(args.where)} (in the {len(loaded)} runs given, {have}); "
+                        f"loosen or drop a --where")
+    logged = {k for run in runs for row in run.rows for k, v in row.items() if isinstance(v, (int, float))}
+    if logged and args.metric not in logged:  # nothing logged yet (runs just started) is no typo
+        raise UserError(f"no run logged metric {args.metric!r}; choose one of {', '.join(sorted(logged))}")
+    return runs
+
+
+def make_rows(runs: list[Run], loaded: list[Run], by_seed: bool, differing: list[str], metric: str) -> list[Row]:
+    """A row per run, or per seed group, with its label and colour. Colours are dealt over every run given, before
+    --where, in sorted order: a run (or group) keeps its colour whatever the order, --sort or --where."""
+    rows = [Row(group) for group in seed_groups(runs)] if by_seed else [Row([run]) for run in runs]
+    identity = seed_id if by_seed else (lambda run: run.name)
+    colors = compare_plot.assign_colors(identity(run) for run in loaded)
+    for row in rows:  # a group is named by the settings that set it apart (by its recipe when it is alone)
+        pairs = ", ".join(f"{k}={show(row.value(k, metric))}" for k in differing)
+        row.label = (pairs or str(row.runs[0].config.get("name", "runs"))) if by_seed else row.runs[0].name
+        row.color = colors[identity(row.runs[0])]
+    return rows
+
+
+def build(args: argparse.Namespace) -> View:
+    loaded = load_runs(args.runs)
+    runs = select(loaded, args)
+    by_seed = args.by_seed or (not args.each_run and any(len(g) > 1 for g in seed_groups(runs)))
+    shared, differing = split_settings(runs, by_seed)
+    rows = make_rows(runs, loaded, by_seed, differing, args.metric)
+    return View(args.metric, by_seed, shared, differing, sort_rows(rows, args.sort, args.metric) if args.sort else rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cifar.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders, sweep folders or quoted globs")
+    parser.add_argument("--output", default="compare.png", help="PNG to write (default: compare.png)")
+    parser.add_argument("--metric", default="test/acc", help="metric for the table and the first plot row "
+                                                             "(default: test/acc)")
+    parser.add_argument("--format", default="table", choices=("table", "md", "csv", "json"),
+                        help="table (default), md (GitHub markdown), csv or json; the last three alone on stdout")
+    parser.add_argument("--sort", metavar="[-]KEY", help="sort by a setting (optim.lr), processes, best, final, "
+                                                         "time, steps or status; -KEY descending")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep the runs whose KEY equals VALUE (KEY!=VALUE: differs); repeatable, all must hold")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--by-seed", action="store_true", help="one row per group of runs that differ only in seed "
+                                                             "(the default when there is such a group)")
+    mode.add_argument("--each-run", action="store_true", help="one row per run, even where runs differ only in seed")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # `--sort -best`: argparse would take -best for an option
+        if arg == "--sort" and re.match(r"-[^-]", argv[i + 1]):
+            argv[i:i + 2] = [f"--sort={argv[i + 1]}"]
+            break
+    return parser.parse_args(argv)
 
 
 @cli
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cifar.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by train.py")
-    parser.add_argument("--output", default="compare.png", help="PNG to write (default: compare.png)")
-    parser.add_argument("--metric", default="test/acc", help="metric for the table and the first plot row "
-                                                             "(default: test/acc)")
-    args = parser.parse_args(argv)
-    runs = [load_run(path) for path in args.runs]
-    if len({r.name for r in runs}) < len(runs):  # same folder name under different parents: show the paths
-        for run in runs:
-            run.name = os.path.normpath(run.path)
-    if not any(args.metric in row for run in runs for row in run.rows):
-        known = sorted({k for run in runs for row in run.rows for k, v in row.items() if isinstance(v, (int, float))})
-        raise UserError(f"no run logged metric {args.metric!r}; choose one of {', '.join(known) or '(none yet)'}")
-    print_table(runs, args.metric)
-    second = "test/acc" if args.metric == "test/loss" else "test/loss"
-    plot(runs, [args.metric, second], args.output)
-    print(f"wrote {args.output}")
+    args = parse_args(argv)
+    view = build(args)
+    compare_output.write(view, args.format)
+    compare_plot.save(compare_plot.figure(view.rows, view.plotted), args.output)
+    # table: for a person, on stdout as always; md/csv/json: stdout holds only the data, so a pipe can read it
+    print(f"wrote {args.output}", file=sys.stdout if args.format == "table" else sys.stderr)
 
 
 if __name__ == "__main__":
