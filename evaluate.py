@@ -6,6 +6,7 @@
 """
 import argparse
 
+from cifar import log
 from cifar.config_help import help_text
 from cifar.errors import cli
 from cifar.evaluate_run import add_run_arguments, evaluate_run
@@ -24,7 +25,10 @@ def main(argv=None):
     parser.add_argument("--wandb-into-train-run", action="store_true",
                         help="with W&B on (wandb.mode=online|offline), log into the training run instead of a new "
                              "eval run")
+    parser.add_argument("--log-level", choices=log.LEVELS,
+                        help="debug | info (default) | warning | error; or $CIFAR_LOG_LEVEL")
     args, overrides = parser.parse_known_args(argv)
+    log.setup(args.log_level)
     evaluate_run(args.checkpoint, overrides, args.tta, args.output, pick=args.pick,
                  into_train_run=args.wandb_into_train_run)
 

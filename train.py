@@ -8,6 +8,7 @@ With no --config the defaults are the PyTorch 60-minute tutorial (configs/tutori
 """
 import argparse
 
+from cifar import log
 from cifar.config import load_config
 from cifar.config_help import help_text
 from cifar.engine import train
@@ -21,7 +22,10 @@ def main(argv=None):
     parser.add_argument("--config", help="YAML recipe (default: the tutorial recipe)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (recipe + overrides) as YAML and exit; touches no data or folder")
+    parser.add_argument("--log-level", choices=log.LEVELS,
+                        help="debug | info (default) | warning | error; or $CIFAR_LOG_LEVEL (cifar/log.py)")
     args, overrides = parser.parse_known_args(argv)
+    log.setup(args.log_level)
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")

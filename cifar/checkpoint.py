@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from .config import Config, flatten
+from . import log
+from .config import Config, flatten, with_saved_defaults
 from .errors import SaveFailed, UserError, warn
 from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
 from .runtime import on_main
@@ -165,7 +166,9 @@ def choose_resume(run_dir: str, policy) -> str | None:
                             f"files are kept in previous-<time>/), or another output_dir")
         return None
     if resume == "auto":
-        return newest_valid(folder)
+        found = newest_valid(folder)
+        log.debug(f"checkpoint.resume=auto: {f'resuming from {found}' if found else f'no checkpoint in {folder}'}")
+        return found
     path = os.path.abspath(resume)
     if os.path.isdir(os.path.join(path, "checkpoints")):      # a run folder: its newest valid checkpoint
         found = newest_valid(os.path.join(path, "checkpoints"))
@@ -264,6 +267,8 @@ class Checkpoints:
         fsync_dir(self.folder)
         _write_pointer(self.folder, "latest", name)
         self._prune()
+        log.debug(f"saved checkpoint {final} ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB, verified "
+                  f"by SHA-256 on resume); kept: {', '.join(os.path.basename(p) for p in list_checkpoints(self.folder))}")
         _fault_point("kill-after-save", state.step)
         return final
 
@@ -300,7 +305,7 @@ class Checkpoints:
                             f"model.name={theirs}, or start over with checkpoint.resume=never and another output_dir")
         load_weights(self.model, os.path.join(path, WEIGHTS), "resume with the config it was saved with")
         changed = config_changes(saved["config"], self.cfg.to_dict())
-        if changed and self.is_main:
+        if changed:   # every rank knows; the log shows it once (CIFAR_LOG_ALL_RANKS=1: from each)
             warn(f"resuming {path} with a different config ({'; '.join(changed[:4])}); the checkpoint's optimizer "
                  f"and schedule state are restored as saved")
         training = torch.load(os.path.join(path, "training.pt"), map_location="cpu", weights_only=True)
@@ -324,7 +329,9 @@ _FREE_TO_CHANGE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.dow
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    a, b = flatten(saved, sep="."), flatten(current, sep=".")
+    """The keys whose values differ, a saved config's missing keys read as what its training used (SAVED_DEFAULTS:
+    a checkpoint from before data.normalize existed was normalised with the CIFAR statistics)."""
+    a, b = flatten(with_saved_defaults(saved), sep="."), flatten(current, sep=".")
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)]
 

@@ -155,9 +155,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
 SAVED_DEFAULTS = {"data": {"normalize": "cifar"}}
 
 
+def with_saved_defaults(saved: dict) -> dict:
+    """A saved config (a dict) with the keys it predates filled in as SAVED_DEFAULTS."""
+    return _merge(SAVED_DEFAULTS, saved)
+
+
 def load_saved_config(path: str, overrides: list[str] = ()) -> Config:
     """A run's saved config.yaml + overrides -> validated Config, keys it predates read as SAVED_DEFAULTS."""
-    return _with_overrides(_merge(SAVED_DEFAULTS, _read_recipe(path, seen=())), overrides)
+    return _with_overrides(with_saved_defaults(_read_recipe(path, seen=())), overrides)
 
 
 def _with_overrides(raw: dict, overrides: list[str]) -> Config:
@@ -170,7 +175,7 @@ def _with_overrides(raw: dict, overrides: list[str]) -> Config:
 
 def config_from_dict(raw: dict) -> Config:
     """Rebuild a Config saved in a run folder (config.yaml); keys it predates read as SAVED_DEFAULTS."""
-    return _with_overrides(_merge(SAVED_DEFAULTS, dict(raw)), [])
+    return _with_overrides(with_saved_defaults(dict(raw)), [])
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:

@@ -1,4 +1,5 @@
-"""What a person watches: live bars and an epoch table on a terminal, plain lines in batch logs. Main process only."""
+"""What a person watches: live bars and an epoch table on a terminal, plain log lines (cifar/log.py, level info) in
+batch logs. Main process only."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
+
+from . import log
 
 EPOCH_COLUMNS = [("epoch", "epoch", "{}"), ("step", "step", "{}"), ("train loss", "train/epoch_loss", "{:.4f}"),
                  ("train acc", "train/epoch_acc", "{:.2f}"), ("test loss", "test/loss", "{:.4f}"),
@@ -23,9 +26,9 @@ def cell(value, fmt: str = "{}") -> str:
 
 class Console:
     def __init__(self, enabled: bool):
-        self.enabled = enabled
+        self.enabled = enabled and log.enabled()   # --log-level warning: no progress, no epoch lines
         self.rich = RichConsole(stderr=False)
-        self.interactive = enabled and self.rich.is_terminal
+        self.interactive = self.enabled and self.rich.is_terminal
         self.live = None
         self.table = None
 
@@ -33,7 +36,7 @@ class Console:
         if self.interactive:
             self.rich.print(text, soft_wrap=True)
         elif self.enabled:
-            print(text, flush=True)   # batch logs: whole lines, never wrapped or cut
+            log.info(text)   # batch logs: whole lines, never wrapped or cut
 
     def config(self, yaml_text: str, output_dir: str):
         if not self.enabled:
@@ -41,7 +44,7 @@ class Console:
         if self.interactive:
             self.rich.print(Syntax(yaml_text, "yaml", theme="ansi_dark", background_color="default"))
         else:
-            print(yaml_text, end="", flush=True)
+            log.info(yaml_text.rstrip("\n"))
         self.print(f"run folder: {output_dir}")
 
     def start(self, total_steps: int, first_step: int = 0):
@@ -63,8 +66,8 @@ class Console:
             info = f"loss {row['train/loss']:.4f}  lr {row['lr']:.3g}" if row else None
             self.progress.update(self.task, completed=step, **({"info": info} if info else {}))
         elif row:
-            print(f"step {step} epoch {row['epoch']} loss {row['train/loss']:.4f} acc {row['train/acc']:.2f} "
-                  f"lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s", flush=True)
+            log.info(f"step {step} epoch {row['epoch']} loss {row['train/loss']:.4f} acc {row['train/acc']:.2f} "
+                     f"lr {row['lr']:.4g} {row['images_per_sec']:.0f} img/s")
 
     def epoch(self, row: dict):
         if not self.enabled:
@@ -74,8 +77,8 @@ class Console:
             self.table.add_row(*cells)
         else:
             pairs = zip(EPOCH_COLUMNS[1:], cells[1:])
-            print(f"epoch {cells[0]}  " + "  ".join(f"{name.replace(' ', '_')}={cell}" for (name, _, _), cell in pairs),
-                  flush=True)
+            log.info(f"epoch {cells[0]}  " + "  ".join(f"{name.replace(' ', '_')}={cell}"
+                                                      for (name, _, _), cell in pairs))
 
     def stop(self):
         if self.live:
@@ -90,7 +93,7 @@ class Console:
                 for key in ("final_test_acc", "best_test_acc", "wall_seconds", "train_seconds", "images_per_sec",
                             "world_size", "mixed_precision", "output_dir")]
         if not self.interactive:
-            print("summary " + "  ".join(f"{k}={v}" for k, v in rows), flush=True)
+            log.info("summary " + "  ".join(f"{k}={v}" for k, v in rows))
             return
         table = Table(title="summary", show_header=False, title_justify="left")
         for row in rows:

@@ -6,6 +6,8 @@ import functools
 import signal
 import sys
 
+from . import log
+
 EXIT_USAGE = 2
 # Stopped early on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint: rerun the same command to resume.
 # 75 is sysexits' EX_TEMPFAIL, "temporary failure; the user is invited to retry".
@@ -17,8 +19,8 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
 
 
 def warn(message: str) -> None:
-    """A problem the run survives: one line on stderr."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """A problem the run survives: a warning record (cifar/log.py), by default one `warning: ...` line on stderr."""
+    log.warning(message)
 
 
 class UserError(Exception):
@@ -41,11 +43,16 @@ class Stopped(Exception):
 
 
 def cli(main):
-    """Wrap an entry point so a UserError prints one line on stderr and exits 2."""
+    """Wrap an entry point: logging set up; a UserError prints one line on stderr and exits 2 (74 for a disk
+    fault, 75 when stopped with a checkpoint)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
+            try:
+                log.setup()   # $CIFAR_LOG_LEVEL; an entry point's --log-level sets it again
+            except ValueError as e:
+                raise UserError(str(e)) from None
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

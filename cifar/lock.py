@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+from . import log
 from .errors import UserError, warn
 
 LOCK = ".lock"
@@ -73,6 +74,7 @@ class RunLock:
         if waited_since is not None:
             warn(f"the previous instance released the folder after {time.monotonic() - waited_since:.1f} s")
         self.file = os.fdopen(fd, "r+b")
+        log.debug(f"locked {self.path} (held until this process exits)")
 
     def record(self) -> None:
         """Name this process as the holder (after the run folder is claimed, so that a refused start leaves every

@@ -15,6 +15,7 @@ the same every time. A rerun skips finished runs and resumes interrupted ones fr
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import math
@@ -32,7 +33,8 @@ from typing import Any
 import yaml
 
 from .config import flatten, load_config, load_saved_config, parse_overrides
-from .errors import EXIT_RESUMABLE, UserError, cli
+from . import log
+from .errors import EXIT_RESUMABLE, UserError, cli, warn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What W&B accepts at the top of a sweep file (its schema refuses anything else)
@@ -326,8 +328,6 @@ def state(run: Run) -> str:
 
 
 def _locked(folder: str) -> bool:
-    import fcntl
-
     try:
         fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR)
     except OSError:
@@ -434,7 +434,7 @@ class Runner:
         return self.results
 
     def _start(self, run: Run, slot: int):
-        print(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting", flush=True)
+        log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
         command = [sys.executable, os.path.join(ROOT, "train.py"), *run.args]
         if self.log_dir:  # several at once: each to its own log
             os.makedirs(self.log_dir, exist_ok=True)
@@ -485,8 +485,8 @@ class Runner:
                 why = self._error_line(run) or (f"killed by {signal.Signals(-code).name}" if code < 0 else "")
                 outcome, detail = f"failed (exit {code})", why
             self.results[run.index] = (outcome, detail)
-            print(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
-                  (f": {detail}" if detail else ""), flush=True)
+            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
+                     (f": {detail}" if detail else ""))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -563,11 +563,11 @@ def main(argv=None) -> None:
         if states[run.index] == "finished":
             why = changed(run, sweep)
             if why:
-                print(f"sweep: warning: run {run.index} finished with another config ({why}); kept as it is: move "
-                      f"{run.folder} away to run it again", file=sys.stderr)
-            print(f"sweep: run {run.index} {os.path.basename(run.folder)}: finished before, skipped", flush=True)
+                warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
+                     f"{run.folder} away to run it again")
+            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: finished before, skipped")
         elif states[run.index] == "running":
-            print(f"sweep: run {run.index} {os.path.basename(run.folder)}: running elsewhere, skipped", flush=True)
+            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: running elsewhere, skipped")
         else:
             todo.append(run)
     log_dir = os.path.join(args.runs_dir, sweep.name, "logs") if args.parallel > 1 else None

@@ -92,3 +92,10 @@ def read_jsonl(path) -> list[dict]:
 def read_json(path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def logged_warnings(caplog) -> str:
+    """Warnings an in-process call logged (cifar/log.py), as the `warning: ...` lines a CLI prints: under pytest,
+    whose handlers are on the root logger, the records go to caplog instead of stderr."""
+    return "".join(f"warning: {r.getMessage()}\n" for r in caplog.records if r.name == "cifar"
+                   and r.levelname == "WARNING")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from conftest import ROOT, env, read_json, run, write_cifar
+from conftest import ROOT, env, logged_warnings, read_json, run, write_cifar
 from PIL import Image
 from safetensors.torch import save_file
 from test_evaluate import one_line_error, run_together
@@ -367,7 +367,7 @@ def test_predict_tells_overrides_from_paths(tmp_path, monkeypatch):
     assert paths == ["cat.jpg", "data.root=x.png", "photos/"] and overrides == ["data.normalize=cifar"]
 
 
-def test_export_for_the_tutorial_says_what_does_not_fit_it(tmp_path, capsys):
+def test_export_for_the_tutorial_says_what_does_not_fit_it(tmp_path, capsys, caplog):
     """--format tutorial: a run trained with the CIFAR statistics is written with one warning naming the Normalize
     the notebook must use instead (the weights load, the notebook's (0.5, ...) would score lower); a network that
     is not the tutorial's Net is refused, naming --format pt2; an export onto its own input is refused."""
@@ -381,7 +381,7 @@ def test_export_for_the_tutorial_says_what_does_not_fit_it(tmp_path, capsys):
 
     cifar_run = fake_run("cifar", ["data.normalize=cifar"], Net())
     export(str(cifar_run), "tutorial", None, [])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = (capsys.readouterr().err + logged_warnings(caplog)).strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: this run was trained with data.normalize=cifar")
     assert "transforms.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616))" in err[0]
     net = Net()
