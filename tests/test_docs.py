@@ -84,6 +84,8 @@ def check_command(cmd: str) -> list[str]:
     if not os.path.isfile(os.path.join(ROOT, script)):
         return [f"{cmd}: no file {script}"]
     source = read(os.path.join(ROOT, script))
+    if script == "slurm/sweep.sbatch":     # its options after the sweep file are cifar.sweep's
+        source += read(os.path.join(ROOT, "cifar", "sweep.py"))
     # flags that an entry point takes from a shared helper (evaluate_run.add_run_arguments): the modules it imports
     for module in re.findall(r"^from (?:cifar\.|\.)(\w+) import", source, re.M):
         if os.path.isfile(os.path.join(ROOT, "cifar", f"{module}.py")):
@@ -174,6 +176,8 @@ def test_the_checkers_catch_what_does_not_exist():
     assert check_command("python -m cifar.sweep configs/sweeps/nope.yaml --dry-run")
     assert check_command("python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --nope")
     assert not check_command("python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --parallel 2")
+    assert not check_command("sbatch --array=0-3 slurm/sweep.sbatch configs/sweeps/debug-lr-seed.yaml --seed=1")
+    assert check_command("sbatch --array=0-3 slurm/sweep.sbatch configs/sweeps/debug-lr-seed.yaml --nope=1")
     assert check_command("python -m pytest -q -n 2 tests/test_nope.py")
     assert not check_command('python -m pytest -q -n 2 tests -m "not slow"')
     assert not check_command("accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>")
