@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from safetensors.torch import load_file
 
 from . import log
 from .config import Config, flatten, with_saved_defaults
@@ -32,6 +33,7 @@ from .runtime import on_main
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"     # here and in a finished run folder
+EMA_WEIGHTS = "model-ema.safetensors"   # train.ema: the moving average, loadable into the model like WEIGHTS
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainState:
     samples_in_epoch: int = 0        # global samples of `epoch` already trained on
     step: int = 0                    # global optimizer steps taken
     best_acc: float | None = None
+    best_ema_acc: float | None = None        # of the moving average (train.ema)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0        # test-set evaluations, kept out of train_seconds
     samples_seen: int = 0
@@ -190,12 +193,13 @@ class Checkpoints:
     the grad scaler), when to save is decided here (should_save), and save/load are called on every rank alike."""
 
     def __init__(self, run_dir: str, cfg: Config, accelerator, *, model, optimizer, scheduler,
-                 total_steps: int, epochs: int):
+                 total_steps: int, epochs: int, ema=None):
         self.folder = os.path.join(run_dir, "checkpoints")
         self.cfg, self.policy = cfg, cfg.checkpoint
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, accelerator.scaler
+        self.ema = ema          # cifar.ema.Ema or None
         self.total_steps, self.epochs = total_steps, epochs
 
     # -- when
@@ -248,11 +252,14 @@ class Checkpoints:
         training = io.BytesIO()
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "rng": [_as_tensors(r) for r in rng_states]}, training)
+                    "rng": [_as_tensors(r) for r in rng_states],
+                    "ema_updates": self.ema.updates if self.ema else None}, training)
         contents = {WEIGHTS: weights_bytes(self.model), "training.pt": training.getvalue(),
                     "state.json": json.dumps({"state": asdict(state), "test_acc": acc, "config": self.cfg.to_dict()},
                                              indent=1).encode(),
                     "config.yaml": self.cfg.to_yaml().encode()}
+        if self.ema:
+            contents[EMA_WEIGHTS] = weights_bytes(self.ema.module)
         files = {}
         for file, data in contents.items():
             write_durable(os.path.join(tmp, file), data)
@@ -317,10 +324,21 @@ class Checkpoints:
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])
+        if self.ema:
+            self._load_ema(path, training.get("ema_updates"))
         rank = self.accelerator.process_index
         if rank < len(training["rng"]):
             set_rng_state(training["rng"][rank])
         return TrainState(**saved["state"])
+
+
+    def _load_ema(self, path: str, updates: int | None) -> None:
+        file = os.path.join(path, EMA_WEIGHTS)
+        if not os.path.isfile(file) or updates is None:
+            warn(f"checkpoint {path} holds no moving average of the weights (it was saved without train.ema): the "
+                 f"average starts from the resumed weights")
+            return
+        self.ema.restore(load_file(file), updates)
 
 
 # Keys that may change between an interrupted run and its resumption without changing the training trajectory.

@@ -66,6 +66,14 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    # an exponential moving average of the weights, evaluated beside them (test/ema_acc) and saved as
+    # model-ema.safetensors; null: off. 0.999 averages over about the last 1,000 updates
+    decay: Optional[float] = None
+    every_steps: int = 1                     # fold the weights in every N optimizer steps
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 2                          # passes over the training set
     max_steps: Optional[int] = None          # optimizer steps; overrides epochs when set
@@ -84,6 +92,7 @@ class TrainConfig:
     channels_last: bool = False              # NHWC memory format (faster convolutions on recent GPUs)
     # CPU runs: malloc keeps freed memory for the next step instead of page-faulting it in again (perf.py)
     keep_freed_memory: bool = True
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -108,6 +117,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)   # W&B tags (a sweep adds its parameters as key=value)
     job_type: str = "train"                  # W&B job type (evaluate.py's runs: eval)
     notes: Optional[str] = None              # W&B notes, a line about the run
+    # checkpoints as W&B model artifacts model-<run id>: best (each new best, alias best), final (the final
+    # weights, alias final), all (every checkpoint, alias step-N, and the final weights); false: none
+    log_model: Literal["false", "best", "final", "all"] = "false"
 
 
 @dataclass
@@ -284,8 +296,8 @@ def _coerce(tp, value, key: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)
     if origin is Literal:
-        if value is False:  # YAML 1.1 reads a bare `no` as false
-            value = "no"
+        if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision) or `false` (log_model) as false
+            value = "no" if "no" in args else "false"
         if value not in args:
             raise UserError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
@@ -355,10 +367,15 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", t.label_smoothing)
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", ">= 1", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(t.ema.decay is None or 0 < t.ema.decay < 1, "train.ema.decay", "in (0, 1), or null (off)", t.ema.decay)
+    _require(t.ema.every_steps >= 1, "train.ema.every_steps", ">= 1", t.ema.every_steps)
     c = cfg.checkpoint
     for k in ("every_steps", "every_epochs"):
         v = getattr(c, k)
         _require(v is None or v >= 1, f"checkpoint.{k}", ">= 1 or null", v)
     _require(c.keep_last >= 1, "checkpoint.keep_last", ">= 1 (the newest checkpoint is what resume needs)", c.keep_last)
     _require(c.keep_best >= 0, "checkpoint.keep_best", ">= 0", c.keep_best)
+    _require(cfg.wandb.log_model != "best" or c.keep_best >= 1, "wandb.log_model",
+             "false, final or all when checkpoint.keep_best is 0 (best follows the kept best checkpoint)",
+             cfg.wandb.log_model)
     _require(bool(c.resume), "checkpoint.resume", "auto, never or a checkpoint path", c.resume)

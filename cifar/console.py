@@ -25,8 +25,9 @@ def cell(value, fmt: str = "{}") -> str:
 
 
 class Console:
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, ema: bool = False):
         self.enabled = enabled and log.enabled()   # --log-level warning: no progress, no epoch lines
+        self.columns = EPOCH_COLUMNS + ([("ema acc", "test/ema_acc", "{:.2f}")] if ema else [])
         self.rich = RichConsole(stderr=False)
         self.interactive = self.enabled and self.rich.is_terminal
         self.live = None
@@ -50,7 +51,7 @@ class Console:
     def start(self, total_steps: int, first_step: int = 0):
         if not self.interactive:
             return
-        self.table = Table(*(c[0] for c in EPOCH_COLUMNS), title="epochs", title_justify="left")
+        self.table = Table(*(c[0] for c in self.columns), title="epochs", title_justify="left")
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=self.rich)
@@ -72,11 +73,11 @@ class Console:
     def epoch(self, row: dict):
         if not self.enabled:
             return
-        cells = [cell(row.get(key), fmt) for _, key, fmt in EPOCH_COLUMNS]
+        cells = [cell(row.get(key), fmt) for _, key, fmt in self.columns]
         if self.live:
             self.table.add_row(*cells)
         else:
-            pairs = zip(EPOCH_COLUMNS[1:], cells[1:])
+            pairs = zip(self.columns[1:], cells[1:])
             log.info(f"epoch {cells[0]}  " + "  ".join(f"{name.replace(' ', '_')}={cell}"
                                                       for (name, _, _), cell in pairs))
 
@@ -90,8 +91,9 @@ class Console:
             return
         self.stop()
         rows = [(key, f"{v:.2f}" if isinstance(v := summary.get(key), float) else str(v))
-                for key in ("final_test_acc", "best_test_acc", "wall_seconds", "train_seconds", "images_per_sec",
-                            "world_size", "mixed_precision", "output_dir")]
+                for key in ("final_test_acc", "best_test_acc", "best_ema_test_acc", "wall_seconds", "train_seconds",
+                            "images_per_sec", "world_size", "mixed_precision", "output_dir")
+                if key != "best_ema_test_acc" or summary.get(key) is not None]
         if not self.interactive:
             log.info("summary " + "  ".join(f"{k}={v}" for k, v in rows))
             return

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from .checkpoint import Checkpoints, TrainState
 from .config import Config
 from .data import TrainBatches, build_batches
+from .ema import Ema, build_ema
 from .errors import Stopped
 from .evaluation import EvalResult, evaluate
 from .lock import RunLock
@@ -58,6 +59,7 @@ class Run:
     train_batches: TrainBatches
     test_batches: TrainBatches      # epoch(0) is the test set, this rank's shard
     expiring: dict                  # parameters trained until a step (models.expiring_parameters)
+    ema: Ema | None                 # train.ema: the moving average of raw_model's weights
     checkpoints: Checkpoints
     lock: RunLock                   # held by the main process for the whole run
     report: Reporter
@@ -77,7 +79,7 @@ def train(cfg: Config) -> dict:
     stop = StopRequest().install()     # first: a signal during start-up is honoured at the first step
     run = start_run(cfg, stop)
     state, t = run.state, cfg.train
-    result, graphs_before, wall_start = None, compiled_graphs(), run.meters.window_start
+    result, ema_row, graphs_before, wall_start = None, {}, compiled_graphs(), run.meters.window_start
     run.report.training(run.total_steps, state.step)
     try:
         for epoch in range(state.epoch, run.epochs):
@@ -85,7 +87,8 @@ def train(cfg: Config) -> dict:
             evaluated = (epoch + 1) % t.eval_every_epochs == 0 or epoch == run.epochs - 1
             if evaluated:
                 result = evaluate_now(run)
-                row.update(result.as_row())
+                ema_row = evaluate_ema(run)
+                row.update(result.as_row(), **ema_row)
             run.report.epoch(row, result if evaluated else None)
             state.epoch, state.samples_in_epoch = epoch + 1, 0
             run.meters.epoch, run.meters.epoch_start = StepStats.start(run.accelerator.device), time.perf_counter()
@@ -103,9 +106,10 @@ def train(cfg: Config) -> dict:
     if result is None:                                   # resumed a run that had already finished training
         result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta)
         state.best_acc = max(state.best_acc or 0.0, result.accuracy)
-    summary = summarize(run, result, time.perf_counter() - wall_start, graphs_in_training)
+        ema_row = evaluate_ema(run)
+    summary = summarize(run, result, time.perf_counter() - wall_start, graphs_in_training, ema_row)
     run.accelerator.wait_for_everyone()
-    run.report.finished(summary, run.raw_model, run.total_steps)
+    run.report.finished(summary, run.raw_model, run.total_steps, run.ema)
     shut_down(run.accelerator)
     run.lock.release()
     return summary
@@ -159,6 +163,8 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     if stepped:                                  # fp16 overflow skips a step: the schedule waits too
         run.scheduler.step()
     state.step += 1
+    if run.ema:
+        run.ema.after_step(run.raw_model, state.step)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes
     meters.epoch.add(loss_sum, correct, n)
     meters.window.add(loss_sum, correct, n)
@@ -187,12 +193,25 @@ def evaluate_now(run: Run) -> EvalResult:
     return result
 
 
+def evaluate_ema(run: Run) -> dict:
+    """The moving average on the test set, beside the weights' own evaluation: its row entries ({} without one)."""
+    if run.ema is None:
+        return {}
+    state, start = run.state, time.perf_counter()
+    result = evaluate(run.ema.module, run.test_batches, run.accelerator, tta=run.cfg.train.tta)
+    state.eval_seconds += time.perf_counter() - start
+    state.best_ema_acc = max(state.best_ema_acc or 0.0, result.accuracy)
+    return {"test/ema_loss": result.loss, "test/ema_acc": result.accuracy}
+
+
 def save(run: Run, acc: float | None = None) -> str | None:
     """A checkpoint of where the loop stands now (every rank calls this; the main process writes)."""
     state, meters = run.state, run.meters
     state.epoch_sums, state.log_sums = meters.epoch.totals(run.accelerator), meters.window.totals(run.accelerator)
     state.train_seconds = meters.train_seconds + (time.perf_counter() - meters.epoch_start)
-    return run.checkpoints.save(state, acc)
+    path = run.checkpoints.save(state, acc)
+    run.report.checkpoint(path, state.step, acc)       # W&B model artifact (wandb.log_model), main process only
+    return path
 
 
 # ----------------------------------------------------------------------------- start and end
@@ -224,8 +243,9 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     model, optimizer = accelerator.prepare(model, build_optimizer(cfg.optim, model, expiring))
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     scheduler = build_scheduler(cfg.schedule, optimizer.optimizer, total_steps)
+    ema = build_ema(t.ema, raw_model)
     checkpoints = Checkpoints(output_dir, cfg, accelerator, model=raw_model, optimizer=optimizer.optimizer,
-                              scheduler=scheduler, total_steps=total_steps, epochs=epochs)
+                              scheduler=scheduler, total_steps=total_steps, epochs=epochs, ema=ema)
 
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
     state = TrainState(global_batch=global_batch, world_size=world)
@@ -259,18 +279,20 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
                     window_start=now, train_seconds=state.train_seconds, epoch_start=now)
     return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, optimizer=optimizer,
                scheduler=scheduler, loss_fn=loss_fn, train_batches=train_batches, test_batches=test_batches,
-               expiring=expiring, checkpoints=checkpoints, lock=lock, report=report, stop=stop, state=state,
-               meters=meters,               total_steps=total_steps, epochs=epochs, output_dir=output_dir, resumed_from=resumed_from,
-               data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds)
+               expiring=expiring, ema=ema, checkpoints=checkpoints, lock=lock, report=report, stop=stop,
+               state=state, meters=meters, total_steps=total_steps, epochs=epochs, output_dir=output_dir,
+               resumed_from=resumed_from, data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds)
 
 
-def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_training: int | None) -> dict:
+def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_training: int | None,
+              ema_row: dict) -> dict:
     """summary.json: the final evaluation, the times, and what the run was."""
     cfg, state, accelerator, t = run.cfg, run.state, run.accelerator, run.cfg.train
     train_seconds = run.meters.train_seconds
     return {
         "name": cfg.name, "output_dir": run.output_dir, "steps": state.step, "epochs": run.epochs,
         "final_test_acc": result.accuracy, "best_test_acc": state.best_acc, "final_test_loss": result.loss,
+        "final_ema_test_acc": ema_row.get("test/ema_acc"), "best_ema_test_acc": state.best_ema_acc,
         "per_class_acc": result.per_class, "wall_seconds": wall_seconds,
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": accelerator.num_processes, "mixed_precision": t.mixed_precision,

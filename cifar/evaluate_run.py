@@ -8,7 +8,7 @@ import os
 
 from safetensors import SafetensorError
 
-from .checkpoint import WEIGHTS, read_pointer
+from .checkpoint import EMA_WEIGHTS, WEIGHTS, read_pointer
 from .config import Config, load_config, load_saved_config
 from .data import build_batches
 from .errors import UserError
@@ -27,15 +27,19 @@ def add_run_arguments(parser) -> None:
                         help="run folder, checkpoint folder (checkpoints/step-N), a model.safetensors, or a bare "
                              "state_dict file (.pth/.pt, taken as the tutorial's Net and normalisation unless "
                              "model.name=... data.normalize=... say otherwise)")
-    parser.add_argument("--pick", choices=["auto", "final", "latest", "best"], default="auto",
-                        help="in a run folder: final weights, latest or best checkpoint (auto: final if finished)")
+    parser.add_argument("--pick", choices=["auto", "final", "latest", "best", "ema"], default="auto",
+                        help="in a run folder: final weights, latest or best checkpoint (auto: final if finished); "
+                             "ema: the moving average of the weights (train.ema), final or else the latest")
 
 
 def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
     """(config.yaml, weights) for a checkpoint folder, a weights file, or a run folder. In a run folder, `pick`
     chooses the final weights, the `latest` or the `best` checkpoint; auto means final if the run finished, else
-    latest."""
+    latest; ema the moving average (train.ema) beside the final weights, else in the latest checkpoint (or in the
+    checkpoint folder given)."""
     path = os.path.abspath(path)
+    if pick == "ema":
+        return _find_ema(path)
     folder = os.path.dirname(path) if os.path.isfile(path) else path
     checkpoints = os.path.join(folder, "checkpoints")
     if os.path.isdir(folder) and not os.path.isfile(path):
@@ -56,6 +60,17 @@ def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
     if not os.path.isfile(weights) or not os.path.isfile(config):
         raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
                         f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
+    return config, weights
+
+
+def _find_ema(path: str) -> tuple[str, str]:
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if not os.path.isfile(os.path.join(folder, EMA_WEIGHTS)):     # a run folder still training: its newest save
+        folder = read_pointer(os.path.join(folder, "checkpoints"), "latest") or folder
+    weights, config = os.path.join(folder, EMA_WEIGHTS), os.path.join(folder, "config.yaml")
+    if not os.path.isfile(weights) or not os.path.isfile(config):
+        raise UserError(f"{path} holds no moving average of the weights ({EMA_WEIGHTS}): it was trained without "
+                        f"train.ema; evaluate its own weights (--pick auto), or train with train.ema.decay=0.999")
     return config, weights
 
 
@@ -129,7 +144,9 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
     run_id, step = (None, None) if bare else trained_run(weights)
     images, labels, preds = result.samples or (None, [], [])   # None: no test image on this rank
-    report = {"checkpoint": weights, "step": step, "tta": tta, "world_size": accelerator.num_processes,
+    ema = os.path.basename(weights) == EMA_WEIGHTS
+    report = {"checkpoint": weights, "weights": "ema" if ema else "trained", "step": step, "tta": tta,
+              "world_size": accelerator.num_processes,
               "model": cfg.model.name, "normalize": cfg.data.normalize,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
               "per_class": result.per_class, "confusion": result.confusion,
@@ -142,11 +159,13 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
         os.makedirs(out, exist_ok=True)
         if bare:
             print(bare_state_dict_note(cfg, weights))
+        if ema:
+            print(f"the moving average of the weights (train.ema), {weights}")
         print(f"Accuracy of the network on the {result.count} test images: {result.accuracy:.2f} %")
         for name, acc in result.per_class.items():
             print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
-        name = os.path.basename(weights) if bare else cfg.name
+        name = os.path.basename(weights) if bare else cfg.name + (" (moving average)" if ema else "")
         title = f"{name}: {result.accuracy:.2f}% on {result.count} test images" + (
             f" ({tta} TTA)" if tta != "none" else "")
         confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)

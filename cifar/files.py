@@ -58,14 +58,15 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def weights_bytes(model: torch.nn.Module) -> bytes:
-    """The model's state_dict as safetensors (no pickle). Serialised in memory, so that writing it is a plain
-    write whose failure is an OSError like any other (safetensors' own writer raises its own error type)."""
-    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+def weights_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    """The model's state_dict as safetensors (no pickle), with string metadata in its header. Serialised in memory,
+    so that writing it is a plain write whose failure is an OSError like any other (safetensors' own writer raises
+    its own error type)."""
+    return save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
 
 
-def save_weights(model: torch.nn.Module, path: str) -> None:
-    write_atomic(path, weights_bytes(model))
+def save_weights(model: torch.nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
+    write_atomic(path, weights_bytes(model, metadata))
 
 
 def load_weights(model: torch.nn.Module, path: str, fix: str) -> None:

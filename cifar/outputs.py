@@ -8,15 +8,15 @@ import time
 
 import torch
 
-from .checkpoint import WEIGHTS, choose_resume
+from .checkpoint import EMA_WEIGHTS, WEIGHTS, choose_resume
 from .config import CheckpointConfig, Config
 from .errors import warn
 from .files import fsync_dir, save_weights, write_atomic
 from .lock import RunLock
 
 # What train.py and evaluate.py write into a run folder: a fresh start moves these aside, never deletes them.
-OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summary.json", WEIGHTS, "eval.json",
-           "confusion.png", "predictions.png", "wandb")
+OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summary.json", WEIGHTS, EMA_WEIGHTS,
+           "eval.json", "confusion.png", "predictions.png", "wandb")
 
 
 def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
@@ -94,8 +94,12 @@ class RunWriter:
         self._metrics.write(to_json(row) + "\n")
         self._metrics.flush()
 
-    def save_weights(self, model: torch.nn.Module) -> None:
-        save_weights(model, os.path.join(self.dir, WEIGHTS))
+    def save_weights(self, model: torch.nn.Module, ema=None) -> None:
+        """The final weights, their header saying which they are; with train.ema, the average beside them."""
+        save_weights(model, os.path.join(self.dir, WEIGHTS), {"weights": "trained"})
+        if ema is not None:
+            save_weights(ema.module, os.path.join(self.dir, EMA_WEIGHTS),
+                         {"weights": "ema", "ema_decay": str(ema.decay), "ema_updates": str(ema.updates)})
 
     def save_summary(self, summary: dict) -> None:
         write_atomic(os.path.join(self.dir, "summary.json"), (json.dumps(_clean(summary), indent=2) + "\n").encode())

@@ -3,6 +3,9 @@ run folder (metrics.jsonl, status.json, summary.json, final weights), W&B and th
 Reporter whose sinks are all off, so the loop calls it the same way everywhere."""
 from __future__ import annotations
 
+import os
+
+from .checkpoint import WEIGHTS, read_pointer
 from .config import Config
 from .console import Console
 from .errors import EXIT_RESUMABLE, warn
@@ -16,7 +19,7 @@ class Reporter:
                  wandb_run_id: str | None):
         """A fresh run starts metrics.jsonl anew; a resumed one (resume_step given) continues it. The W&B run
         continues too when its id was kept in the checkpoint."""
-        self.console = Console(enabled=main)
+        self.console = Console(enabled=main, ema=cfg.train.ema.decay is not None)
         self.writer = RunWriter(output_dir, cfg, resume_step) if main else None
         self.cfg, self.output_dir, self.run_info, self.wandb_run_id = cfg, output_dir, run_info, wandb_run_id
         self.tracker = Tracker(wandb_run_id)
@@ -57,6 +60,21 @@ class Reporter:
             self.tracker.log_eval(row["step"], result.confusion, *result.samples)
         self.console.epoch(row)
 
+    def checkpoint(self, path: str | None, step: int, acc: float | None) -> None:
+        """A checkpoint was saved (path: on the main process; None elsewhere). wandb.log_model=all logs it as a
+        model artifact (aliases latest, step-N, and best when the checkpoint module's `best` pointer names it);
+        best logs it only when the pointer names it, i.e. when it became the best by test accuracy."""
+        mode = self.cfg.wandb.log_model
+        if path is None or mode not in ("best", "all") or not self.tracker.active:
+            return
+        is_best = read_pointer(os.path.dirname(path), "best") == path
+        if mode == "best" and not is_best:
+            return
+        aliases = ([f"step-{step}"] if mode == "all" else []) + (["best"] if is_best else [])
+        files = sorted(name for name in os.listdir(path) if not name.startswith("."))   # the manifest's and itself
+        self.tracker.log_model(path, files, aliases, {"kind": "checkpoint", "step": step, "test_acc": acc,
+                                                      "checkpoint": os.path.basename(path), "model": self.cfg.model.name})
+
     def stopped(self, step: int, signal: str, checkpoint: str | None) -> None:
         """Stopped on a signal after saving a checkpoint: resumable."""
         self.console.stop()
@@ -73,14 +91,19 @@ class Reporter:
                 warn(f"could not record the failure in {self.writer.dir}/status.json ({e.strerror})")
         self.tracker.finish(1)
 
-    def finished(self, summary: dict, model, total_steps: int) -> None:
-        """Training is over: the final weights, summary.json, the W&B summary and the console's table."""
+    def finished(self, summary: dict, model, total_steps: int, ema=None) -> None:
+        """Training is over: the final weights (and their moving average), summary.json, the W&B summary and the
+        console's table."""
         self.console.stop()
         if self.writer:
-            self.writer.save_weights(model)
+            self.writer.save_weights(model, ema)
             self.writer.save_summary(summary)
             self.writer.status("finished", step=summary["steps"], total_steps=total_steps)
             self.writer.close()
+            if self.cfg.wandb.log_model in ("final", "all"):
+                self.tracker.log_model(self.writer.dir, [WEIGHTS, "config.yaml", "summary.json"], ["final"],
+                                       {"kind": "final", "step": summary["steps"],
+                                        "test_acc": summary["final_test_acc"], "model": self.cfg.model.name})
         self.tracker.summary(summary)
         self.tracker.finish(0)
         self.console.summary(summary)

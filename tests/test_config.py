@@ -187,3 +187,12 @@ def test_print_config_with_a_bad_override_is_one_line_exit_2(tmp_path):
     proc = run("train.py", "--print-config", "optim.lr=-1", check=False, cwd=str(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "error: config key 'optim.lr' must be > 0; got -1.0\n"
+
+
+@pytest.mark.parametrize("override, words", [("train.ema.decay=1", "'train.ema.decay' must be in (0, 1)"),
+                                             ("train.ema.decay=0", "'train.ema.decay' must be in (0, 1)"),
+                                             ("train.ema.every_steps=0", "'train.ema.every_steps' must be >= 1"),
+                                             ("train.ema.rate=0.9", "unknown config key 'train.ema.rate'")])
+def test_ema_settings_are_checked(override, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])

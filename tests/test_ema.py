@@ -1,0 +1,97 @@
+"""train.ema: a moving average of the weights (AveragedModel), evaluated beside them, saved in checkpoints and beside
+the final weights, restored bitwise on resume, the same under DDP as with one process and the double batch."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from cifar.checkpoint import verify
+from conftest import max_diff, read_json, read_jsonl, run, weights
+
+TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
+        "train.ema.decay=0.8", "train.ema.every_steps=2", "checkpoint.every_steps=4"]
+
+
+def ema(run_dir) -> dict:
+    return load_file(os.path.join(run_dir, "model-ema.safetensors"))
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ema") / "run"
+    run("train.py", *TINY, f"output_dir={out}")
+    return out
+
+
+@pytest.mark.slow
+def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path):
+    rows = [r for r in read_jsonl(uninterrupted / "metrics.jsonl") if "epoch_time" in r]
+    assert all("test/ema_acc" in r and "test/ema_loss" in r for r in rows)
+    summary = read_json(uninterrupted / "summary.json")
+    assert summary["final_ema_test_acc"] == rows[-1]["test/ema_acc"]
+    assert summary["best_ema_test_acc"] == max(r["test/ema_acc"] for r in rows)
+    with safe_open(str(uninterrupted / "model-ema.safetensors"), "pt") as f:
+        assert f.metadata() == {"weights": "ema", "ema_decay": "0.8", "ema_updates": "8"}   # 16 steps, every 2nd
+    with safe_open(str(uninterrupted / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"weights": "trained"}
+    assert not equal(ema(uninterrupted), weights(uninterrupted))          # an average, not a copy
+    kept = sorted((uninterrupted / "checkpoints").glob("step-*"))
+    assert kept and all((p / "model-ema.safetensors").is_file() and verify(str(p)) is None for p in kept)
+    manifest = json.load(open(kept[-1] / "manifest.json"))
+    assert "model-ema.safetensors" in manifest["files"]                  # its SHA-256 is checked on resume
+    # evaluate.py --pick ema scores exactly what training logged for the average
+    proc = run("evaluate.py", "--checkpoint", str(uninterrupted), "--pick", "ema", "--output", str(tmp_path / "e"))
+    assert "the moving average of the weights" in proc.stdout
+    report = json.load(open(tmp_path / "e" / "eval.json"))
+    assert report["weights"] == "ema" and report["accuracy"] == rows[-1]["test/ema_acc"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_with_the_uninterrupted_average_bitwise(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    killed = run("train.py", *TINY, f"output_dir={out}", check=False, CIFAR_FAULT="kill-after-save:4")
+    assert killed.returncode == -9
+    run("train.py", *TINY, f"output_dir={out}")
+    assert equal(ema(out), ema(uninterrupted)) and equal(weights(out), weights(uninterrupted))
+    # and the restore matters: the average resumed from the step-4 checkpoint, not restarted from the weights
+    with safe_open(str(out / "model-ema.safetensors"), "pt") as f:
+        assert f.metadata()["ema_updates"] == "8"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, cifar_root):
+    common = ["--config", "configs/tutorial.yaml", f"data.root={cifar_root}", "data.augment=true",
+              "data.num_workers=0", "optim.lr=0.05", "train.epochs=2", "train.ema.decay=0.7"]
+    run("train.py", *common, "data.batch_size=12", f"output_dir={tmp_path}/one")
+    run("train.py", *common, "data.batch_size=6", f"output_dir={tmp_path}/two", procs=2)
+    assert max_diff(ema(tmp_path / "one"), ema(tmp_path / "two")) <= 1e-5
+    one, two = (read_json(tmp_path / d / "summary.json") for d in ("one", "two"))
+    assert one["final_ema_test_acc"] == two["final_ema_test_acc"]
+
+
+@pytest.mark.slow
+def test_resuming_a_checkpoint_without_an_average_starts_one(tmp_path):
+    out = tmp_path / "run"
+    plain = [a for a in TINY if not a.startswith("train.ema")]
+    run("train.py", *plain, f"output_dir={out}", check=False, CIFAR_FAULT="kill-after-save:4")
+    proc = run("train.py", *TINY, f"output_dir={out}")
+    notes = [line for line in proc.stderr.splitlines() if "moving average" in line]
+    assert len(notes) == 1 and notes[0].startswith("warning: checkpoint ") and "starts from the resumed" in notes[0]
+    with safe_open(str(out / "model-ema.safetensors"), "pt") as f:
+        assert f.metadata()["ema_updates"] == "6"      # steps 6, 8, ..., 16 after the resume at step 4
+
+
+def test_no_average_to_pick_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    run("train.py", *[a for a in TINY if not a.startswith("train.ema")], "train.epochs=1", f"output_dir={out}")
+    proc = run("evaluate.py", "--checkpoint", str(out), "--pick", "ema", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "trained without train.ema" in proc.stderr
