@@ -223,16 +223,25 @@ def newest_step(run) -> int:
     return max(steps, default=-1)
 
 
+def start_sweep(path, runs_dir, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cifar.sweep", path, "--runs-dir", str(runs_dir)], env=env(),
+                            cwd=ROOT, **popen)
+
+
+def wait_for_checkpoint(run, step: int, proc) -> None:
+    """Until `run` has saved step `step` (or the sweep ended, or 5 minutes passed)."""
+    deadline = time.time() + 300
+    while newest_step(run) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_a_sweep_killed_mid_run_resumes_to_the_same_weights(finished, tmp_path):
     path, reference, _ = finished
     runs_dir = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "cifar.sweep", path, "--runs-dir", str(runs_dir)], env=env(),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_sweep(path, runs_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     second = runs_dir / "tiny" / "01-optim.lr=0.01,seed=1"
-    deadline = time.time() + 300
-    while newest_step(second) < 4 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(second, 4, proc)
     os.killpg(proc.pid, signal.SIGSTOP)   # freeze the sweep and its train.py mid-run, then kill all like a crash
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -253,12 +262,9 @@ def test_a_sweep_killed_mid_run_resumes_to_the_same_weights(finished, tmp_path):
 def test_sigterm_stops_the_sweep_with_a_checkpoint_and_starts_nothing_more(tmp_path):
     path = sweep_file(tmp_path)
     runs_dir = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "cifar.sweep", path, "--runs-dir", str(runs_dir)], env=env(),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_sweep(path, runs_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = runs_dir / "tiny" / "00-optim.lr=0.01,seed=0"
-    deadline = time.time() + 300
-    while newest_step(first) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_checkpoint(first, 2, proc)
     proc.send_signal(signal.SIGTERM)   # to the sweep alone, as a scheduler or `kill` would
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-2000:] + err[-2000:]
