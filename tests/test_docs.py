@@ -14,7 +14,7 @@ import accelerate.commands.launch
 import pytest
 from conftest import ROOT, env
 
-from cifar import sweep
+from cifar import sweep_plan
 from cifar.config import load_config
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))),
@@ -109,7 +109,7 @@ def check_command(cmd: str) -> list[str]:
             problems.append(f"{cmd}: no file {arg}")
         elif arg.startswith("configs/sweeps/"):     # a sweep file: every run it makes must be a valid config
             try:
-                sweep.plan(sweep.read_sweep(os.path.join(ROOT, arg)), "runs")
+                sweep_plan.plan(sweep_plan.read_sweep(os.path.join(ROOT, arg)), "runs")
             except Exception as e:  # noqa: BLE001
                 problems.append(f"{cmd}: {e}")
         i += 1

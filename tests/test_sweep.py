@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from cifar import sweep as sw
+from cifar import sweep_plan as sp
 from cifar.config import load_config, parse_overrides
 from conftest import ROOT, env, weights
 
@@ -45,7 +46,7 @@ def sweep_cli(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------- the list of runs
 
 def test_grid_order_folders_and_arguments(tmp_path):
-    runs = sw.plan(sw.read_sweep(sweep_file(tmp_path)), str(tmp_path / "runs"))
+    runs = sp.plan(sp.read_sweep(sweep_file(tmp_path)), str(tmp_path / "runs"))
     names = [os.path.relpath(r.folder, tmp_path / "runs") for r in runs]
     assert names == ["tiny/00-optim.lr=0.01,seed=0", "tiny/01-optim.lr=0.01,seed=1",
                      "tiny/02-optim.lr=0.05,seed=0", "tiny/03-optim.lr=0.05,seed=1"]
@@ -56,9 +57,9 @@ def test_grid_order_folders_and_arguments(tmp_path):
 
 
 def test_nested_and_dotted_parameters_are_the_same_sweep(tmp_path):
-    dotted = sw.plan(sw.read_sweep(sweep_file(tmp_path, name="a")), str(tmp_path))
+    dotted = sp.plan(sp.read_sweep(sweep_file(tmp_path, name="a")), str(tmp_path))
     nested = {"optim": {"parameters": {"lr": {"values": [0.01, 0.05]}}}, "seed": {"values": [0, 1]}}
-    other = sw.plan(sw.read_sweep(sweep_file(tmp_path, nested, name="b")), str(tmp_path))
+    other = sp.plan(sp.read_sweep(sweep_file(tmp_path, nested, name="b")), str(tmp_path))
     assert [r.params for r in dotted] == [r.params for r in other]
 
 
@@ -68,20 +69,20 @@ def test_random_search_is_the_same_list_every_time(tmp_path):
                   "data.batch_size": {"values": [16, 32]}, "train.epochs": {"distribution": "int_uniform",
                                                                            "min": 1, "max": 3}}
     path = sweep_file(tmp_path, parameters, method="random", run_cap=6)
-    first = [r.params for r in sw.plan(sw.read_sweep(path), str(tmp_path))]
-    assert first == [r.params for r in sw.plan(sw.read_sweep(path), str(tmp_path))]
-    assert first != [r.params for r in sw.plan(sw.read_sweep(path), str(tmp_path), seed=1)]
+    first = [r.params for r in sp.plan(sp.read_sweep(path), str(tmp_path))]
+    assert first == [r.params for r in sp.plan(sp.read_sweep(path), str(tmp_path))]
+    assert first != [r.params for r in sp.plan(sp.read_sweep(path), str(tmp_path), seed=1)]
     assert len({p["optim.lr"] for p in first}) == 6
     for p in first:
         assert 1e-3 <= p["optim.lr"] <= 0.1 and 0.8 <= p["optim.momentum"] <= 0.95
         assert p["data.batch_size"] in (16, 32) and p["train.epochs"] in (1, 2, 3)
     longer = sweep_file(tmp_path, parameters, method="random", run_cap=8)
-    assert [r.params for r in sw.plan(sw.read_sweep(longer), str(tmp_path))][:6] == first  # a cap raised keeps them
+    assert [r.params for r in sp.plan(sp.read_sweep(longer), str(tmp_path))][:6] == first  # a cap raised keeps them
 
 
 @pytest.mark.parametrize("value", [0.05, 1e-05, 3, True, False, None, "sgd", "yes", [1, 2], {"lr": 0.1, "x": "a b"}])
 def test_an_argument_reads_back_as_the_same_value(value):
-    ((key, parsed),) = parse_overrides([sw.arg("k", value)])
+    ((key, parsed),) = parse_overrides([sp.arg("k", value)])
     assert key == "k" and parsed == value and type(parsed) is type(value)
 
 
@@ -96,7 +97,7 @@ def test_each_run_gets_its_share_of_cores_and_its_own_gpu():
 
 def test_the_example_sweeps_plan():
     for path in glob.glob(os.path.join(ROOT, "configs", "sweeps", "*.yaml")):
-        runs = sw.plan(sw.read_sweep(path), "runs")
+        runs = sp.plan(sp.read_sweep(path), "runs")
         assert runs and all(r.folder.startswith(f"runs/{os.path.basename(path)[:-5]}/") for r in runs), path
 
 

@@ -1,0 +1,295 @@
+"""A W&B sweep file read, checked and expanded into the list of train.py runs it makes (cifar.sweep runs them).
+
+read_sweep refuses what W&B would refuse and what this project cannot run, with one line; plan builds every run's
+folder and arguments and checks each run's config before any starts. Grid order: the first parameter slowest, as
+written; random search: run_cap draws from random.Random(seed).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import load_config, parse_overrides
+from .errors import UserError
+
+# What W&B accepts at the top of a sweep file (its schema refuses anything else)
+TOP_KEYS = ("apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity", "project",
+            "method", "command", "name", "run_cap", "metric", "metrics", "scheduler", "early_terminate", "parameters")
+# The argument macros whose output train.py parses: `key=value` and `--key=value` (and `--key value`)
+ARG_MACROS = ("${args}", "${args_no_hyphens}", "${args_no_equals}")
+OTHER_MACROS = ("${env}", "${interpreter}", "${program}")
+DISTRIBUTIONS = {  # name -> the keys it needs
+    "constant": ("value",), "categorical": ("values",), "int_uniform": ("min", "max"), "uniform": ("min", "max"),
+    "q_uniform": ("min", "max"), "log_uniform": ("min", "max"), "log_uniform_values": ("min", "max"),
+    "q_log_uniform_values": ("min", "max"), "normal": ("mu", "sigma"), "q_normal": ("mu", "sigma"),
+    "log_normal": ("mu", "sigma")}
+SPEC_KEYS = {"value", "values", "distribution", "min", "max", "mu", "sigma", "q", "probabilities"}
+
+
+@dataclass
+class Sweep:
+    path: str
+    name: str
+    method: str
+    recipe: str | None                       # --config in the command; None: the defaults (the tutorial)
+    fixed: list[str]                         # other overrides written in the command
+    parameters: dict[str, dict]              # dotted config key -> W&B parameter spec
+    run_cap: int | None = None
+    project: str | None = None
+    entity: str | None = None
+
+
+@dataclass
+class Run:
+    index: int
+    params: dict[str, Any]                   # dotted config key -> value
+    folder: str
+    args: list[str] = field(default_factory=list)   # train.py's command line after `train.py`
+
+
+# ----------------------------------------------------------------------------- the file
+
+def read_sweep(path: str) -> Sweep:
+    """A sweep file -> Sweep, refusing what W&B would refuse and what this runner cannot run."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"sweep file {path} not found; pass one such as configs/sweeps/debug-lr-seed.yaml")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read sweep file {path} ({getattr(e, 'strerror', None) or e}); pass a YAML file")
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"sweep file {path} is not valid YAML{'' if line is None else f' at line {line + 1}'}")
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep file {path} must be a mapping (method, parameters, command...)")
+    where = f"sweep file {path}"
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise UserError(f"{where}: W&B refuses the key '{unknown[0]}'; allowed: {', '.join(TOP_KEYS)} (the recipe "
+                        f"goes in command: [..., --config, configs/X.yaml, ${{args_no_hyphens}}])")
+    method = raw.get("method")
+    if method not in ("grid", "random", "bayes", "custom"):
+        raise UserError(f"{where}: method must be grid, random or bayes (W&B requires it); got {method!r}")
+    if method in ("bayes", "custom"):
+        raise UserError(f"{where}: method {method} is run by W&B's server: start it with `wandb sweep {path}` and "
+                        f"`wandb agent`; here use method: grid or random")
+    program = raw.get("program", "train.py")
+    if not isinstance(program, str) or os.path.basename(program) != "train.py":
+        raise UserError(f"{where}: program must be train.py; got {program!r}")
+    name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", name) or name.startswith("."):
+        raise UserError(f"{where}: name {name!r} becomes a folder name: use letters, digits and . _ + - only")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
+        raise UserError(f"{where}: run_cap must be a positive integer (W&B requires it); got {run_cap!r}")
+    if method == "random" and run_cap is None:
+        raise UserError(f"{where}: method random needs run_cap here (how many points to draw; W&B's agent would "
+                        f"draw until stopped)")
+    recipe, fixed = _read_command(raw.get("command"), where)
+    parameters = raw.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise UserError(f"{where}: parameters must map config keys to values, e.g. optim.lr: {{values: [0.01, 0.1]}}")
+    specs = _flat_parameters(parameters, where)
+    for key, spec in specs.items():
+        _check_spec(key, spec, method, where)
+    for key in ("project", "entity"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise UserError(f"{where}: {key} must be a string; got {raw[key]!r}")
+    return Sweep(path, name, method, recipe, fixed, specs, run_cap, raw.get("project"), raw.get("entity"))
+
+
+def _read_command(command, where: str) -> tuple[str | None, list[str]]:
+    """The recipe (--config X) and fixed overrides of a W&B `command`; refuses one whose parameters never reach
+    train.py. No command: W&B's default (${env} ${interpreter} ${program} ${args}), the default recipe."""
+    if command is None:
+        return None, []
+    if not isinstance(command, list) or not all(isinstance(c, (str, int, float)) for c in command):
+        raise UserError(f"{where}: command must be a list, e.g. [${{env}}, ${{interpreter}}, ${{program}}, --config, "
+                        f"configs/debug.yaml, ${{args_no_hyphens}}]")
+    words = [str(c) for c in command]
+    macros = [w for w in words if w.startswith("${")]
+    odd = [m for m in macros if m not in ARG_MACROS + OTHER_MACROS]
+    if odd:
+        raise UserError(f"{where}: train.py cannot read {odd[0]} in command; use ${{args_no_hyphens}} or ${{args}}")
+    if not any(m in ARG_MACROS for m in macros):
+        raise UserError(f"{where}: command never passes the parameters to train.py; add ${{args_no_hyphens}} "
+                        f"(or ${{args}})")
+    rest = [w for w in words if not w.startswith("${")]
+    if any(os.path.basename(w) in ("python", "python3", "train.py") for w in rest):
+        raise UserError(f"{where}: write ${{interpreter}} ${{program}} in command rather than python or train.py")
+    recipe, fixed, i = None, [], 0
+    while i < len(rest):
+        if rest[i] == "--config" and i + 1 < len(rest):
+            recipe, i = rest[i + 1], i + 2
+            continue
+        if rest[i].startswith("--config="):
+            recipe = rest[i].split("=", 1)[1]
+        else:
+            fixed.append(rest[i])
+        i += 1
+    parse_overrides(fixed)  # one line for a malformed one, before anything runs
+    return recipe, fixed
+
+
+def _flat_parameters(parameters: dict, where: str, prefix: str = "") -> dict[str, dict]:
+    """W&B's nested form (`optim: {parameters: {lr: ...}}`) and the dotted one (`optim.lr: ...`) -> dotted keys."""
+    out = {}
+    for key, spec in parameters.items():
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: parameter {prefix}{key} must be a mapping such as {{values: [...]}} or "
+                            f"{{value: ...}}; got {spec!r}")
+        if "parameters" in spec:
+            if set(spec) != {"parameters"} or not isinstance(spec["parameters"], dict) or not spec["parameters"]:
+                raise UserError(f"{where}: nested parameter {prefix}{key} must hold only a non-empty 'parameters'")
+            out.update(_flat_parameters(spec["parameters"], where, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = spec
+    return out
+
+
+def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{where}: parameter {key} has {sorted(unknown)[0]!r}, which W&B does not know; use value, "
+                        f"values, or distribution with min/max (or mu/sigma)")
+    dist = _distribution(spec)
+    if dist not in DISTRIBUTIONS:
+        raise UserError(f"{where}: parameter {key}: distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+    missing = [k for k in DISTRIBUTIONS[dist] if k not in spec]
+    if missing:
+        raise UserError(f"{where}: parameter {key}: distribution {dist} needs {' and '.join(missing)}")
+    if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+        raise UserError(f"{where}: parameter {key}: values must be a non-empty list; an empty grid makes no runs")
+    if method == "grid" and dist not in ("constant", "categorical"):
+        raise UserError(f"{where}: parameter {key} has distribution {dist}: a grid needs values (or value) for every "
+                        f"parameter; use method: random to draw from a distribution")
+    for a, b in (("min", "max"),):
+        if a in spec and not (_number(spec[a]) and _number(spec[b]) and spec[a] < spec[b]):
+            raise UserError(f"{where}: parameter {key}: min and max must be numbers with min < max; got "
+                            f"{spec[a]!r}, {spec[b]!r}")
+    if dist == "int_uniform" and not all(isinstance(spec[k], int) for k in ("min", "max")):
+        raise UserError(f"{where}: parameter {key}: int_uniform needs integer min and max")
+    if dist in ("log_uniform_values", "q_log_uniform_values") and spec["min"] <= 0:
+        raise UserError(f"{where}: parameter {key}: {dist} needs min > 0")
+    if "probabilities" in spec:
+        p = spec["probabilities"]
+        if not isinstance(p, list) or len(p) != len(spec.get("values", [])) or not math.isclose(sum(p), 1.0):
+            raise UserError(f"{where}: parameter {key}: probabilities must be one per value and sum to 1")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _distribution(spec: dict) -> str:
+    """W&B's default when none is written: values -> categorical, value -> constant, min/max -> int_uniform when
+    both are integers, else uniform."""
+    if "distribution" in spec:
+        return spec["distribution"]
+    if "values" in spec:
+        return "categorical"
+    if "value" in spec:
+        return "constant"
+    if isinstance(spec.get("min"), int) and isinstance(spec.get("max"), int):
+        return "int_uniform"
+    return "uniform"
+
+
+# ----------------------------------------------------------------------------- the list of runs
+
+def expand(sweep: Sweep, seed: int = 0) -> list[dict[str, Any]]:
+    """The points of the sweep, in order: the grid's product (first parameter slowest, as written), or run_cap draws
+    from random.Random(seed). The first N points stay the same when run_cap grows."""
+    keys = list(sweep.parameters)
+    if sweep.method == "grid":
+        choices = [sweep.parameters[k]["values"] if "values" in sweep.parameters[k] else [sweep.parameters[k]["value"]]
+                   for k in keys]
+        points = [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
+        return points[:sweep.run_cap] if sweep.run_cap else points
+    rng = random.Random(seed)
+    return [{k: _draw(sweep.parameters[k], rng) for k in keys} for _ in range(sweep.run_cap)]
+
+
+def _draw(spec: dict, rng: random.Random):
+    dist = _distribution(spec)
+    if dist == "constant":
+        return spec["value"]
+    if dist == "categorical":
+        return rng.choices(spec["values"], weights=spec.get("probabilities"))[0]
+    if dist == "int_uniform":
+        return rng.randint(spec["min"], spec["max"])
+    if dist in ("normal", "q_normal", "log_normal"):
+        x = rng.gauss(spec["mu"], spec["sigma"])
+        x = math.exp(x) if dist == "log_normal" else x
+    else:
+        lo, hi = spec["min"], spec["max"]
+        if dist in ("log_uniform_values", "q_log_uniform_values"):
+            lo, hi = math.log(lo), math.log(hi)
+        x = rng.uniform(lo, hi)
+        x = math.exp(x) if "log" in dist else x
+    x = float(f"{x:.6g}")  # six digits: readable in folder names and tags, and finer than any lr matters
+    if "q" in spec or dist.startswith("q_"):
+        q = spec.get("q", 1)
+        x = round(round(x / q) * q, 10)
+        return int(x) if isinstance(q, int) and float(x).is_integer() else x
+    return x
+
+
+def varying(sweep: Sweep, points: list[dict]) -> list[str]:
+    """The parameters whose value changes from run to run: they name the run folders and tag the W&B runs."""
+    return [k for k in sweep.parameters if len({json.dumps(p[k], sort_keys=True) for p in points}) > 1]
+
+
+def show(value) -> str:
+    """A parameter value as it appears in folder names and tags: short, and the same for the same value."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def arg(key: str, value) -> str:
+    """key=value that train.py reads back as the same value and type (YAML flow, one line)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return f"{key}={text.removesuffix(chr(10) + '...')}"  # a scalar document ends in "\n..."
+
+
+def plan(sweep: Sweep, runs_dir: str, seed: int = 0) -> list[Run]:
+    """Every run of the sweep with its folder and train.py arguments, each config checked before any run starts."""
+    points = expand(sweep, seed)
+    if not points:
+        raise UserError(f"sweep {sweep.path} makes no runs; give every parameter at least one value")
+    names = varying(sweep, points)
+    width = max(2, len(str(len(points) - 1)))
+    base = load_config(sweep.recipe, sweep.fixed)
+    fixed_keys = {k for k, _ in parse_overrides(sweep.fixed)}
+    runs = []
+    for i, point in enumerate(points):
+        label = ",".join(f"{k}={show(point[k])}" for k in names) or "run"
+        label = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)[:120]
+        folder = os.path.join(runs_dir, sweep.name, f"{i:0{width}d}-{label}")
+        args = (["--config", sweep.recipe] if sweep.recipe else []) + list(sweep.fixed)
+        args += [arg(k, v) for k, v in point.items()]
+        if "wandb.group" not in fixed_keys | set(point):
+            args.append(arg("wandb.group", sweep.name))
+        for key, value in (("wandb.project", sweep.project), ("wandb.entity", sweep.entity)):
+            if value and key not in fixed_keys | set(point):
+                args.append(arg(key, value))
+        args.append(arg("wandb.tags", list(base.wandb.tags) + [f"{k}={show(point[k])}" for k in names]))
+        args.append(arg("output_dir", folder))
+        try:
+            load_config(sweep.recipe, args[2 if sweep.recipe else 0:])
+        except UserError as e:
+            raise UserError(f"sweep {sweep.path}, run {i} ({label}): {e}") from None
+        runs.append(Run(i, point, folder, args))
+    return runs
