@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import WEIGHTS, read_pointer
+from .checkpoint import EMA_WEIGHTS, WEIGHTS, read_pointer
 from .config import Config
 from .console import Console
 from .errors import EXIT_RESUMABLE, warn
@@ -101,7 +101,8 @@ class Reporter:
             self.writer.status("finished", step=summary["steps"], total_steps=total_steps)
             self.writer.close()
             if self.cfg.wandb.log_model in ("final", "all"):
-                self.tracker.log_model(self.writer.dir, [WEIGHTS, "config.yaml", "summary.json"], ["final"],
+                files = [WEIGHTS, *([EMA_WEIGHTS] if ema is not None else []), "config.yaml", "summary.json"]
+                self.tracker.log_model(self.writer.dir, files, ["final"],
                                        {"kind": "final", "step": summary["steps"],
                                         "test_acc": summary["final_test_acc"], "model": self.cfg.model.name})
         self.tracker.summary(summary)

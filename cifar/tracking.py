@@ -5,13 +5,15 @@
     tracker.log(row)                      # the rows written to metrics.jsonl; row["step"] becomes global_step
     tracker.log_eval(step, confusion, images, labels, preds)
     tracker.summary({"best_test_acc": ...})
+    tracker.log_model(folder, files, aliases=["best"], metadata={"step": ...})   # a W&B model artifact
     tracker.finish(exit_code)             # keep tracker.run_id in checkpoints; pass it back on resume
 
 `cfg.wandb.mode` null follows $WANDB_MODE, else W&B is off. Off (or `enabled=False`, the other ranks): wandb is
 never imported and every call returns at once. Any W&B failure (not installed, no key, no network, a bad
 WANDB_DIR, an exception while logging) prints one `warning: W&B ...` line on stderr and turns the tracker into
 a no-op for the rest of the run. Curves are drawn against an explicit `global_step`, so a resumed run continues
-where it stopped instead of restarting at wandb's own step 0.
+where it stopped instead of restarting at wandb's own step 0. A failed model artifact (log_model) only stops the
+artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged.
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ class Tracker:
         self._run = None
         self._wandb = None
         self._run_id = run_id
+        self._artifacts_failed = False
 
     @property
     def active(self) -> bool:
@@ -230,6 +233,25 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             self._fail("log_eval", e)
 
+    def log_model(self, folder: str, files: list[str], aliases: list[str], metadata: dict) -> bool:
+        """`files` of `folder` as one version of the model artifact model-<run id> (type model), with `aliases`
+        (W&B adds `latest` to the newest version). wandb copies each file into its staging folder
+        ($WANDB_DATA_DIR/artifacts/staging) at once, so a checkpoint pruned later still uploads. Any failure:
+        one warning, no more artifacts for this run, metrics still logged. True when the artifact was logged."""
+        if self._run is None or self._artifacts_failed:
+            return False
+        try:
+            artifact = self._wandb.Artifact(f"model-{self._run.id}", type="model", metadata=metadata)
+            for name in files:
+                artifact.add_file(os.path.join(folder, name), name=name)
+            self._run.log_artifact(artifact, aliases=list(aliases))
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._artifacts_failed = True
+            warn(f"W&B log_model failed, continuing without model artifacts (metrics are still logged): "
+                 f"{self._describe(e)}")
+            return False
+
     def summary(self, values: dict) -> None:
         """Final figures (final/best accuracy, wall time, ...) into the run's summary; None values skipped."""
         if self._run is None:
@@ -262,8 +284,13 @@ class Tracker:
         if self._run is not None:
             self._run_id = self._run.id
         self._run = None
+        warn(f"W&B {where} failed, continuing without W&B: {self._describe(error)}")
+
+    @staticmethod
+    def _describe(error: Exception) -> str:
+        """`Type: message` on one line, at most 300 characters of message, the API key masked."""
         message = " ".join(str(error).split()) or type(error).__name__
         key = os.environ.get("WANDB_API_KEY")
         if key:
             message = message.replace(key, "***")
-        warn(f"W&B {where} failed, continuing without W&B: {type(error).__name__}: {message[:300]}")
+        return f"{type(error).__name__}: {message[:300]}"
