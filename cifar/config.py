@@ -29,8 +29,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["cifar10", "synthetic"] = "cifar10"   # synthetic: random CIFAR-shaped images, no download
-    root: str = "./data"                     # the folder holding cifar-10-batches-py/
+    # cifar10 (CIFAR-10's 10 classes) | cifar100 (CIFAR-100's 100 fine classes): the files, the classes, every
+    # model's head
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    # cifar10 or files (the same): data.dataset's files under root, whichever dataset that is | synthetic: random
+    # CIFAR-shaped images of data.dataset's classes, no download
+    source: Literal["cifar10", "files", "synthetic"] = "cifar10"
+    root: str = "./data"                     # the folder holding cifar-10-batches-py/ (cifar100: cifar-100-python/)
     download: bool = True                    # fetch the official archive (MD5-checked) when root lacks it
     batch_size: int = 4                      # per process
     eval_batch_size: Optional[int] = None    # per process; default max(batch_size, 256)
@@ -164,7 +169,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
 # A saved config (a run's or a checkpoint's config.yaml) lacks the keys added after it was written; these are what
 # its training used, where that differs from today's default: every run before data.normalize existed was normalised
 # with the CIFAR statistics, while the default is now the tutorial's.
-SAVED_DEFAULTS = {"data": {"normalize": "cifar"}}
+# Every run before data.dataset existed was CIFAR-10 (its default too, said here so that a change of default would
+# not change what old runs were).
+SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}}
 
 
 def with_saved_defaults(saved: dict) -> dict:

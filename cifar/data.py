@@ -1,4 +1,4 @@
-"""CIFAR-10 on disk -> batches on the device.
+"""CIFAR-10 or CIFAR-100 on disk -> batches on the device.
 
 The engine sees only a `TrainBatches`: `len()` batches per epoch on this process and `epoch(e, skip)`, which yields
 normalised (images, labels) already on the device. What a run sees is a pure function of the seed:
@@ -31,15 +31,83 @@ STATS = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 PAD = 4
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+# CIFAR-100's 100 fine classes in label order, as its `meta` file lists them (fine_label_names): the names of
+# synthetic CIFAR-100 data, and of a run's classes when the meta file is not at hand (predict.py on another machine).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything that differs between the datasets: where the files are, what they hold, where to get them."""
+    name: str                      # data.dataset's value
+    title: str                     # what people call it, in messages
+    folder: str                    # what the official archive extracts to, inside data.root
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str                 # the labels' key in each data pickle
+    meta_file: str
+    meta_key: str                  # the class names' key in the meta file
+    url: str
+    md5: str                       # of the official archive; a mirror ($<url_env>) is not checked
+    url_env: str                   # the environment variable naming a mirror (or file://) for clusters offline
+    classes: tuple[str, ...]       # built-in names: CIFAR-10's are the tutorial's short ones, always used
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+DATASETS = {
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10", FOLDER, tuple(TRAIN_FILES), tuple(TEST_FILES), "labels",
+                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", CLASSES),
+    "cifar100": DatasetInfo("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels",
+                            "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", CIFAR100_CLASSES),
+}
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    return DATASETS[cfg.dataset]
+
+
+def num_classes(cfg: DataConfig) -> int:
+    return dataset_info(cfg).num_classes
+
+
+def class_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The dataset's class names in label order. CIFAR-10: the tutorial's (plane, car, ...), whatever its meta
+    file says (airplane, automobile, ...). CIFAR-100: its meta file's fine_label_names when the files are there
+    and it holds 100 of them; otherwise (synthetic data, no files on this machine) the built-in ones, the same."""
+    info = dataset_info(cfg)
+    if info.name == "cifar10" or cfg.source == "synthetic":
+        return info.classes
+    try:
+        with open(os.path.join(os.path.abspath(cfg.root), info.folder, info.meta_file), "rb") as f:
+            names = tuple(str(n) for n in pickle.load(f, encoding="latin1")[info.meta_key])
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError):
+        return info.classes
+    return names if len(names) == info.num_classes else info.classes
 
 
 @dataclass
 class Split:
     images: np.ndarray  # uint8, (N, 3, 32, 32)
     labels: np.ndarray  # int64, (N,)
+    classes: tuple[str, ...] = CLASSES   # names of labels 0..len-1
 
     def __len__(self):
         return len(self.labels)
@@ -49,67 +117,103 @@ class Split:
 
 def load_split(cfg: DataConfig, train: bool) -> Split:
     limit = cfg.limit_train if train else cfg.limit_test
+    info = dataset_info(cfg)
     if cfg.source == "synthetic":
-        return synthetic_split(limit or (50_000 if train else 10_000), train)
-    folder = os.path.join(os.path.abspath(cfg.root), FOLDER)
+        split = synthetic_split(limit or (50_000 if train else 10_000), train, info.num_classes)
+        return Split(split.images, split.labels, info.classes)
+    root = os.path.abspath(cfg.root)
+    folder = os.path.join(root, info.folder)
     images, labels = [], []
-    for name in TRAIN_FILES if train else TEST_FILES:
+    for name in info.train_files if train else info.test_files:
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="latin1")
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+            labels.append(np.asarray(batch[info.label_key], dtype=np.int64))
         except FileNotFoundError:
-            raise UserError(f"CIFAR-10 file {path} is missing; set data.root to the folder holding {FOLDER}/ "
-                            f"or set data.download=true")
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-            raise UserError(f"CIFAR-10 file {path} is unreadable ({type(e).__name__}); delete {folder} and "
+            raise UserError(_other_dataset_hint(root, info) or
+                            f"{info.title} file {path} is missing; set data.root to the folder holding "
+                            f"{info.folder}/ or set data.download=true")
+        except KeyError as e:
+            other = _other_dataset_hint(root, info)
+            raise UserError(other or f"{info.title} file {path} has no {e.args[0]!r} entry; it is not "
+                                     f"{info.title} (data.dataset={info.name}); delete {folder} and download again")
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise UserError(f"{info.title} file {path} is unreadable ({type(e).__name__}); delete {folder} and "
                             f"download again")
         if limit and sum(map(len, labels)) >= limit:
             break
-    split = Split(np.concatenate(images), np.concatenate(labels))
-    bad = (split.labels < 0) | (split.labels >= len(CLASSES))
+    split = Split(np.concatenate(images), np.concatenate(labels), class_names(cfg))
+    bad = (split.labels < 0) | (split.labels >= info.num_classes)
     if bad.any():
-        raise UserError(f"CIFAR-10 files in {folder} hold labels outside 0..9; the data is not CIFAR-10")
-    return Split(split.images[:limit], split.labels[:limit]) if limit else split
+        raise UserError(f"{info.title} files in {folder} hold labels outside 0..{info.num_classes - 1} (e.g. "
+                        f"{int(split.labels[bad][0])}); the data is not {info.title}")
+    return Split(split.images[:limit], split.labels[:limit], split.classes) if limit else split
 
 
-def prepare_cifar10(cfg: DataConfig) -> None:
-    """Make sure the pickle files exist, downloading them when allowed. Call on the main process first."""
-    if cfg.source != "cifar10":
+def _other_dataset_hint(root: str, info: DatasetInfo) -> str | None:
+    """When `root` lacks this dataset but holds another one's files (its folder beside where this one's should be,
+    root pointing into it, or its files under this one's folder name): one line naming both and the fix."""
+    for other in DATASETS.values():
+        if other.name == info.name:
+            continue
+        places = [os.path.join(root, other.folder), root, os.path.join(root, info.folder)]
+        if any(all(os.path.isfile(os.path.join(p, n)) for n in other.train_files + other.test_files)
+               for p in places):
+            return (f"data.dataset={info.name} asks for {info.title} ({info.folder}/ in {root}), but {root} holds "
+                    f"{other.title} files ({other.folder}); set data.dataset={other.name} to use them, or point "
+                    f"data.root at the folder holding {info.folder}/")
+    return None
+
+
+def prepare(cfg: DataConfig) -> None:
+    """Make sure the dataset's pickle files exist, downloading them when allowed. Call on the main process first."""
+    if cfg.source == "synthetic":
         return
+    info = dataset_info(cfg)
     root = os.path.abspath(cfg.root)
-    folder = os.path.join(root, FOLDER)
-    if all(os.path.exists(os.path.join(folder, n)) for n in TRAIN_FILES + TEST_FILES):
+    folder = os.path.join(root, info.folder)
+    if all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):
         return
+    other = _other_dataset_hint(root, info)
     if not cfg.download:
-        raise UserError(f"CIFAR-10 not found in {folder}; set data.root to the folder holding {FOLDER}/ "
-                        f"or set data.download=true")
+        raise UserError(other or f"{info.title} not found in {folder}; set data.root to the folder holding "
+                                 f"{info.folder}/ or set data.download=true")
     from torchvision.datasets.utils import download_url
 
-    url = os.environ.get("CIFAR10_URL", CIFAR10_URL)  # a mirror (or file://) for clusters without internet
+    url = os.environ.get(info.url_env, info.url)  # a mirror (or file://) for clusters without internet
     archive = os.path.join(root, os.path.basename(url))
     try:
-        download_url(url, root, md5=CIFAR10_MD5 if url == CIFAR10_URL else None)
+        download_url(url, root, md5=info.md5 if url == info.url else None)
         with tarfile.open(archive) as tar:
             tar.extractall(root, filter="data")
     except Exception as e:  # network, disk, corrupt archive: all end the same way for the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"downloading CIFAR-10 from {url} into {root} failed ({reason}); download it by hand "
-                        f"and extract it there, or point data.root at an existing copy")
+        hint = f" ({other})" if other else ""
+        raise UserError(f"downloading {info.title} from {url} into {root} failed ({reason}); download it by hand "
+                        f"and extract it there, or point data.root at an existing copy{hint}")
+    if not all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):
+        raise UserError(f"the archive {archive} did not hold {info.title} ({info.folder}/ with "
+                        f"{', '.join(info.train_files + info.test_files)}); remove it and download the official one")
 
 
-def synthetic_split(n: int, train: bool) -> Split:
+prepare_cifar10 = prepare   # the name it had when there was one dataset
+
+
+def synthetic_split(n: int, train: bool, classes: int = len(CLASSES)) -> Split:
     """Deterministic CIFAR-shaped data that a network can learn: a fixed coarse pattern per class (8x8-pixel
-    blocks, so crops and flips keep it recognisable) plus pixel noise."""
-    coarse = np.random.default_rng(10).integers(0, 256, (len(CLASSES), 3, 4, 4)).astype(np.float32)
+    blocks, so crops and flips keep it recognisable) plus pixel noise. Class names: CIFAR-10's for 10 classes,
+    CIFAR-100's fine ones for 100."""
+    coarse = np.random.default_rng(10).integers(0, 256, (classes, 3, 4, 4)).astype(np.float32)
     prototypes = coarse.repeat(8, axis=2).repeat(8, axis=3)
     rng = np.random.default_rng(1 if train else 2)
-    labels = rng.integers(0, len(CLASSES), n)
+    labels = rng.integers(0, classes, n)
     noise = rng.normal(0, 70, (n, 3, 32, 32)).astype(np.float32)
     images = np.clip(0.3 * prototypes[labels] + 90 + noise, 0, 255).astype(np.uint8)
-    return Split(images, labels.astype(np.int64))
+    names = CLASSES if classes == len(CLASSES) else CIFAR100_CLASSES if classes == 100 else \
+        tuple(f"class_{i:02d}" for i in range(classes))
+    return Split(images, labels.astype(np.int64), names)
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -205,6 +309,7 @@ def denormalize(images: torch.Tensor, stats: str) -> torch.Tensor:
 
 class TrainBatches(Protocol):
     stats: str                                         # the normalisation's name (STATS), for denormalize
+    classes: tuple[str, ...]                           # the class names, by label
     def __len__(self) -> int: ...                      # batches per epoch on this process
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def first_images(self, n: int) -> torch.Tensor: ...  # n training images, normalised, no augmentation
@@ -229,6 +334,7 @@ class DataLoaderBatches:
 
     def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
         self.accelerator, self.split, self.stats = accelerator, split, cfg.normalize
+        self.classes = split.classes
         cuda = accelerator.device.type == "cuda"
         # Every new iterator draws its workers' base seed from `generator`: one of the loader's own keeps the
         # global RNG (dropout, ...) the same whether or not a run was resumed, which creates its iterators elsewhere.
@@ -283,6 +389,7 @@ class DeviceBatches:
         self.images = torch.from_numpy(split.images).to(self.device)
         self.labels = torch.from_numpy(split.labels).to(self.device)
         self.train, self.seed, self.stats = train, seed, cfg.normalize
+        self.classes = split.classes
         self.augment = cfg.augment and train
         self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
@@ -349,10 +456,10 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 def build_batches(accelerator, cfg: DataConfig, seed: int):
     """(train, test) batches; the main process reads (or downloads) first, the others wait for it."""
-    if cfg.source == "cifar10" and not cfg.download:
-        prepare_cifar10(cfg)             # every rank can fail fast (and alike) without waiting for the others
+    if cfg.source != "synthetic" and not cfg.download:
+        prepare(cfg)                     # every rank can fail fast (and alike) without waiting for the others
     with accelerator.main_process_first():
-        prepare_cifar10(cfg)
+        prepare(cfg)
         train, test = load_split(cfg, train=True), load_split(cfg, train=False)
     kind = DeviceBatches if cfg.loader == "device" else DataLoaderBatches
     return kind(accelerator, train, cfg, True, seed), kind(accelerator, test, cfg, False, seed)

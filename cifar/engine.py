@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from .checkpoint import Checkpoints, TrainState
 from .config import Config
-from .data import TrainBatches, build_batches
+from .data import TrainBatches, build_batches, num_classes
 from .ema import Ema, build_ema
 from .errors import Stopped
 from .evaluation import EvalResult, evaluate
@@ -231,7 +231,7 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     data_seconds = time.perf_counter() - data_start
-    model = build_model(cfg.model.name)
+    model = build_model(cfg.model.name, num_classes(cfg.data))
     if hasattr(model, "init_from_data"):          # e.g. FastNet's whitening filters
         model.init_from_data(train_batches.first_images(5000).cpu())
     if t.channels_last:

@@ -7,14 +7,15 @@ import json
 import os
 
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .checkpoint import EMA_WEIGHTS, WEIGHTS, read_pointer
 from .config import Config, load_config, load_saved_config
-from .data import build_batches
+from .data import DATASETS, build_batches, dataset_info, num_classes
 from .errors import UserError
 from .evaluation import evaluate
-from .files import load_fitting, load_weights, read_state_dict, write_atomic
-from .models import MODELS, build_model
+from .files import load_fitting, read_state_dict, write_atomic
+from .models import MODELS, build_model, head
 from .outputs import to_json
 from .plots import confusion_png, predictions_png
 from .runtime import make_accelerator, shut_down
@@ -74,11 +75,14 @@ def _find_ema(path: str) -> tuple[str, str]:
     return config, weights
 
 
-def load_run_weights(model, weights: str) -> None:
+def load_run_weights(model, weights: str, cfg: Config | None = None) -> None:
     """The weights into the model, or one line naming the file when it is truncated, corrupt, not safetensors
-    (SafetensorError) or unreadable (OSError), or made for another network."""
+    (SafetensorError) or unreadable (OSError), or made for another network (or, cfg given, another dataset)."""
     try:
-        load_weights(model, weights, "use the run's own config or the right checkpoint")
+        state = load_file(weights)
+        if cfg is not None:
+            check_dataset(model, state, weights, cfg)
+        load_fitting(model, state, weights, "use the run's own config or the right checkpoint")
     except (SafetensorError, OSError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{weights} cannot be read as model weights ({reason}): the file is truncated, corrupt or "
@@ -94,6 +98,31 @@ def is_state_dict_file(path: str) -> bool:
     return path.lower().endswith(STATE_DICT_SUFFIXES) and not os.path.isdir(path)
 
 
+def check_dataset(model, state: dict, weights: str, cfg: Config) -> None:
+    """Refuse, in one line, weights whose classifier has another dataset's number of classes than data.dataset."""
+    prefix, outputs = head(model)
+    shape = getattr(state.get(f"{prefix}.weight"), "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] == outputs:
+        return
+    info = dataset_info(cfg.data)
+    other = next((d for d in DATASETS.values() if d.num_classes == shape[0]), None)
+    which = f"{other.title}'s ({shape[0]} classes)" if other else f"{shape[0]} classes"
+    fix = (f"pass data.dataset={other.name} to use it on {other.title}" if other else
+           "these weights were not trained by this project on CIFAR-10 or CIFAR-100")
+    raise UserError(f"{weights} holds a network whose head has {which} outputs, and data.dataset={info.name} asks "
+                    f"for {info.title}'s {info.num_classes}; {fix}")
+
+
+def check_saved_dataset(config_path: str, saved: Config, cfg: Config) -> None:
+    """An override of data.dataset on a run of the other dataset is refused in one line naming both."""
+    if saved.data.dataset == cfg.data.dataset:
+        return
+    was, asked = dataset_info(saved.data), dataset_info(cfg.data)
+    raise UserError(f"the run of {config_path} was trained on {was.title} (data.dataset={was.name}, "
+                    f"{was.num_classes} classes) and data.dataset={asked.name} asks for {asked.title}; drop the "
+                    f"data.dataset override to evaluate it on {was.title}")
+
+
 def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
     """(config, model with its weights, weights path) for a run folder, a checkpoint, a model.safetensors, or a bare
     PyTorch state_dict file (.pth/.pt). A state_dict comes with no config: it is taken to be the tutorial's Net and
@@ -101,15 +130,18 @@ def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
     if is_state_dict_file(checkpoint):
         weights = os.path.abspath(checkpoint)
         cfg = load_config(None, overrides)
-        model = build_model(cfg.model.name)
-        load_fitting(model, read_state_dict(weights), weights,
+        model = build_model(cfg.model.name, num_classes(cfg.data))
+        state = read_state_dict(weights)
+        check_dataset(model, state, weights, cfg)
+        load_fitting(model, state, weights,
                      f"it holds a network of another shape than model.name={cfg.model.name}; for another of this "
                      f"project's networks pass model.name=NAME ({', '.join(sorted(MODELS))})")
         return cfg, model, weights
     config_path, weights = find_run_files(checkpoint, pick)
     cfg = load_saved_config(config_path, overrides)
-    model = build_model(cfg.model.name)
-    load_run_weights(model, weights)
+    check_saved_dataset(config_path, load_saved_config(config_path), cfg)
+    model = build_model(cfg.model.name, num_classes(cfg.data))
+    load_run_weights(model, weights, cfg)
     return cfg, model, weights
 
 
@@ -147,7 +179,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     ema = os.path.basename(weights) == EMA_WEIGHTS
     report = {"checkpoint": weights, "weights": "ema" if ema else "trained", "step": step, "tta": tta,
               "world_size": accelerator.num_processes,
-              "model": cfg.model.name, "normalize": cfg.data.normalize,
+              "model": cfg.model.name, "normalize": cfg.data.normalize, "dataset": cfg.data.dataset,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
               "per_class": result.per_class, "confusion": result.confusion,
               # the images predictions.png shows: the main process's first ones, test images 0, w, 2w, ... of its
@@ -161,15 +193,14 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
             print(bare_state_dict_note(cfg, weights))
         if ema:
             print(f"the moving average of the weights (train.ema), {weights}")
-        print(f"Accuracy of the network on the {result.count} test images: {result.accuracy:.2f} %")
-        for name, acc in result.per_class.items():
-            print(f"Accuracy of {name:>5s} : {acc:5.1f} %")
+        print(per_class_report(result.count, result.accuracy, result.per_class))
         write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
         name = os.path.basename(weights) if bare else cfg.name + (" (moving average)" if ema else "")
         title = f"{name}: {result.accuracy:.2f}% on {result.count} test images" + (
             f" ({tta} TTA)" if tta != "none" else "")
-        confusion_png(result.confusion, os.path.join(out, "confusion.png"), title)
-        predictions_png(images, labels, preds, os.path.join(out, "predictions.png"))
+        classes = list(result.per_class)
+        confusion_png(result.confusion, os.path.join(out, "confusion.png"), title, classes)
+        predictions_png(images, labels, preds, os.path.join(out, "predictions.png"), classes=classes)
         print(f"wrote {out}/eval.json, confusion.png, predictions.png")
         report["output_dir"] = out
 
@@ -177,8 +208,26 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
                                 run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
         prefix = "eval/" if tta == "none" else f"eval_{tta}/"
         tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
-        tracker.log_eval(step or 0, result.confusion, images, labels, preds)
+        tracker.log_eval(step or 0, result.confusion, images, labels, preds, classes=classes)
         tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
         tracker.finish(0)
     shut_down(accelerator)
     return report
+
+
+LIST_ALL_UP_TO = 20     # classes; above, the report shows the best and worst TOP_K (eval.json has them all)
+TOP_K = 10
+
+
+def per_class_report(count: int, accuracy: float, per_class: dict[str, float]) -> str:
+    """The tutorial's lines: overall accuracy, then each class's; with more than LIST_ALL_UP_TO classes
+    (CIFAR-100), the TOP_K best and the TOP_K worst classes instead of all of them."""
+    lines = [f"Accuracy of the network on the {count} test images: {accuracy:.2f} %"]
+    if len(per_class) <= LIST_ALL_UP_TO:
+        return "\n".join(lines + [f"Accuracy of {name:>5s} : {acc:5.1f} %" for name, acc in per_class.items()])
+    ranked = sorted(per_class.items(), key=lambda kv: -kv[1])      # stable: ties keep label order
+    width = max(map(len, per_class))
+    for what, rows in ((f"best {TOP_K}", ranked[:TOP_K]), (f"worst {TOP_K}", ranked[-TOP_K:][::-1])):
+        lines.append(f"The {what} of {len(per_class)} classes (all in eval.json):")
+        lines += [f"Accuracy of {name:>{width}s} : {acc:5.1f} %" for name, acc in rows]
+    return "\n".join(lines)

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import CLASSES, denormalize
+from .data import denormalize
 
 
 @dataclass
 class EvalResult:
     loss: float
     accuracy: float                  # percent
-    per_class: dict[str, float]      # percent, by class name
+    per_class: dict[str, float]      # percent, by class name, every class in label order
     confusion: list[list[int]]       # [true][predicted]
     count: int
     samples: tuple | None = None     # (images in [0, 1] as numpy, labels, predictions) of a few test images
@@ -49,11 +49,13 @@ def predict(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
 def evaluate(model, batches, accelerator, tta: str = "none", samples: int = 0) -> EvalResult:
     """Each rank runs its own disjoint shard of the test set (no padding, no duplicates) through the plain model
     (no DDP collectives on the way); the confusion matrix and loss sums are then all-reduced, so every image counts
-    exactly once whatever the world size. samples > 0 keeps that many of this rank's first images and predictions."""
+    exactly once whatever the world size. samples > 0 keeps that many of this rank's first images and predictions.
+    The classes are the batches' (batches.classes: their names by label)."""
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    n = len(CLASSES)
+    classes = batches.classes
+    n = len(classes)
     confusion = torch.zeros(n * n, dtype=torch.float64, device=accelerator.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
     kept = None
@@ -73,5 +75,5 @@ def evaluate(model, batches, accelerator, tta: str = "none", samples: int = 0) -
     per_class = (100.0 * confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     return EvalResult(loss=float(totals[-1]) / max(total, 1),
                       accuracy=100.0 * float(confusion.diag().sum()) / max(total, 1),
-                      per_class=dict(zip(CLASSES, per_class)),
+                      per_class=dict(zip(classes, per_class)),
                       confusion=confusion.tolist(), count=total, samples=kept)

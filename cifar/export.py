@@ -8,7 +8,8 @@ tutorial: the state_dict as the tutorial saves it, torch.save(net.state_dict(), 
     model.name=tutorial_net; the notebook normalises with its own transforms, which fit data.normalize=tutorial.
 pt2: a torch.export program (torch.export.save), PyTorch 2's format for deployment (TorchScript is deprecated): the
     network and the run's normalisation in one file that torch alone runs, no Python class needed:
-    torch.export.load(PATH).module()(images), images float32 (N, 3, 32, 32) RGB in [0, 1] -> logits (N, 10).
+    torch.export.load(PATH).module()(images), images float32 (N, 3, 32, 32) RGB in [0, 1] -> logits (N, classes):
+    10 for CIFAR-10, 100 for CIFAR-100 (the class names are in the file's cifar.json).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from .data import CLASSES, STATS
+from .data import STATS, class_names, dataset_info
 from .errors import UserError, cli, warn
 from .evaluate_run import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_run
 from .files import state_dict_bytes, write_atomic
@@ -67,6 +68,11 @@ def export(checkpoint: str, fmt: str, output: str | None, overrides: list[str], 
         if cfg.model.name != "tutorial_net":
             raise UserError(f"--format tutorial writes weights for the tutorial's Net, and this run is model "
                             f"{cfg.model.name}; use --format pt2, which needs no Python class to load")
+        if cfg.data.dataset != "cifar10":
+            info = dataset_info(cfg.data)
+            raise UserError(f"--format tutorial writes the tutorial's Net, which has 10 outputs (CIFAR-10), and "
+                            f"this run is {info.title} ({info.num_classes} classes); use --format pt2, which "
+                            f"holds any head and the class names")
         if cfg.data.normalize != "tutorial":
             # the weights load (the keys match), but the notebook's Normalize((0.5, ...)) scales inputs otherwise
             mean, std = STATS[cfg.data.normalize]
@@ -76,9 +82,11 @@ def export(checkpoint: str, fmt: str, output: str | None, overrides: list[str], 
         data = state_dict_bytes(model)
         how = f"net = Net(); net.load_state_dict(torch.load({path!r}, weights_only=True))"
     else:
+        classes = class_names(cfg.data)
         data = program_bytes(model, cfg.data.normalize,
-                             {"classes": list(CLASSES), "model": cfg.model.name, "normalize": cfg.data.normalize,
-                              "input": "float32 (N, 3, 32, 32) RGB in [0, 1]", "output": "logits (N, 10)"})
+                             {"classes": list(classes), "model": cfg.model.name, "normalize": cfg.data.normalize,
+                              "dataset": cfg.data.dataset, "input": "float32 (N, 3, 32, 32) RGB in [0, 1]",
+                              "output": f"logits (N, {len(classes)})"})
         how = f"net = torch.export.load({path!r}).module(); logits = net(images)"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic(path, data)

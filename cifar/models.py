@@ -1,4 +1,5 @@
-"""Networks, chosen by name. Add one with @register("name") on a function that returns an nn.Module."""
+"""Networks, chosen by name. Add one with @register("name") on a function that takes num_classes (the dataset's,
+the size of the head) and returns an nn.Module."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-NUM_CLASSES = 10
-MODELS: dict[str, Callable[[], nn.Module]] = {}
+NUM_CLASSES = 10          # CIFAR-10's: the default head
+MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str):
@@ -20,23 +21,29 @@ def register(name: str):
     return deco
 
 
-def build_model(name: str) -> nn.Module:
+def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name]()
+    return MODELS[name](num_classes=num_classes)
+
+
+def head(model: nn.Module) -> tuple[str, int]:
+    """(state_dict prefix, number of outputs) of the classifier: the model's last nn.Linear."""
+    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return name, layer.out_features
 
 
 class TutorialNet(nn.Module):
     """The 60-minute tutorial's Net, layer for layer (so its state_dict keys match the tutorial's)."""
 
-    def __init__(self):
+    def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, NUM_CLASSES)
+        self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x):
         x = self.pool(F.relu(self.conv1(x)))
@@ -67,7 +74,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, so the last stage still sees 4x4 maps."""
 
-    def __init__(self, widths=(64, 128, 256, 512)):
+    def __init__(self, num_classes: int = NUM_CLASSES, widths=(64, 128, 256, 512)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
@@ -77,7 +84,7 @@ class ResNet18(nn.Module):
             layers += [BasicBlock(cin, w, stride), BasicBlock(w, w, 1)]
             cin = w
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, NUM_CLASSES)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         x = self.layers(self.stem(x))
@@ -118,7 +125,7 @@ class FastNet(nn.Module):
     patch-whitening conv, three conv-pool-BN-GELU blocks and a scaled linear head. `init_from_data` sets the
     whitening filters from training images before training."""
 
-    def __init__(self, widths=(64, 256, 256), head_scale: float = 1 / 9):
+    def __init__(self, num_classes: int = NUM_CLASSES, widths=(64, 256, 256), head_scale: float = 1 / 9):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)
         self.whiten.weight.requires_grad = False
@@ -127,7 +134,7 @@ class FastNet(nn.Module):
             blocks.append(FastBlock(cin, w))
             cin = w
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(cin, NUM_CLASSES, bias=False)
+        self.head = nn.Linear(cin, num_classes, bias=False)
         self.head_scale = head_scale
 
     @torch.no_grad()

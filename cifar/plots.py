@@ -10,17 +10,25 @@ import numpy as np  # noqa: E402
 from .data import CLASSES  # noqa: E402
 
 
-def confusion_png(confusion: list[list[int]], path: str, title: str = "") -> None:
+CELL_NUMBERS_UP_TO = 20     # classes; above, the confusion matrix is colours only (CIFAR-100's 10,000 cells)
+
+
+def confusion_png(confusion: list[list[int]], path: str, title: str = "", classes=CLASSES) -> None:
+    """Rates per true class as colours; up to CELL_NUMBERS_UP_TO classes with each cell's count written in it.
+    More classes (CIFAR-100): a bigger figure, small tick labels, no numbers."""
     cm = np.asarray(confusion, dtype=np.int64)
     rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
-    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    n = len(classes)
+    few = n <= CELL_NUMBERS_UP_TO
+    fig, ax = plt.subplots(figsize=(7, 6) if few else (14, 13), dpi=120)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ticks = {} if few else {"fontsize": 4.5}
+    ax.set_xticks(range(n), classes, rotation=45 if few else 90, ha="right" if few else "center", **ticks)
+    ax.set_yticks(range(n), classes, **ticks)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
+    for i in range(n if few else 0):
+        for j in range(n):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
@@ -53,15 +61,16 @@ def grid_png(images: np.ndarray, titles: list[str], colors: list[str], suptitle:
     save(grid_figure(images, titles, colors, suptitle), path)
 
 
-def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8):
-    """Test images titled 'true / predicted', red where wrong."""
-    titles = [f"{CLASSES[t]} / {CLASSES[p]}" for t, p in zip(labels, preds)]
+def predictions_figure(images: np.ndarray, labels, preds, cols: int = 8, classes=CLASSES):
+    """Test images titled 'true / predicted', red where wrong (long names, CIFAR-100's, on two lines)."""
+    sep = " / " if max(map(len, classes)) <= 8 else " /\n"
+    titles = [f"{classes[t]}{sep}{classes[p]}" for t, p in zip(labels, preds)]
     colors = ["black" if t == p else "red" for t, p in zip(labels, preds)]
     return grid_figure(images, titles, colors, "true / predicted", cols)
 
 
-def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8) -> None:
-    save(predictions_figure(images, labels, preds, cols), path)
+def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8, classes=CLASSES) -> None:
+    save(predictions_figure(images, labels, preds, cols, classes), path)
 
 
 def save(fig, path: str) -> None:

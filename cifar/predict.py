@@ -16,7 +16,7 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from . import evaluation
-from .data import CLASSES, normalize
+from .data import class_names, normalize
 from .errors import UserError
 from .evaluate_run import bare_state_dict_note, is_state_dict_file, load_run
 from .plots import grid_png
@@ -83,7 +83,7 @@ def read_image(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
 
 @torch.no_grad()
 def probabilities(model, images: torch.Tensor, stats: str, accelerator) -> torch.Tensor:
-    """Class probabilities (N, 10) of uint8 images, on the accelerator's device, normalised with `stats`."""
+    """Class probabilities (N, classes) of uint8 images, on the accelerator's device, normalised with `stats`."""
     model = model.to(accelerator.device).eval()
     out = []
     for chunk in images.split(BATCH):
@@ -96,13 +96,16 @@ def probabilities(model, images: torch.Tensor, stats: str, accelerator) -> torch
 def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_k: int = 3, as_json: bool = False,
                    grid: str | None = None, pick: str = "auto") -> int:
     """Print each image's top-k classes; the exit status: 0, or EXIT_SOME_FAILED when an input was not an image."""
-    if not 1 <= top_k <= len(CLASSES):
-        raise UserError(f"--top-k must be between 1 and {len(CLASSES)}; got {top_k}")
+    if top_k < 1:
+        raise UserError(f"--top-k must be 1 or more; got {top_k}")
     if not paths:
         raise UserError("no image given; pass image files or folders of them after the options")
     if grid and not os.path.isdir(os.path.dirname(os.path.abspath(grid))):
         raise UserError(f"--grid {grid}: its folder does not exist; create it or pass another path")
     cfg, model, weights = load_run(checkpoint, overrides, pick)
+    classes = class_names(cfg.data)
+    if top_k > len(classes):
+        raise UserError(f"--top-k must be between 1 and {len(classes)} (the run's classes); got {top_k}")
     files, problems = image_files(paths)
     errors = [f"{path}: {problem}" for path, problem in problems]
     read = []
@@ -120,10 +123,10 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         top = probs.topk(top_k, dim=1)
         for (path, _, size), p, k in zip(read, top.values.tolist(), top.indices.tolist()):
             rows.append({"image": path, "size": list(size),
-                         "top": [{"class": CLASSES[c], "probability": q} for c, q in zip(k, p)]})
+                         "top": [{"class": classes[c], "probability": q} for c, q in zip(k, p)]})
     if as_json:
         print(json.dumps({"checkpoint": weights, "model": cfg.model.name, "normalize": cfg.data.normalize,
-                          "predictions": rows, "errors": errors}, indent=2))
+                          "dataset": cfg.data.dataset, "predictions": rows, "errors": errors}, indent=2))
     elif rows:
         if is_state_dict_file(weights):
             print(bare_state_dict_note(cfg, weights))

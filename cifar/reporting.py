@@ -57,7 +57,7 @@ class Reporter:
         """An epoch's row, with its evaluation's metrics when it had one."""
         self._log(row)
         if result is not None and result.samples:
-            self.tracker.log_eval(row["step"], result.confusion, *result.samples)
+            self.tracker.log_eval(row["step"], result.confusion, *result.samples, classes=list(result.per_class))
         self.console.epoch(row)
 
     def checkpoint(self, path: str | None, step: int, acc: float | None) -> None:

@@ -209,14 +209,15 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             self._fail("log", e)
 
-    def log_eval(self, step: int, confusion: list[list[int]], images, labels, preds) -> None:
+    def log_eval(self, step: int, confusion: list[list[int]], images, labels, preds, classes=CLASSES) -> None:
         """An interactive confusion matrix (counts, [true][predicted]) and a table of sample predictions.
-        images: float (N, 3, 32, 32) in [0, 1], numpy or CPU tensor; labels, preds: class indices."""
+        images: float (N, 3, 32, 32) in [0, 1], numpy or CPU tensor; labels, preds: class indices; classes: the
+        run's class names, by label."""
         if self._run is None:
             return
         try:
             wandb = self._wandb
-            cells = [[CLASSES[i], CLASSES[j], int(n)] for i, row in enumerate(confusion) for j, n in enumerate(row)]
+            cells = [[classes[i], classes[j], int(n)] for i, row in enumerate(confusion) for j, n in enumerate(row)]
             matrix = wandb.plot_table("wandb/confusion_matrix/v1",
                                       wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=cells),
                                       {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
@@ -228,7 +229,7 @@ class Tracker:
             samples = wandb.Table(columns=["image", "true", "predicted", "correct"])
             for img, label, pred in zip(pixels, labels, preds):
                 label, pred = int(label), int(pred)
-                samples.add_data(wandb.Image(img), CLASSES[label], CLASSES[pred], label == pred)
+                samples.add_data(wandb.Image(img), classes[label], classes[pred], label == pred)
             self._run.log({"test/confusion": matrix, "test/samples": samples, "global_step": step})
         except Exception as e:  # noqa: BLE001
             self._fail("log_eval", e)

@@ -10,11 +10,11 @@ from cifar.models import NUM_CLASSES, register
 
 @register("dropout_net")
 class DropoutNet(nn.Module):
-    def __init__(self):
+    def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 5, stride=2)
         self.fc1 = nn.Linear(8 * 14 * 14, 32)
-        self.fc2 = nn.Linear(32, NUM_CLASSES)
+        self.fc2 = nn.Linear(32, num_classes)
 
     def forward(self, x):
         if self.training:      # as many draws as images whose first pixel is above the mean: data-dependent
