@@ -152,19 +152,23 @@ def load_split(cfg: DataConfig, train: bool) -> Split:
     return Split(split.images[:limit], split.labels[:limit], split.classes) if limit else split
 
 
-def _other_dataset_hint(root: str, info: DatasetInfo) -> str | None:
-    """When `root` lacks this dataset but holds another one's files (its folder beside where this one's should be,
-    root pointing into it, or its files under this one's folder name): one line naming both and the fix."""
+def _other_dataset(root: str, info: DatasetInfo) -> DatasetInfo | None:
+    """The other dataset whose files `root` holds (its folder beside where this one's should be, root pointing into
+    it, or its files under this one's folder name), if any."""
     for other in DATASETS.values():
-        if other.name == info.name:
-            continue
         places = [os.path.join(root, other.folder), root, os.path.join(root, info.folder)]
-        if any(all(os.path.isfile(os.path.join(p, n)) for n in other.train_files + other.test_files)
-               for p in places):
-            return (f"data.dataset={info.name} asks for {info.title} ({info.folder}/ in {root}), but {root} holds "
-                    f"{other.title} files ({other.folder}); set data.dataset={other.name} to use them, or point "
-                    f"data.root at the folder holding {info.folder}/")
+        if other.name != info.name and any(
+                all(os.path.isfile(os.path.join(p, n)) for n in other.train_files + other.test_files) for p in places):
+            return other
     return None
+
+
+def _other_dataset_hint(root: str, info: DatasetInfo) -> str | None:
+    """When `root` lacks this dataset but holds the other one: the line naming both and the fix."""
+    other = _other_dataset(root, info)
+    return other and (f"data.dataset={info.name} asks for {info.title} ({info.folder}/ in {root}), but {root} holds "
+                      f"{other.title} files ({other.folder}/); set data.dataset={other.name} to use them, or point "
+                      f"data.root at the folder holding {info.folder}/")
 
 
 def prepare(cfg: DataConfig) -> None:
@@ -176,9 +180,8 @@ def prepare(cfg: DataConfig) -> None:
     folder = os.path.join(root, info.folder)
     if all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):
         return
-    other = _other_dataset_hint(root, info)
     if not cfg.download:
-        raise UserError(other or f"{info.title} not found in {folder}; set data.root to the folder holding "
+        raise UserError(_other_dataset_hint(root, info) or f"{info.title} not found in {folder}; set data.root to the folder holding "
                                  f"{info.folder}/ or set data.download=true")
     from torchvision.datasets.utils import download_url
 
@@ -190,7 +193,8 @@ def prepare(cfg: DataConfig) -> None:
             tar.extractall(root, filter="data")
     except Exception as e:  # network, disk, corrupt archive: all end the same way for the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = f" ({other})" if other else ""
+        other = _other_dataset(root, info)
+        hint = f" ({root} holds {other.title}: data.dataset={other.name} uses it)" if other else ""
         raise UserError(f"downloading {info.title} from {url} into {root} failed ({reason}); download it by hand "
                         f"and extract it there, or point data.root at an existing copy{hint}")
     if not all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):

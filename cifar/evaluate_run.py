@@ -106,11 +106,11 @@ def check_dataset(model, state: dict, weights: str, cfg: Config) -> None:
         return
     info = dataset_info(cfg.data)
     other = next((d for d in DATASETS.values() if d.num_classes == shape[0]), None)
-    which = f"{other.title}'s ({shape[0]} classes)" if other else f"{shape[0]} classes"
+    which = f" ({other.title}'s classes)" if other else ""
     fix = (f"pass data.dataset={other.name} to use it on {other.title}" if other else
            "these weights were not trained by this project on CIFAR-10 or CIFAR-100")
-    raise UserError(f"{weights} holds a network whose head has {which} outputs, and data.dataset={info.name} asks "
-                    f"for {info.title}'s {info.num_classes}; {fix}")
+    raise UserError(f"{weights} holds a network with {shape[0]} outputs{which}, and data.dataset={info.name} asks "
+                    f"for {info.title}'s {info.num_classes} classes; {fix}")
 
 
 def check_saved_dataset(config_path: str, saved: Config, cfg: Config) -> None:

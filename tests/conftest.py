@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from cifar.data import CIFAR100_CLASSES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,6 +32,25 @@ def write_cifar(root: str, n_train: int, n_test: int, seed: int = 0) -> str:
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                      "ship", "truck"]}, f)
+    return root
+
+
+def write_cifar100(root: str, n_train: int, n_test: int, seed: int = 0, classes=None, top: int = 100) -> str:
+    """Random images in the official cifar-100-python layout (train, test and meta pickles; fine and coarse labels).
+    classes: the meta file's fine_label_names (default: CIFAR-100's); top: fine labels are drawn from 0..top-1."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, top, n)
+        batch = {"batch_label": f"{name} batch", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": fine.tolist(), "coarse_labels": (fine % 20).tolist(),
+                 "filenames": [f"{i}.png" for i in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": list(classes or CIFAR100_CLASSES),
+                     "coarse_label_names": [f"superclass_{i}" for i in range(20)]}, f)
     return root
 
 
