@@ -310,6 +310,11 @@ class Checkpoints:
         if theirs != ours:
             raise UserError(f"checkpoint {path} is for model {theirs}, this run is model {ours}; resume with "
                             f"model.name={theirs}, or start over with checkpoint.resume=never and another output_dir")
+        theirs, ours = with_saved_defaults(saved["config"])["data"]["dataset"], self.cfg.data.dataset
+        if theirs != ours:
+            raise UserError(f"checkpoint {path} was trained on data.dataset={theirs}, this run is data.dataset={ours}; "
+                            f"resume with data.dataset={theirs}, or start over with checkpoint.resume=never and "
+                            f"another output_dir")
         load_weights(self.model, os.path.join(path, WEIGHTS), "resume with the config it was saved with")
         changed = config_changes(saved["config"], self.cfg.to_dict())
         if changed:   # every rank knows; the log shows it once (CIFAR_LOG_ALL_RANKS=1: from each)

@@ -187,3 +187,7 @@ def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path):
     assert len([line for line in proc.stdout.splitlines() if line.startswith("Accuracy of")]) == 21
     with Image.open(tmp_path / "eval" / "confusion.png") as png:
         assert png.size[0] >= 1500
+    # resuming it as CIFAR-10 (synthetic, so that the data is there) is refused before any step
+    resumed = run("train.py", "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}", check=False)
+    line = one_line_error(resumed)
+    assert "was trained on data.dataset=cifar100, this run is data.dataset=cifar10" in line
