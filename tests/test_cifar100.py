@@ -1,6 +1,7 @@
 """CIFAR-100 (data.dataset=cifar100): its official pickle layout (written by the tests, offline), every model's head
 sized by the dataset, readable reports and plots for 100 classes, and the one-line refusals (exit code 2) of data or
 weights of the other dataset."""
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from cifar.errors import UserError
 from cifar.evaluate_run import per_class_report
 from cifar.models import MODELS, build_model
 from cifar.plots import confusion_png, predictions_figure
+from cifar.predict import predict_images
+from cifar.tracking import Tracker
 
 
 def together(*calls):
@@ -130,6 +133,43 @@ def test_a_100_class_confusion_png_renders(tmp_path):
     assert [ax.get_title() for ax in fig.axes if ax.images][1] == "lawn_mower /\nbaby"
 
 
+class FakeWandb:
+    """What Tracker.log_eval calls of wandb and of its run, recording the tables."""
+
+    def __init__(self):
+        self.logged = []
+
+    class Table:
+        def __init__(self, columns, data=None):
+            self.columns, self.data = columns, list(data or [])
+
+        def add_data(self, *row):
+            self.data.append(row)
+
+    @staticmethod
+    def Image(pixels):
+        return pixels.shape
+
+    @staticmethod
+    def plot_table(spec, table, fields, strings):
+        return table
+
+    def log(self, row):
+        self.logged.append(row)
+
+
+def test_wandb_confusion_and_samples_use_the_runs_class_names():
+    wandb = FakeWandb()
+    tracker = Tracker()
+    tracker._run, tracker._wandb = wandb, wandb
+    confusion = np.eye(100, dtype=int).tolist()
+    tracker.log_eval(3, confusion, np.zeros((2, 3, 32, 32)), [41, 99], [41, 0], classes=CIFAR100_CLASSES)
+    (row,) = wandb.logged
+    cells = row["test/confusion"].data
+    assert len(cells) == 100 * 100 and cells[41 * 100 + 41] == ["lawn_mower", "lawn_mower", 1]
+    assert [r[1:] for r in row["test/samples"].data] == [("lawn_mower", "lawn_mower", True), ("worm", "apple", False)]
+
+
 def fake_run(folder, overrides, net):
     """A run folder as train.py leaves it (config.yaml + model.safetensors), with the given network's weights."""
     os.makedirs(folder)
@@ -191,3 +231,23 @@ def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path):
     resumed = run("train.py", "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}", check=False)
     line = one_line_error(resumed)
     assert "was trained on data.dataset=cifar100, this run is data.dataset=cifar10" in line
+
+
+def test_predict_names_a_cifar100_runs_classes(tmp_path, capsys):
+    """Top-k over the run's 100 classes, named by its meta file, or by the built-in names where the data is not."""
+    names = [f"kind_{i}" for i in range(100)]
+    root = write_cifar100(str(tmp_path / "data"), n_train=5, n_test=5, classes=names)
+    run100 = fake_run(str(tmp_path / "run"), ["data.dataset=cifar100", f"data.root={root}"],
+                      build_model("tutorial_net", 100))
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    assert predict_images(run100, [str(image)], [], top_k=100, as_json=True) == 0
+    top = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert sorted(t["class"] for t in top) == sorted(names)
+    predict_images(run100, [str(image)], [f"data.root={tmp_path / 'elsewhere'}"], top_k=3, as_json=True)
+    assert {t["class"] for t in json.loads(capsys.readouterr().out)["predictions"][0]["top"]} <= \
+        set(CIFAR100_CLASSES)
+    with pytest.raises(UserError, match="between 1 and 100"):
+        predict_images(run100, [str(image)], [], top_k=101)
+
