@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from . import compare_output, compare_plot
+from . import compare_output, compare_plot, yaml_io
 from .compare_output import MISSING, show, state_counts
 from .compare_runs import Run, load_run, run_folders  # noqa: F401 - load_run: part of this module's API
 from .errors import UserError, cli
@@ -130,7 +130,7 @@ class Where:
     def holds(self, run: Run, metric: str) -> bool:
         value = Row([run]).value(self.key, metric)
         try:
-            wanted = yaml.safe_load(self.text)
+            wanted = yaml_io.safe_load(self.text, f"--where {self.key}", yaml_io.VALUE_CHARS)
         except yaml.YAMLError:
             wanted = self.text
         a, b = _number(value), _number(wanted)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
+from . import yaml_io
 from .errors import UserError
 
 IGNORED = {"output_dir", "wandb.name", "wandb.tags", "wandb.notes"}  # name a run; they do not change what it does
@@ -117,7 +118,7 @@ def load_run(path: str) -> Run:
                         f"e.g. runs/<name>-<time>, or a sweep folder that holds them")
     try:
         with open(config_path) as f:
-            config = yaml.safe_load(f) or {}
+            config = yaml_io.safe_load(f, config_path) or {}
     except yaml.YAMLError:
         config = None
     if not isinstance(config, dict):

@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import UserError
+from . import yaml_io
+from .errors import UserError, shorten
 from .models import MODELS  # the registry decides which model names exist
 
 
@@ -207,13 +208,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             arg = arg[2:]
             if "=" not in arg:
                 if i + 1 >= len(args):
-                    raise UserError(f"override --{arg} has no value; write --{arg}=VALUE")
+                    raise UserError(f"override {shorten('--' + arg)} has no value; write --KEY=VALUE, e.g. "
+                                    f"--optim.lr=0.1")
                 arg, i = f"{arg}={args[i + 1]}", i + 1
         if "=" not in arg or arg.startswith("="):
-            raise UserError(f"cannot read override {args[i]!r}; write section.key=value, e.g. optim.lr=0.1")
+            raise UserError(f"cannot read override {shorten(args[i])}; write section.key=value, e.g. optim.lr=0.1")
         key, text = arg.split("=", 1)
+        if key.count(".") >= yaml_io.MAX_DEPTH:  # each part is a level of nested sections
+            raise UserError(f"override key {shorten(key)} has {key.count('.') + 1:,} parts; config keys have a few, "
+                            f"e.g. optim.lr")
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = yaml_io.safe_load(text, f"override {shorten(key)}", yaml_io.VALUE_CHARS) if text != "" else ""
         except yaml.YAMLError:
             value = text  # not YAML: keep the plain string, type checks still apply
         if text == "None":  # `wandb agent` writes Python's None for a null parameter (f"{key}={value}")
@@ -229,7 +234,7 @@ def _read_recipe(path: str, seen: tuple) -> dict:
         raise UserError(f"recipe {path} extends itself through 'base'; remove the cycle")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml_io.safe_load(f, f"config file {path}") or {}
     except FileNotFoundError:
         raise UserError(f"config file {path} not found; pass an existing recipe, e.g. --config configs/debug.yaml")
     except IsADirectoryError:
@@ -266,7 +271,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"override {key}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            raise UserError(f"override {shorten(key)}: {shorten('.'.join(parts[:i + 1]))} is a value, not a section")
         node = child
     if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         # a section given whole (`optim={lr: 0.1}`, as `wandb agent` passes nested sweep parameters) sets those
@@ -280,12 +285,13 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
-        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a section (mapping), got {raw!r}")
+        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a section (mapping), got "
+                        f"{shorten(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise UserError(f"unknown config key '{prefix}{key}'; allowed here: {', '.join(names)}")
+            raise UserError(f"unknown config key {shorten(f'{prefix}{key}')}; allowed here: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name in raw:
@@ -306,7 +312,7 @@ def _coerce(tp, value, key: str):
         if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision) or `false` (log_model) as false
             value = "no" if "no" in args else "false"
         if value not in args:
-            raise UserError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+            raise UserError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {shorten(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -314,11 +320,11 @@ def _coerce(tp, value, key: str):
         return [_coerce(args[0], v, key) for v in value]
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false; got {value!r}")
+            raise UserError(f"config key '{key}' must be true or false; got {shorten(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config key '{key}' must be an integer; got {value!r}")
+            raise UserError(f"config key '{key}' must be an integer; got {shorten(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; people write it all the time
@@ -327,11 +333,11 @@ def _coerce(tp, value, key: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config key '{key}' must be a number; got {value!r}")
+            raise UserError(f"config key '{key}' must be a number; got {shorten(value)}")
         return float(value)
     if tp is str:
         if value is None or isinstance(value, (dict, list)):
-            raise UserError(f"config key '{key}' must be a string; got {value!r}")
+            raise UserError(f"config key '{key}' must be a string; got {shorten(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not user input
 
@@ -340,7 +346,7 @@ def _coerce(tp, value, key: str):
 
 def _require(ok: bool, key: str, allowed: str, value) -> None:
     if not ok:
-        raise UserError(f"config key '{key}' must be {allowed}; got {value!r}")
+        raise UserError(f"config key '{key}' must be {allowed}; got {shorten(value)}")
 
 
 def validate(cfg: Config) -> None:

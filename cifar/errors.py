@@ -18,6 +18,47 @@ EXIT_IO = 74
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
 
 
+SHOWN = 80   # characters of a user's value that an error message repeats
+
+
+def shorten(value, width: int = SHOWN) -> str:
+    """repr(value) for an error message, cut to `width` characters with an ellipsis and the value's full length
+    (characters of a string, items of a list or mapping), so that a megabyte of input stays one short line. The
+    repr is built piece by piece and stops once past `width`: a huge value is never turned into text whole."""
+    text = ""
+    for piece in _repr_pieces(value, width):
+        text += piece
+        if len(text) > width:
+            break
+    else:
+        return text
+    sized = isinstance(value, (str, list, tuple, dict))
+    size = f" ({len(value):,} {'characters' if isinstance(value, str) else 'items'})" if sized else ""
+    return f"{text[:width]}...{size}"
+
+
+def _repr_pieces(value, width: int):
+    """repr(value) in pieces: containers item by item, a long string by its first width + 1 characters."""
+    if isinstance(value, str) and len(value) > width:
+        yield repr(value[:width + 1])
+    elif isinstance(value, dict):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _repr_pieces(key, width)
+            yield ": "
+            yield from _repr_pieces(item, width)
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "[" if isinstance(value, list) else "("
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _repr_pieces(item, width)
+        yield "]" if isinstance(value, list) else ",)" if len(value) == 1 else ")"
+    else:
+        yield repr(value)
+
+
 def warn(message: str) -> None:
     """A problem the run survives: a warning record (cifar/log.py), by default one `warning: ...` line on stderr."""
     log.warning(message)

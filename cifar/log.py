@@ -52,7 +52,8 @@ def level_from(value: str | None) -> int:
     """The level named by `value`, else $CIFAR_LOG_LEVEL, else info; ValueError naming the choices."""
     value = (value or os.environ.get("CIFAR_LOG_LEVEL") or "info").strip().lower()
     if value not in LEVELS:
-        raise ValueError(f"log level {value!r} is not one of {', '.join(LEVELS)}; set --log-level or "
+        from .errors import shorten   # here: errors imports this module
+        raise ValueError(f"log level {shorten(value)} is not one of {', '.join(LEVELS)}; set --log-level or "
                          f"CIFAR_LOG_LEVEL to one of them")
     return getattr(logging, value.upper())
 

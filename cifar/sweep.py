@@ -26,7 +26,7 @@ import time
 
 from . import log
 from .config import flatten, load_config, load_saved_config
-from .errors import EXIT_RESUMABLE, UserError, cli, warn
+from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def changed(run: Run, sweep: Sweep) -> str | None:
     except UserError:
         return "its config.yaml cannot be read"
     diff = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:3]) or None
+    return ", ".join(f"{k}: {shorten(saved.get(k))} -> {shorten(wanted.get(k))}" for k in diff[:3]) or None
 
 
 def best_acc(run: Run) -> str:

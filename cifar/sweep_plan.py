@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from .config import load_config, parse_overrides
-from .errors import UserError
+from . import yaml_io
+from .errors import UserError, shorten
 
 # What W&B accepts at the top of a sweep file (its schema refuses anything else)
 TOP_KEYS = ("apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity", "project",
@@ -61,7 +62,7 @@ def read_sweep(path: str) -> Sweep:
     """A sweep file -> Sweep, refusing what W&B would refuse and what this runner cannot run."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml_io.safe_load(f, f"sweep file {path}")
     except FileNotFoundError:
         raise UserError(f"sweep file {path} not found; pass one such as configs/sweeps/debug-lr-seed.yaml")
     except (OSError, UnicodeDecodeError) as e:
@@ -78,19 +79,19 @@ def read_sweep(path: str) -> Sweep:
                         f"goes in command: [..., --config, configs/X.yaml, ${{args_no_hyphens}}])")
     method = raw.get("method")
     if method not in ("grid", "random", "bayes", "custom"):
-        raise UserError(f"{where}: method must be grid, random or bayes (W&B requires it); got {method!r}")
+        raise UserError(f"{where}: method must be grid, random or bayes (W&B requires it); got {shorten(method)}")
     if method in ("bayes", "custom"):
         raise UserError(f"{where}: method {method} is run by W&B's server: start it with `wandb sweep {path}` and "
                         f"`wandb agent`; here use method: grid or random")
     program = raw.get("program", "train.py")
     if not isinstance(program, str) or os.path.basename(program) != "train.py":
-        raise UserError(f"{where}: program must be train.py; got {program!r}")
+        raise UserError(f"{where}: program must be train.py; got {shorten(program)}")
     name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", name) or name.startswith("."):
-        raise UserError(f"{where}: name {name!r} becomes a folder name: use letters, digits and . _ + - only")
+        raise UserError(f"{where}: name {shorten(name)} becomes a folder name: use letters, digits and . _ + - only")
     run_cap = raw.get("run_cap")
     if run_cap is not None and (isinstance(run_cap, bool) or not isinstance(run_cap, int) or run_cap < 1):
-        raise UserError(f"{where}: run_cap must be a positive integer (W&B requires it); got {run_cap!r}")
+        raise UserError(f"{where}: run_cap must be a positive integer (W&B requires it); got {shorten(run_cap)}")
     if method == "random" and run_cap is None:
         raise UserError(f"{where}: method random needs run_cap here (how many points to draw; W&B's agent would "
                         f"draw until stopped)")
@@ -103,7 +104,7 @@ def read_sweep(path: str) -> Sweep:
         _check_spec(key, spec, method, where)
     for key in ("project", "entity"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise UserError(f"{where}: {key} must be a string; got {raw[key]!r}")
+            raise UserError(f"{where}: {key} must be a string; got {shorten(raw[key])}")
     return Sweep(path, name, method, recipe, fixed, specs, run_cap, raw.get("project"), raw.get("entity"))
 
 
@@ -146,7 +147,7 @@ def _flat_parameters(parameters: dict, where: str, prefix: str = "") -> dict[str
     for key, spec in parameters.items():
         if not isinstance(spec, dict):
             raise UserError(f"{where}: parameter {prefix}{key} must be a mapping such as {{values: [...]}} or "
-                            f"{{value: ...}}; got {spec!r}")
+                            f"{{value: ...}}; got {shorten(spec)}")
         if "parameters" in spec:
             if set(spec) != {"parameters"} or not isinstance(spec["parameters"], dict) or not spec["parameters"]:
                 raise UserError(f"{where}: nested parameter {prefix}{key} must hold only a non-empty 'parameters'")
@@ -159,11 +160,12 @@ def _flat_parameters(parameters: dict, where: str, prefix: str = "") -> dict[str
 def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise UserError(f"{where}: parameter {key} has {sorted(unknown)[0]!r}, which W&B does not know; use value, "
-                        f"values, or distribution with min/max (or mu/sigma)")
+        raise UserError(f"{where}: parameter {key} has {shorten(sorted(unknown, key=str)[0])}, which W&B does not "
+                        f"know; use value, values, or distribution with min/max (or mu/sigma)")
     dist = _distribution(spec)
     if dist not in DISTRIBUTIONS:
-        raise UserError(f"{where}: parameter {key}: distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+        raise UserError(f"{where}: parameter {key}: distribution {shorten(dist)} is not one of "
+                        f"{', '.join(DISTRIBUTIONS)}")
     missing = [k for k in DISTRIBUTIONS[dist] if k not in spec]
     if missing:
         raise UserError(f"{where}: parameter {key}: distribution {dist} needs {' and '.join(missing)}")
@@ -175,7 +177,7 @@ def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
     for a, b in (("min", "max"),):
         if a in spec and not (_number(spec[a]) and _number(spec[b]) and spec[a] < spec[b]):
             raise UserError(f"{where}: parameter {key}: min and max must be numbers with min < max; got "
-                            f"{spec[a]!r}, {spec[b]!r}")
+                            f"{shorten(spec[a])}, {shorten(spec[b])}")
     if dist == "int_uniform" and not all(isinstance(spec[k], int) for k in ("min", "max")):
         raise UserError(f"{where}: parameter {key}: int_uniform needs integer min and max")
     if dist in ("log_uniform_values", "q_log_uniform_values") and spec["min"] <= 0:

@@ -25,9 +25,10 @@ import accelerate
 import numpy as np
 import torch
 
+from . import yaml_io
 from .config import flatten
 from .data import CLASSES
-from .errors import warn
+from .errors import shorten, warn
 
 MODES = ("online", "offline", "disabled")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]
         # `wandb agent` starts its runs with WANDB_SWEEP_ID set and no WANDB_MODE: they are meant to report
         return ("online", None) if environ.get("WANDB_SWEEP_ID") else ("disabled", None)
     if value not in MODES:
-        return "disabled", f"WANDB_MODE={value!r} is not one of {', '.join(MODES)}"
+        return "disabled", f"WANDB_MODE={shorten(value)} is not one of {', '.join(MODES)}"
     return value, None
 
 
@@ -81,7 +82,7 @@ def agent_parameters(cfg, folder: str, environ=os.environ) -> list[str]:
     import yaml
 
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = yaml_io.safe_load(f, f"W&B sweep parameters {path}") or {}
     raw.pop("wandb_version", None)
     given = flatten({k: v.get("value") if isinstance(v, dict) and "value" in v else v for k, v in raw.items()}, ".")
     config, nested, tags = cfg.to_dict(), {}, []
@@ -93,8 +94,8 @@ def agent_parameters(cfg, folder: str, environ=os.environ) -> list[str]:
             warn(f"W&B sweep parameter {key} is not a config key; it is not in the run's config")
             continue
         if node != value:
-            warn(f"W&B sweep parameter {key}={value!r} did not reach train.py (it trained with {node!r}); put "
-                 f"${{args_no_hyphens}} in the sweep's command")
+            warn(f"W&B sweep parameter {key}={shorten(value)} did not reach train.py (it trained with "
+                 f"{shorten(node)}); put ${{args_no_hyphens}} in the sweep's command")
         target = nested
         for part in parts[:-1]:
             target = target.setdefault(part, {})
