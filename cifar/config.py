@@ -6,6 +6,7 @@ refused with a UserError naming the key, before any work starts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -165,6 +166,12 @@ def flatten(tree: dict, sep: str = "/", prefix: str = "") -> dict:
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Recipe file (or the defaults) + overrides -> validated Config."""
     return _with_overrides(_read_recipe(path, seen=()) if path else {}, overrides)
+
+
+def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
+    """load_config(path, overrides) for many lists of overrides, the recipe read once (a sweep's runs)."""
+    raw = _read_recipe(path, seen=()) if path else {}
+    return lambda overrides: _with_overrides(copy.deepcopy(raw), overrides)
 
 
 # A saved config (a run's or a checkpoint's config.yaml) lacks the keys added after it was written; these are what

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Iterable, Iterator
 
 from . import log
 from .config import flatten, load_config, load_saved_config
@@ -30,6 +32,7 @@ from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LISTED = 1000   # rows of --dry-run's table and of the summary: a bigger sweep's others are counted, not listed
 
 
 # ----------------------------------------------------------------------------- state of a run folder
@@ -117,10 +120,11 @@ def child_env(slot: int, parallel: int, environ=os.environ, cores: int | None = 
 
 
 class Runner:
-    """Runs the sweep's runs as train.py processes, `parallel` at a time. SIGINT/SIGTERM: the running ones save a
-    checkpoint and stop (a rerun resumes them), and no new one starts."""
+    """Runs the sweep's runs as train.py processes, `parallel` at a time, taking each from `runs` only when a slot is
+    free (a lazy plan stays lazy). A run whose config does not check fails without starting. SIGINT/SIGTERM: the
+    running ones save a checkpoint and stop (a rerun resumes them), and no new one starts."""
 
-    def __init__(self, runs: list[Run], parallel: int, log_dir: str | None):
+    def __init__(self, runs: Iterable[Run], parallel: int, log_dir: str | None):
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
         self.stopping = False
         self.active: dict[int, tuple[Run, subprocess.Popen, float]] = {}   # slot -> (run, process, start)
@@ -140,18 +144,27 @@ class Runner:
     def run(self) -> dict[int, tuple[str, str]]:
         old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            queue = list(self.runs)
-            while (queue and not self.stopping) or self.active:
-                while queue and not self.stopping and len(self.active) < self.parallel:
+            queue = iter(self.runs)
+            pending = self._next(queue)
+            while (pending and not self.stopping) or self.active:
+                while pending and not self.stopping and len(self.active) < self.parallel:
                     slot = min(set(range(self.parallel)) - set(self.active))
-                    self.active[slot] = self._start(queue.pop(0), slot)
+                    self.active[slot] = self._start(pending, slot)
+                    pending = self._next(queue)
                 self._reap()
-            for run in queue:
-                self.results[run.index] = ("not started", "the sweep was stopped")
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
         return self.results
+
+    def _next(self, queue: Iterator[Run]) -> Run | None:
+        """The next run that can start; one whose config does not check is failed here, never started."""
+        for run in queue:
+            if not run.problem:
+                return run
+            self.results[run.index] = ("failed (config)", run.problem)
+            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: failed (config): {run.problem}")
+        return None
 
     def _start(self, run: Run, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
@@ -253,6 +266,8 @@ def main(argv=None) -> None:
             raise UserError(f"run index {args.index} is outside this sweep's runs 0..{len(runs) - 1}; check "
                             f"--array (python -m cifar.sweep {sweep.path} --slurm prints it)")
         runs = [runs[args.index]]
+        if runs[0].problem:
+            raise UserError(runs[0].problem)
     elif args.print_args:
         raise UserError("--print-args needs --index I (the run whose arguments to print)")
     if args.print_args:
@@ -272,36 +287,64 @@ def main(argv=None) -> None:
         raise UserError(f"--parallel {args.parallel}: this machine has {cores} CPU core(s) and each run needs one; "
                         f"give at most {cores}, or run the sweep as a SLURM array (--slurm)")
 
-    states = {run.index: state(run) for run in runs}
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(runs)} run(s), method {sweep.method}, recipe {sweep.recipe or '(defaults)'}")
-        _table([(r.index, r.folder, states[r.index], " ".join(r.args)) for r in runs],
+        listed = list(itertools.islice(runs, LISTED))
+        _table([(r.index, r.folder, "bad config" if r.problem else state(r), " ".join(r.args)) for r in listed],
                ("#", "folder", "state", "train.py arguments"))
+        for run in listed:
+            if run.problem:
+                warn(run.problem)
+        _unlisted(len(runs) - len(listed), sweep)
         return
-    todo = []
+    skipped: dict[int, str] = {}   # index -> its state, for the runs finished before or running elsewhere
+    log_dir = os.path.join(args.runs_dir, sweep.name, "logs") if args.parallel > 1 else None
+    runner = Runner(_to_run(runs, sweep, skipped), args.parallel, log_dir)
+    results = runner.run()
+    rows = []
+    for run in itertools.islice(runs, LISTED):
+        outcome, detail = _outcome(run, results, skipped)
+        rows.append((run.index, os.path.basename(run.folder), outcome, best_acc(run), detail[:100]))
+    _table(rows, ("#", "run", "outcome", "best test acc", "detail"))
+    _unlisted(len(runs) - len(rows), sweep)
+    print(f"compare them: python -m cifar.compare {os.path.join(args.runs_dir, sweep.name)}")
+    if any(o.startswith("failed") for o, _ in results.values()):
+        sys.exit(1)
+    if runner.stopping or any(o == "stopped" for o, _ in results.values()):
+        sys.exit(EXIT_RESUMABLE)
+
+
+def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str]) -> Iterator[Run]:
+    """The runs to start, each looked at when the runner asks for it: finished ones (before, or elsewhere) and
+    running ones are skipped, and recorded in `skipped`."""
     for run in runs:
-        if states[run.index] == "finished":
+        now = state(run)
+        if now == "finished":
             why = changed(run, sweep)
             if why:
                 warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
                      f"{run.folder} away to run it again")
             log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: finished before, skipped")
-        elif states[run.index] == "running":
+        elif now == "running":
             log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: running elsewhere, skipped")
         else:
-            todo.append(run)
-    log_dir = os.path.join(args.runs_dir, sweep.name, "logs") if args.parallel > 1 else None
-    results = Runner(todo, args.parallel, log_dir).run()
-    rows = []
-    for run in runs:
-        outcome, detail = results.get(run.index, (states[run.index] + " (skipped)", ""))
-        rows.append((run.index, os.path.basename(run.folder), outcome, best_acc(run), detail[:100]))
-    _table(rows, ("#", "run", "outcome", "best test acc", "detail"))
-    print(f"compare them: python -m cifar.compare {os.path.join(args.runs_dir, sweep.name)}")
-    if any(o.startswith("failed") for o, _ in results.values()):
-        sys.exit(1)
-    if any(o in ("stopped", "not started") for o, _ in results.values()):
-        sys.exit(EXIT_RESUMABLE)
+            yield run
+            continue
+        skipped[run.index] = now
+
+
+def _outcome(run: Run, results: dict[int, tuple[str, str]], skipped: dict[int, str]) -> tuple[str, str]:
+    if run.index in results:
+        return results[run.index]
+    if run.index in skipped:
+        return f"{skipped[run.index]} (skipped)", ""
+    return "not started", "the sweep was stopped"   # the runner never took it
+
+
+def _unlisted(more: int, sweep: Sweep) -> None:
+    if more > 0:
+        print(f"... and {more:,} more run(s), not listed (python -m cifar.sweep {sweep.path} --index I --print-args "
+              f"shows run I)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A W&B sweep file read, checked and expanded into the list of train.py runs it makes (cifar.sweep runs them).
 
-read_sweep refuses what W&B would refuse and what this project cannot run, with one line; plan builds every run's
-folder and arguments and checks each run's config before any starts. Grid order: the first parameter slowest, as
-written; random search: run_cap draws from random.Random(seed).
+read_sweep refuses what W&B would refuse and what this project cannot run, with one line; plan gives the runs, each
+built (folder, arguments, its config checked) only when asked for, and checks the first CHECKED_AHEAD before any
+starts. Grid order: the first parameter slowest, as written; random search: run_cap draws from random.Random(seed).
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import math
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
-from .config import load_config, parse_overrides
+from .config import config_loader, parse_overrides
 from . import yaml_io
 from .errors import UserError, shorten
 
@@ -54,6 +55,7 @@ class Run:
     params: dict[str, Any]                   # dotted config key -> value
     folder: str
     args: list[str] = field(default_factory=list)   # train.py's command line after `train.py`
+    problem: str | None = None               # why its config does not check (one line), if it does not
 
 
 # ----------------------------------------------------------------------------- the file
@@ -163,7 +165,7 @@ def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
         raise UserError(f"{where}: parameter {key} has {shorten(sorted(unknown, key=str)[0])}, which W&B does not "
                         f"know; use value, values, or distribution with min/max (or mu/sigma)")
     dist = _distribution(spec)
-    if dist not in DISTRIBUTIONS:
+    if not isinstance(dist, str) or dist not in DISTRIBUTIONS:
         raise UserError(f"{where}: parameter {key}: distribution {shorten(dist)} is not one of "
                         f"{', '.join(DISTRIBUTIONS)}")
     missing = [k for k in DISTRIBUTIONS[dist] if k not in spec]
@@ -174,18 +176,44 @@ def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
     if method == "grid" and dist not in ("constant", "categorical"):
         raise UserError(f"{where}: parameter {key} has distribution {dist}: a grid needs values (or value) for every "
                         f"parameter; use method: random to draw from a distribution")
-    for a, b in (("min", "max"),):
-        if a in spec and not (_number(spec[a]) and _number(spec[b]) and spec[a] < spec[b]):
-            raise UserError(f"{where}: parameter {key}: min and max must be numbers with min < max; got "
-                            f"{shorten(spec[a])}, {shorten(spec[b])}")
+    _check_numbers(key, spec, where)
+    if ("min" in spec or "max" in spec) and not spec.get("min", math.inf) < spec.get("max", -math.inf):
+        raise UserError(f"{where}: parameter {key}: min and max must be numbers with min < max; got "
+                        f"{shorten(spec.get('min'))}, {shorten(spec.get('max'))}")
     if dist == "int_uniform" and not all(isinstance(spec[k], int) for k in ("min", "max")):
         raise UserError(f"{where}: parameter {key}: int_uniform needs integer min and max")
     if dist in ("log_uniform_values", "q_log_uniform_values") and spec["min"] <= 0:
         raise UserError(f"{where}: parameter {key}: {dist} needs min > 0")
     if "probabilities" in spec:
         p = spec["probabilities"]
-        if not isinstance(p, list) or len(p) != len(spec.get("values", [])) or not math.isclose(sum(p), 1.0):
-            raise UserError(f"{where}: parameter {key}: probabilities must be one per value and sum to 1")
+        if not isinstance(p, list) or len(p) != len(spec.get("values", [])) or \
+                not all(_number(x) and x >= 0 for x in p) or not math.isclose(sum(p), 1.0):
+            raise UserError(f"{where}: parameter {key}: probabilities must be numbers >= 0, one per value, summing "
+                            f"to 1")
+
+
+# A float overflows above e**709.78: log_uniform's max and log_normal's mu + 10 sigma are exponents.
+MAX_EXPONENT = math.log(sys.float_info.max)
+
+
+def _check_numbers(key: str, spec: dict, where: str) -> None:
+    """min, max, mu, sigma and q are finite numbers; q (the step draws are rounded to) > 0, sigma >= 0; draws that
+    are exponents cannot overflow a float. One line each, before anything is drawn."""
+    for name in ("min", "max", "mu", "sigma", "q"):
+        if name in spec and not (_number(spec[name]) and math.isfinite(spec[name])):
+            raise UserError(f"{where}: parameter {key}: {name} must be a finite number; got {shorten(spec[name])}")
+    if spec.get("q", 1) <= 0:
+        raise UserError(f"{where}: parameter {key}: q, the step its draws are rounded to, must be > 0; got "
+                        f"{shorten(spec['q'])}")
+    if spec.get("sigma", 0) < 0:
+        raise UserError(f"{where}: parameter {key}: sigma must be >= 0; got {shorten(spec['sigma'])}")
+    dist = _distribution(spec)
+    top = spec.get("max", 0) if dist == "log_uniform" else \
+        spec.get("mu", 0) + 10 * spec.get("sigma", 0) if dist == "log_normal" else 0
+    if top > MAX_EXPONENT:
+        raise UserError(f"{where}: parameter {key}: {dist} draws e to the power of up to {top:g} (its "
+                        f"{'max' if dist == 'log_uniform' else 'mu + 10 sigma'}), which overflows a float above "
+                        f"{MAX_EXPONENT:.2f}: its numbers are natural logs (log_uniform_values takes the values)")
 
 
 def _number(x) -> bool:
@@ -207,18 +235,46 @@ def _distribution(spec: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the list of runs
+# Lazy throughout: a grid of 10^8 points with run_cap 3 is three points, its size is arithmetic, and run i is built
+# without the ones before it.
 
-def expand(sweep: Sweep, seed: int = 0) -> list[dict[str, Any]]:
-    """The points of the sweep, in order: the grid's product (first parameter slowest, as written), or run_cap draws
-    from random.Random(seed). The first N points stay the same when run_cap grows."""
+CHECKED_AHEAD = 100   # runs whose configs plan() checks before any starts; the later ones as each is built
+
+
+def count(sweep: Sweep) -> int:
+    """How many runs the sweep makes: the grid's size (the product of its lists' lengths) or run_cap if smaller;
+    random search: run_cap."""
+    if sweep.method != "grid":
+        return sweep.run_cap
+    size = math.prod(len(choices) for choices in _choices(sweep))
+    return min(size, sweep.run_cap) if sweep.run_cap else size
+
+
+def _choices(sweep: Sweep) -> list[list]:
+    """Each grid parameter's values, in the file's order."""
+    return [spec["values"] if "values" in spec else [spec["value"]] for spec in sweep.parameters.values()]
+
+
+def expand(sweep: Sweep, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """The points of the sweep, in order, one at a time: the grid's product (first parameter slowest, as written),
+    or run_cap draws from random.Random(seed). The first N points stay the same when run_cap grows."""
     keys = list(sweep.parameters)
     if sweep.method == "grid":
-        choices = [sweep.parameters[k]["values"] if "values" in sweep.parameters[k] else [sweep.parameters[k]["value"]]
-                   for k in keys]
-        points = [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
-        return points[:sweep.run_cap] if sweep.run_cap else points
+        return (dict(zip(keys, combo)) for combo in itertools.islice(itertools.product(*_choices(sweep)), count(sweep)))
     rng = random.Random(seed)
-    return [{k: _draw(sweep.parameters[k], rng) for k in keys} for _ in range(sweep.run_cap)]
+    return ({k: _draw(sweep.parameters[k], rng) for k in keys} for _ in range(sweep.run_cap))
+
+
+def point(sweep: Sweep, index: int, seed: int = 0) -> dict[str, Any]:
+    """Point `index` of expand(sweep, seed). A grid's is read off its index (mixed radix, the last parameter
+    fastest) without the points before it; random search draws the ones before it (the same generator)."""
+    if sweep.method != "grid":
+        return next(itertools.islice(expand(sweep, seed), index, None))
+    picked = {}
+    for key, choices in reversed(list(zip(sweep.parameters, _choices(sweep)))):
+        index, i = divmod(index, len(choices))
+        picked[key] = choices[i]
+    return {key: picked[key] for key in sweep.parameters}
 
 
 def _draw(spec: dict, rng: random.Random):
@@ -246,9 +302,30 @@ def _draw(spec: dict, rng: random.Random):
     return x
 
 
-def varying(sweep: Sweep, points: list[dict]) -> list[str]:
-    """The parameters whose value changes from run to run: they name the run folders and tag the W&B runs."""
-    return [k for k in sweep.parameters if len({json.dumps(p[k], sort_keys=True) for p in points}) > 1]
+def varying(sweep: Sweep, seed: int = 0) -> list[str]:
+    """The parameters whose value changes from run to run: they name the run folders and tag the W&B runs. Found
+    without listing the runs: in a grid's first n points, a parameter whose later ones make `stride` combinations
+    takes its first ceil(n / stride) values; random search: one pass over the draws, which stops once every
+    parameter that can change has."""
+    if sweep.method == "grid":
+        n, stride, seen = count(sweep), 1, {}
+        for key, choices in reversed(list(zip(sweep.parameters, _choices(sweep)))):
+            seen[key] = choices[:-(-n // stride)]
+            stride *= len(choices)
+        return [key for key in sweep.parameters if len(set(map(_same, seen[key]))) > 1]
+    specs = sweep.parameters
+    can = {k for k in specs if _distribution(specs[k]) not in ("constant", "categorical")
+           or len(set(map(_same, specs[k].get("values", [])))) > 1}
+    points = expand(sweep, seed)
+    first, changed = next(points), set()
+    for p in itertools.takewhile(lambda _: changed != can, points):
+        changed |= {k for k in can - changed if _same(p[k]) != _same(first[k])}
+    return [key for key in specs if key in changed]
+
+
+def _same(value) -> str:
+    """A value's identity across runs: 1 and 1.0 differ, key order in a mapping does not."""
+    return json.dumps(value, sort_keys=True)
 
 
 def show(value) -> str:
@@ -266,32 +343,60 @@ def arg(key: str, value) -> str:
     return f"{key}={text.removesuffix(chr(10) + '...')}"  # a scalar document ends in "\n..."
 
 
-def plan(sweep: Sweep, runs_dir: str, seed: int = 0) -> list[Run]:
-    """Every run of the sweep with its folder and train.py arguments, each config checked before any run starts."""
-    points = expand(sweep, seed)
-    if not points:
-        raise UserError(f"sweep {sweep.path} makes no runs; give every parameter at least one value")
-    names = varying(sweep, points)
-    width = max(2, len(str(len(points) - 1)))
-    base = load_config(sweep.recipe, sweep.fixed)
-    fixed_keys = {k for k, _ in parse_overrides(sweep.fixed)}
-    runs = []
-    for i, point in enumerate(points):
-        label = ",".join(f"{k}={show(point[k])}" for k in names) or "run"
+class Plan:
+    """The sweep's runs, built one at a time when asked for: len() by arithmetic, plan[i] (run i alone) and
+    iteration in order. A run whose config does not check carries the one-line reason in `problem`."""
+
+    def __init__(self, sweep: Sweep, runs_dir: str, seed: int = 0):
+        self.sweep, self.runs_dir, self.seed = sweep, runs_dir, seed
+        self.size = count(sweep)
+        self.names = varying(sweep, seed)
+        self.width = max(2, len(str(self.size - 1)))
+        self.load = config_loader(sweep.recipe)   # the recipe is read once, not once per run
+        self.tags = list(self.load(sweep.fixed).wandb.tags)
+        self.fixed_keys = {k for k, _ in parse_overrides(sweep.fixed)}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Run:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        return self._run(index, point(self.sweep, index, self.seed))
+
+    def __iter__(self) -> Iterator[Run]:
+        return (self._run(i, p) for i, p in enumerate(expand(self.sweep, self.seed)))
+
+    def _run(self, i: int, point: dict) -> Run:
+        """Run i with its folder and train.py arguments, its config built and checked."""
+        sweep = self.sweep
+        label = ",".join(f"{k}={show(point[k])}" for k in self.names) or "run"
         label = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)[:120]
-        folder = os.path.join(runs_dir, sweep.name, f"{i:0{width}d}-{label}")
+        folder = os.path.join(self.runs_dir, sweep.name, f"{i:0{self.width}d}-{label}")
         args = (["--config", sweep.recipe] if sweep.recipe else []) + list(sweep.fixed)
         args += [arg(k, v) for k, v in point.items()]
-        if "wandb.group" not in fixed_keys | set(point):
+        if "wandb.group" not in self.fixed_keys | set(point):
             args.append(arg("wandb.group", sweep.name))
         for key, value in (("wandb.project", sweep.project), ("wandb.entity", sweep.entity)):
-            if value and key not in fixed_keys | set(point):
+            if value and key not in self.fixed_keys | set(point):
                 args.append(arg(key, value))
-        args.append(arg("wandb.tags", list(base.wandb.tags) + [f"{k}={show(point[k])}" for k in names]))
+        args.append(arg("wandb.tags", self.tags + [f"{k}={show(point[k])}" for k in self.names]))
         args.append(arg("output_dir", folder))
         try:
-            load_config(sweep.recipe, args[2 if sweep.recipe else 0:])
+            self.load(args[2 if sweep.recipe else 0:])
+            problem = None
         except UserError as e:
-            raise UserError(f"sweep {sweep.path}, run {i} ({label}): {e}") from None
-        runs.append(Run(i, point, folder, args))
+            problem = f"sweep {sweep.path}, run {i} ({label}): {e}"
+        return Run(i, point, folder, args, problem)
+
+
+def plan(sweep: Sweep, runs_dir: str, seed: int = 0) -> Plan:
+    """The sweep's runs; the configs of the first CHECKED_AHEAD (every run of most sweeps) are checked now, so that
+    a bad one is refused before anything starts."""
+    runs = Plan(sweep, runs_dir, seed)
+    if not len(runs):
+        raise UserError(f"sweep {sweep.path} makes no runs; give every parameter at least one value")
+    for run in itertools.islice(runs, CHECKED_AHEAD):
+        if run.problem:
+            raise UserError(run.problem)
     return runs

@@ -4,15 +4,22 @@ regular files and honour the umask; and every "wrote X" names the file written."
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
 import os
+import subprocess
+import sys
 import tracemalloc
 
 import pytest
 
 from cifar import compare, yaml_io
+from cifar import sweep as sw
+from cifar import sweep_plan as sp
 from cifar.config import load_config
 from cifar.errors import UserError, shorten
-from conftest import ROOT
+from conftest import ROOT, env
+from test_sweep import sweep_file
 
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
@@ -142,3 +149,112 @@ def test_a_megabyte_value_makes_a_short_message(override, capsys):
     train = entry("train.py")
     for value in ("v" * 60_000, "[" + "1, " * 99_000 + "1]"):
         one_line_exit_2(capsys, train, override + value, "--print-config")
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+HUGE = {f"p{i}": list(range(10)) for i in range(8)}   # 10^8 points; p0 slowest
+
+
+def huge_sweep(folder, run_cap: int | None = 3, parameters=None, **top) -> str:
+    """A sweep file over TINY's recipe whose grid has 10^8 points (parameters: train.py keys, 10 values each)."""
+    keys = ["seed", "optim.lr", "optim.momentum", "train.epochs", "data.batch_size", "train.label_smoothing",
+            "optim.weight_decay", "train.log_every_steps"]
+    values = [list(range(10)), [0.01 * (i + 1) for i in range(10)], [0.05 * i for i in range(10)],
+              list(range(1, 11)), list(range(1, 11)), [0.05 * i for i in range(10)], [0.01 * i for i in range(10)],
+              list(range(1, 11))]
+    grid = {k: {"values": v} for k, v in zip(keys, values)}
+    return sweep_file(folder, parameters or grid, run_cap=run_cap, **top)
+
+
+def test_a_grid_of_10_to_the_8_with_run_cap_3_is_three_runs_in_little_memory(tmp_path):
+    path = huge_sweep(tmp_path)
+    tracemalloc.start()
+    runs = sp.plan(sp.read_sweep(path), str(tmp_path / "runs"))
+    listed = list(runs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20, peak   # the eager list was 10^8 dicts
+    sweep = sp.read_sweep(path)
+    first = list(itertools.islice(itertools.product(*(s["values"] for s in sweep.parameters.values())), 3))
+    assert len(runs) == 3 and [tuple(r.params.values()) for r in listed] == first
+    assert [os.path.basename(r.folder) for r in listed] == [f"0{i}-train.log_every_steps={i + 1}" for i in range(3)]
+
+
+def test_a_grid_of_10_to_the_8_counts_indexes_and_prints_its_array_without_listing(tmp_path, capsys):
+    path = huge_sweep(tmp_path, run_cap=None)
+    tracemalloc.start()
+    sw.main([path, "--slurm"])
+    sw.main([path, "--index", "99999999", "--print-args"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20, peak
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"mkdir -p runs && sbatch --array=0-99999999 slurm/sweep.sbatch {path}"
+    assert "seed=9" in out and "train.log_every_steps=10" in out   # the last point: every parameter's last value
+    assert out[-1].startswith("output_dir=runs/tiny/99999999-seed=9,optim.lr=0.1,")
+
+
+def test_a_large_dry_run_lists_the_first_runs_and_counts_the_others(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sw, "LISTED", 4)
+    # a short --runs-dir: the table's cells do not fold the folder names (a dry run creates nothing there)
+    sw.main([huge_sweep(tmp_path, run_cap=10), "--dry-run", "--runs-dir", "r"])
+    out = capsys.readouterr().out
+    assert out.startswith("sweep tiny: 10 run(s)") and "... and 6 more run(s), not listed" in out
+    assert "03-train.log_every_steps=4" in out and "train.log_every_steps=5" not in out
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3, 4, 5, 9, 10, 11, 25, None])
+def test_folder_names_are_the_eager_lists(cap, tmp_path):
+    """The parameters named in folders are those that vary within the runs made, as when the list was built whole."""
+    grid = {"optim.lr": {"values": [0.01, 0.02, 0.01]}, "seed": {"values": [0, 1, 2]},
+            "optim.momentum": {"values": [0.9, 0.9]}, "train.epochs": {"values": [1, 2]}}
+    sweep = sp.read_sweep(sweep_file(tmp_path, grid, run_cap=cap))
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*(s["values"] for s in grid.values()))]
+    points = points[:cap] if cap else points
+    eager = [k for k in grid if len({json.dumps(p[k]) for p in points}) > 1]
+    assert sp.varying(sweep) == eager
+    assert [r.params for r in sp.plan(sweep, "runs")] == points
+    assert [sp.point(sweep, i) for i in range(len(points))] == points
+
+
+def test_random_search_draws_only_run_cap_points(tmp_path):
+    parameters = {"optim.lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 0.1},
+                  "optim.momentum": {"values": [0.9]}, "seed": {"distribution": "int_uniform", "min": 0, "max": 9}}
+    sweep = sp.read_sweep(sweep_file(tmp_path, parameters, method="random", run_cap=10 ** 8))
+    tracemalloc.start()
+    runs = sp.plan(sweep, "runs")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 << 20 and len(runs) == 10 ** 8 and sp.varying(sweep) == ["optim.lr", "seed"]
+    assert runs[3].params == list(itertools.islice(runs, 4))[3].params
+
+
+def test_a_later_run_with_a_bad_config_fails_alone_without_starting(tmp_path, capsys, monkeypatch):
+    """Beyond the runs checked up front, a run whose config does not check is refused when it is reached: by
+    --index in one line, by the runner as a failure that starts nothing."""
+    monkeypatch.setattr(sp, "CHECKED_AHEAD", 2)
+    path = sweep_file(tmp_path, {"optim.lr": {"values": [0.1, 0.2, -1.0]}})
+    runs = sp.plan(sp.read_sweep(path), str(tmp_path / "runs"))   # runs 0 and 1 check
+    assert runs[2].problem.endswith("config key 'optim.lr' must be > 0; got -1.0")
+    err = one_line_exit_2(capsys, sw.main, path, "--index", "2", "--print-args")
+    assert "run 2 (optim.lr=-1)" in err
+    results = sw.Runner([runs[2]], 1, None).run()
+    assert results == {2: ("failed (config)", runs[2].problem)} and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_dry_run_of_a_huge_grid_adds_little_to_the_process(tmp_path):
+    """A process: what `python -m cifar.sweep HUGE --dry-run` holds beyond its imports (torch's, most of it)."""
+    script = ("import resource, sys\nimport cifar.sweep as sw\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "sw.main([sys.argv[1], '--dry-run', '--runs-dir', sys.argv[2]])\n")
+    script = script.replace("sw.main(", "try:\n    sw.main(").replace("])\n", "])\nfinally:\n    print('rss', before, "
+                                                                         "resource.getrusage(resource.RUSAGE_SELF)"
+                                                                         ".ru_maxrss, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script, huge_sweep(tmp_path), str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = map(int, proc.stderr.split("rss ")[1].split())
+    assert after - before < 50 << 10, (before, after)   # KiB: the eager list ran out of memory
+    assert "sweep tiny: 3 run(s)" in proc.stdout
