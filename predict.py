@@ -26,7 +26,8 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
     parser.add_argument("--grid", metavar="PNG", help="also draw the images (the first 64) as the network saw "
-                                                      "them, with their top class, into this PNG")
+                                                      "them, with their top class, into this PNG (.png is added to "
+                                                      "a name without it; a folder gets predictions.png)")
     args, extra = parser.parse_known_args(argv)
     paths, overrides = split_overrides(args.images)
     return predict_images(args.checkpoint, paths, extra + overrides, args.top_k, args.json, args.grid, args.pick)

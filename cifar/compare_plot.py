@@ -89,4 +89,6 @@ def figure(rows, metrics: list[str]):
 
 def save(fig, output: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output)
+    # the format its extension names, PNG without one: given no format, savefig would write OUTPUT.png while
+    # compare says it wrote OUTPUT
+    fig.savefig(output, format=os.path.splitext(output)[1][1:].lower() or "png")

@@ -23,7 +23,7 @@ import torch
 from .data import STATS, class_names, dataset_info
 from .errors import UserError, cli, warn
 from .evaluate_run import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_run
-from .files import state_dict_bytes, write_atomic
+from .files import refuse_non_file, state_dict_bytes, write_atomic
 
 FORMATS = {"tutorial": "cifar_net.pth", "pt2": "model.pt2"}   # and the file each writes by default
 METADATA = "cifar.json"   # inside a .pt2: classes, input, normalisation (torch.export.load(..., extra_files=...))
@@ -64,6 +64,7 @@ def export(checkpoint: str, fmt: str, output: str | None, overrides: list[str], 
         raise UserError(f"the export would overwrite its input {weights}; pass --output with another path")
     if os.path.isdir(path):
         raise UserError(f"--output {path} is a folder; pass a file path, e.g. {os.path.join(path, FORMATS[fmt])}")
+    refuse_non_file(path)   # a device or a FIFO: refused before the work, not after it
     if fmt == "tutorial":
         if cfg.model.name != "tutorial_net":
             raise UserError(f"--format tutorial writes weights for the tutorial's Net, and this run is model "

@@ -7,7 +7,8 @@ import io
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import stat
 import warnings
 
 import torch
@@ -45,9 +46,10 @@ def write_durable(path: str, data: bytes) -> None:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    """Write via a temporary file in the same folder and rename, so readers never see half a file. Only a regular
+    file is replaced: the rename would put a file in place of a device, a FIFO or a socket (as root, /dev/null)."""
+    refuse_non_file(path)
+    fd, tmp = _create_beside(path)
     os.close(fd)
     try:
         write_durable(tmp, data)
@@ -56,6 +58,35 @@ def write_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def refuse_non_file(path: str) -> None:
+    """One line for a path that names something other than a regular file (a link is followed): writing there
+    would replace it. A path that does not exist yet is fine."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return   # nothing there (or nothing we can see): the write itself says what is wrong
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise UserError(f"{path} is {kind}, which is left as it is: only a regular file is written or replaced "
+                        f"here; pass the path of a file")
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _create_beside(path: str) -> tuple[int, str]:
+    """A new, empty temporary file in path's folder, created as open() creates one: mode 0666 less the umask (the
+    kernel applies it), so collaborators read what the umask lets them; mkstemp's 0600 would shut them out."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def weights_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:

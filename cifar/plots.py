@@ -1,6 +1,9 @@
 """PNG figures a person would rather look at than read."""
 from __future__ import annotations
 
+import io
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters
@@ -8,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import CLASSES  # noqa: E402
+from .files import write_atomic  # noqa: E402
 
 
 CELL_NUMBERS_UP_TO = 20     # classes; above, the confusion matrix is colours only (CIFAR-100's 10,000 cells)
@@ -34,8 +38,7 @@ def confusion_png(confusion: list[list[int]], path: str, title: str = "", classe
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def grid_figure(images: np.ndarray, titles: list[str], colors: list[str], suptitle: str, cols: int = 8):
@@ -74,5 +77,11 @@ def predictions_png(images: np.ndarray, labels, preds, path: str, cols: int = 8,
 
 
 def save(fig, path: str) -> None:
-    fig.savefig(path)
-    plt.close(fig)              # pyplot keeps every open figure alive otherwise
+    """The figure at exactly `path` (savefig would add .png to a name without an extension), in the format its
+    extension names (PNG without one), written as files.write_atomic writes: whole, and only over a regular file."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=os.path.splitext(path)[1][1:].lower() or "png")
+    finally:
+        plt.close(fig)          # pyplot keeps every open figure alive otherwise
+    write_atomic(path, buffer.getvalue())

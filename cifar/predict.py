@@ -18,6 +18,7 @@ from rich.table import Table
 from . import evaluation
 from .data import class_names, normalize
 from .errors import UserError
+from .files import refuse_non_file
 from .evaluate_run import bare_state_dict_note, is_state_dict_file, load_run
 from .plots import grid_png
 from .runtime import make_accelerator
@@ -100,8 +101,11 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         raise UserError(f"--top-k must be 1 or more; got {top_k}")
     if not paths:
         raise UserError("no image given; pass image files or folders of them after the options")
-    if grid and not os.path.isdir(os.path.dirname(os.path.abspath(grid))):
-        raise UserError(f"--grid {grid}: its folder does not exist; create it or pass another path")
+    if grid:
+        grid = grid_path(grid)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(grid))):
+            raise UserError(f"--grid {grid}: its folder does not exist; create it or pass another path")
+        refuse_non_file(grid)   # before the work, not after it
     cfg, model, weights = load_run(checkpoint, overrides, pick)
     classes = class_names(cfg.data)
     if top_k > len(classes):
@@ -140,6 +144,14 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         if not as_json:
             print(f"wrote {grid}")
     return EXIT_SOME_FAILED if errors else 0
+
+
+def grid_path(grid: str) -> str:
+    """The file --grid writes, which is the name printed: FOLDER/predictions.png for a folder, and a name without
+    .png gets it."""
+    if os.path.isdir(grid):
+        return os.path.join(grid, "predictions.png")
+    return grid if grid.lower().endswith(".png") else grid + ".png"
 
 
 def print_table(rows: list[dict], top_k: int) -> None:

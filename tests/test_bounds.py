@@ -3,21 +3,28 @@
 regular files and honour the umask; and every "wrote X" names the file written."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import itertools
 import json
 import os
+import stat
 import subprocess
 import sys
 import tracemalloc
 
 import pytest
+import torch
+from PIL import Image
 
-from cifar import compare, yaml_io
+from cifar import compare, compare_plot, export, yaml_io
 from cifar import sweep as sw
 from cifar import sweep_plan as sp
 from cifar.config import load_config
 from cifar.errors import UserError, shorten
+from cifar.files import write_atomic
+from cifar.models import build_model
+from cifar.predict import predict_images
 from conftest import ROOT, env
 from test_sweep import sweep_file
 
@@ -258,3 +265,78 @@ def test_the_dry_run_of_a_huge_grid_adds_little_to_the_process(tmp_path):
     before, after = map(int, proc.stderr.split("rss ")[1].split())
     assert after - before < 50 << 10, (before, after)   # KiB: the eager list ran out of memory
     assert "sweep tiny: 3 run(s)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- writes
+
+@pytest.fixture
+def tutorial_pth(tmp_path) -> str:
+    """A bare state_dict of the tutorial's Net, as its notebook saves one: a checkpoint export and predict take."""
+    path = str(tmp_path / "cifar_net.pth")
+    torch.save(build_model("tutorial_net").state_dict(), path)
+    return path
+
+
+def fingerprint(path) -> tuple:
+    st = os.lstat(path)
+    return st.st_ino, stat.S_IFMT(st.st_mode), st.st_mtime_ns
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link to a fifo"])
+def test_export_onto_anything_but_a_file_is_refused_and_left_alone(kind, tmp_path, tutorial_pth, capsys):
+    target = tmp_path / "target"
+    if kind == "folder":
+        target.mkdir()
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        target = tmp_path / "fifo" if kind == "fifo" else target
+        if kind == "link to a fifo":
+            target.symlink_to(tmp_path / "fifo")
+    before = fingerprint(target), fingerprint(os.path.realpath(target))
+    err = one_line_exit_2(capsys, export.main, "--checkpoint", tutorial_pth, "--format", "tutorial",
+                          "--output", str(target))
+    assert "a folder" in err if kind == "folder" else "is a FIFO (named pipe), which is left as it is" in err
+    assert (fingerprint(target), fingerprint(os.path.realpath(target))) == before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+
+
+def test_write_atomic_refuses_a_character_device(tmp_path):
+    """/dev/null is only stat'ed: the refusal comes before any file is created beside it."""
+    with pytest.raises(UserError, match="/dev/null is a character device, which is left as it is"):
+        write_atomic("/dev/null", b"x")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_are_created_as_the_umask_says(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try:
+        write_atomic(str(tmp_path / "new.json"), b"{}")
+        (tmp_path / "old.json").write_bytes(b"old")
+        os.chmod(tmp_path / "old.json", 0o600)
+        write_atomic(str(tmp_path / "old.json"), b"new")   # replaced: the umask's mode too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.json").st_mode) == mode
+    assert stat.S_IMODE(os.stat(tmp_path / "old.json").st_mode) == mode
+    assert (tmp_path / "old.json").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("given, written", [("grid", "grid.png"), ("grid.png", "grid.png"),
+                                            ("shots", "shots/predictions.png"), ("grid.v2", "grid.v2.png")])
+def test_predict_grid_prints_the_name_it_wrote(given, written, tmp_path, tutorial_pth, capsys):
+    (tmp_path / "shots").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    assert predict_images(tutorial_pth, [str(tmp_path / "red.png")], [], grid=str(tmp_path / given)) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / written}\n" in out
+    assert Image.open(tmp_path / written).format == "PNG"
+    pngs = {os.path.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / "**" / "*.png*"), recursive=True)}
+    assert pngs == {"red.png", written}   # that one file, and no other name beside it
+
+
+def test_compare_writes_the_name_it_prints(tmp_path):
+    """compare --output NAME (no extension): the PNG is NAME, as printed, not NAME.png."""
+    from matplotlib.figure import Figure
+
+    compare_plot.save(Figure(), str(tmp_path / "curves"))
+    assert Image.open(tmp_path / "curves").format == "PNG" and not (tmp_path / "curves.png").exists()
