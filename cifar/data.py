@@ -398,6 +398,11 @@ class DeviceBatches:
         self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
         self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
+        if train and not len(self):   # every global batch is full, so an epoch would have no step at all
+            raise UserError(f"data.batch_size {cfg.batch_size} x {self.world} process(es) = "
+                            f"{cfg.batch_size * self.world} images per step, more than the training set's "
+                            f"{len(split)} (data.loader=device drops a partial batch); lower data.batch_size or "
+                            f"raise data.limit_train")
 
     def __len__(self):
         if self.train:

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tracemalloc
+import types
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from PIL import Image
 from cifar import compare, compare_plot, export, yaml_io
 from cifar import sweep as sw
 from cifar import sweep_plan as sp
-from cifar.config import load_config
+from cifar.config import DataConfig, load_config
+from cifar.data import DeviceBatches, synthetic_split
 from cifar.errors import UserError, shorten
 from cifar.files import write_atomic
 from cifar.models import build_model
@@ -340,3 +342,29 @@ def test_compare_writes_the_name_it_prints(tmp_path):
 
     compare_plot.save(Figure(), str(tmp_path / "curves"))
     assert Image.open(tmp_path / "curves").format == "PNG" and not (tmp_path / "curves.png").exists()
+
+
+# ----------------------------------------------------------------------------- batches
+
+def test_a_device_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys):
+    err = one_line_exit_2(capsys, entry("train.py"), "--config", "configs/debug.yaml", "data.loader=device",
+                          "data.limit_train=3", "data.batch_size=8", f"output_dir={tmp_path / 'run'}")
+    assert "data.batch_size 8 x 1 process(es) = 8 images per step, more than the training set's 3" in err
+
+
+def test_the_device_check_counts_every_process():
+    two = types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=2)
+    split = synthetic_split(15, True)
+    with pytest.raises(UserError, match="data.batch_size 8 x 2 process.es. = 16 images per step, more than the "
+                                        "training set's 15"):
+        DeviceBatches(two, split, DataConfig(batch_size=8), True, seed=0)
+    assert len(DeviceBatches(two, synthetic_split(16, True), DataConfig(batch_size=8), True, seed=0)) == 1
+    assert len(DeviceBatches(two, split, DataConfig(batch_size=8), False, seed=0)) == 1   # the test split: partial
+
+
+def test_the_dataloader_path_trains_on_a_partial_batch(tmp_path):
+    """The DataLoader keeps the last partial batch: 3 images with data.batch_size=8 are one step, not a refusal."""
+    train = entry("train.py")
+    train(["--config", "configs/debug.yaml", "data.limit_train=3", "data.limit_test=8", "data.batch_size=8",
+           "train.epochs=1", f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"])
+    assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 1
