@@ -127,6 +127,7 @@ class Runner:
     def __init__(self, runs: Iterable[Run], parallel: int, log_dir: str | None):
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
         self.stopping = False
+        self.left_runs = False
         self.active: dict[int, tuple[Run, subprocess.Popen, float]] = {}   # slot -> (run, process, start)
         self.last_error: dict[int, str] = {}                               # index -> its last `error:` line
         self.relays: dict[int, threading.Thread] = {}
@@ -146,12 +147,13 @@ class Runner:
         try:
             queue = iter(self.runs)
             pending = self._next(queue)
-            while (pending and not self.stopping) or self.active:
-                while pending and not self.stopping and len(self.active) < self.parallel:
+            while (pending is not None and not self.stopping) or self.active:
+                while pending is not None and not self.stopping and len(self.active) < self.parallel:
                     slot = min(set(range(self.parallel)) - set(self.active))
                     self.active[slot] = self._start(pending, slot)
                     pending = self._next(queue)
                 self._reap()
+            self.left_runs = pending is not None   # stopped before every run had started
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -310,7 +312,7 @@ def main(argv=None) -> None:
     print(f"compare them: python -m cifar.compare {os.path.join(args.runs_dir, sweep.name)}")
     if any(o.startswith("failed") for o, _ in results.values()):
         sys.exit(1)
-    if runner.stopping or any(o == "stopped" for o, _ in results.values()):
+    if runner.left_runs or any(o == "stopped" for o, _ in results.values()):
         sys.exit(EXIT_RESUMABLE)
 
 

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from .config import config_loader, parse_overrides
 from . import yaml_io
+from .config import config_loader, parse_overrides
 from .errors import UserError, shorten
 
 # What W&B accepts at the top of a sweep file (its schema refuses anything else)
@@ -34,6 +34,8 @@ DISTRIBUTIONS = {  # name -> the keys it needs
     "q_log_uniform_values": ("min", "max"), "normal": ("mu", "sigma"), "q_normal": ("mu", "sigma"),
     "log_normal": ("mu", "sigma")}
 SPEC_KEYS = {"value", "values", "distribution", "min", "max", "mu", "sigma", "q", "probabilities"}
+# A float overflows above e**709.78: log_uniform's max and log_normal's mu + 10 sigma are exponents.
+MAX_EXPONENT = math.log(sys.float_info.max)
 
 
 @dataclass
@@ -192,10 +194,6 @@ def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
                             f"to 1")
 
 
-# A float overflows above e**709.78: log_uniform's max and log_normal's mu + 10 sigma are exponents.
-MAX_EXPONENT = math.log(sys.float_info.max)
-
-
 def _check_numbers(key: str, spec: dict, where: str) -> None:
     """min, max, mu, sigma and q are finite numbers; q (the step draws are rounded to) > 0, sigma >= 0; draws that
     are exponents cannot overflow a float. One line each, before anything is drawn."""
@@ -310,7 +308,7 @@ def varying(sweep: Sweep, seed: int = 0) -> list[str]:
     if sweep.method == "grid":
         n, stride, seen = count(sweep), 1, {}
         for key, choices in reversed(list(zip(sweep.parameters, _choices(sweep)))):
-            seen[key] = choices[:-(-n // stride)]
+            seen[key] = choices[:-(-n // stride)]   # ceil(n / stride), in integers: a grid's size can be huge
             stride *= len(choices)
         return [key for key in sweep.parameters if len(set(map(_same, seen[key]))) > 1]
     specs = sweep.parameters
