@@ -156,8 +156,20 @@ def test_a_megabyte_value_makes_a_short_message(override, capsys):
     """Every refusal that repeats the value cuts it: a 60,000-character string (under the override cap) and a
     100,000-item list (under the node cap)."""
     train = entry("train.py")
-    for value in ("v" * 60_000, "[" + "1, " * 99_000 + "1]"):
+    for value in ("v" * 60_000, "[" + "1, " * 99_000 + "1]", "v" * 2 ** 20):
         one_line_exit_2(capsys, train, override + value, "--print-config")
+
+
+def test_a_long_value_in_a_file_makes_a_short_message(tmp_path, capsys):
+    """The same from a recipe and from a sweep file: the value is cut, the line stays short. (300,000 characters:
+    PyYAML's pure-Python scanner takes seconds over a megabyte, and the message does not depend on the length.)"""
+    big = "x" * 300_000
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(f"model: {{name: {big}}}\n")
+    err = one_line_exit_2(capsys, entry("train.py"), "--config", str(recipe), "--print-config")
+    assert "config key 'model.name' must be one of" in err and "(300,000 characters)" in err
+    err = one_line_exit_2(capsys, sw.main, sweep_file(tmp_path, program=big))
+    assert "program must be train.py; got 'xxx" in err and "(300,000 characters)" in err
 
 
 # ----------------------------------------------------------------------------- sweeps
