@@ -51,10 +51,9 @@ class _Format(logging.Formatter):
 def level_from(value: str | None) -> int:
     """The level named by `value`, else $CIFAR_LOG_LEVEL, else info; ValueError naming the choices."""
     value = (value or os.environ.get("CIFAR_LOG_LEVEL") or "info").strip().lower()
-    if value not in LEVELS:
-        from .errors import shorten   # here: errors imports this module
-        raise ValueError(f"log level {shorten(value)} is not one of {', '.join(LEVELS)}; set --log-level or "
-                         f"CIFAR_LOG_LEVEL to one of them")
+    if value not in LEVELS:   # the value cut as errors.shorten cuts one (errors imports this module)
+        raise ValueError(f"log level {value[:40]!r}{'...' if len(value) > 40 else ''} is not one of "
+                         f"{', '.join(LEVELS)}; set --log-level or CIFAR_LOG_LEVEL to one of them")
     return getattr(logging, value.upper())
 
 
