@@ -128,12 +128,15 @@ def test_text_is_capped_before_parsing(tmp_path, capsys):
     assert f"config file {big} is longer than 1,048,576 characters" in err
 
 
-def test_nesting_and_size_within_the_limits_still_read():
+def test_nesting_and_size_within_the_limits_still_read(monkeypatch):
     deep = "[" * yaml_io.MAX_DEPTH + "]" * yaml_io.MAX_DEPTH
     assert yaml_io.safe_load(deep, "x") is not None
     with pytest.raises(UserError, match="nests deeper"):
         yaml_io.safe_load("[" + deep + "]", "x")
-    assert len(yaml_io.safe_load("[" + "1, " * (yaml_io.MAX_NODES - 2) + "1]", "x")) == yaml_io.MAX_NODES - 1
+    monkeypatch.setattr(yaml_io, "MAX_NODES", 1000)   # the boundary, without parsing 100,000 values
+    assert len(yaml_io.safe_load("[" + "1, " * 998 + "1]", "x")) == 999      # the list and its 999 items
+    with pytest.raises(UserError, match="expands to more than 1,000 values"):
+        yaml_io.safe_load("[" + "1, " * 999 + "1]", "x")
 
 
 def test_a_value_yaml_cannot_construct_is_one_line(capsys):
@@ -153,10 +156,10 @@ def test_shorten_cuts_long_values_and_says_how_long():
 @pytest.mark.parametrize("override", ["optim.lr=", "optim.name=", "train.compile=", "data.batch_size=",
                                       "model.name=", "data.limit_train=", "x" * 100 + "="])
 def test_a_megabyte_value_makes_a_short_message(override, capsys):
-    """Every refusal that repeats the value cuts it: a 60,000-character string (under the override cap) and a
-    100,000-item list (under the node cap)."""
+    """Every refusal that repeats the value cuts it: a 60,000-character string (under the override cap), a
+    5,000-item list, and a megabyte (over the cap)."""
     train = entry("train.py")
-    for value in ("v" * 60_000, "[" + "1, " * 99_000 + "1]", "v" * 2 ** 20):
+    for value in ("v" * 60_000, "[" + "1, " * 5_000 + "1]", "v" * 2 ** 20):
         one_line_exit_2(capsys, train, override + value, "--print-config")
 
 
