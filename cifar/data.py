@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import struct
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import safe_pickle
 from .config import DataConfig
 from .errors import UserError
 
@@ -90,17 +92,30 @@ def num_classes(cfg: DataConfig) -> int:
 
 def class_names(cfg: DataConfig) -> tuple[str, ...]:
     """The dataset's class names in label order. CIFAR-10: the tutorial's (plane, car, ...), whatever its meta
-    file says (airplane, automobile, ...). CIFAR-100: its meta file's fine_label_names when the files are there
-    and it holds 100 of them; otherwise (synthetic data, no files on this machine) the built-in ones, the same."""
+    file says (airplane, automobile, ...). CIFAR-100: its meta file's fine_label_names when the file is there;
+    otherwise (synthetic data, no files on this machine) the built-in ones, the same."""
     info = dataset_info(cfg)
     if info.name == "cifar10" or cfg.source == "synthetic":
         return info.classes
+    return _dataset_classes(info, os.path.join(os.path.abspath(cfg.root), info.folder))
+
+
+def _dataset_classes(info: DatasetInfo, folder: str) -> tuple[str, ...]:
+    """The names a run on the files in `folder` uses: CIFAR-10's built-in ones, CIFAR-100's meta file's. The meta
+    file is checked either way (it says the folder holds the dataset); a missing one leaves the built-in names."""
+    path = os.path.join(folder, info.meta_file)
     try:
-        with open(os.path.join(os.path.abspath(cfg.root), info.folder, info.meta_file), "rb") as f:
-            names = tuple(str(n) for n in pickle.load(f, encoding="latin1")[info.meta_key])
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError):
-        return info.classes
-    return names if len(names) == info.num_classes else info.classes
+        meta = _read_pickle(path, info, folder)
+    except UserError:
+        if not os.path.exists(path):
+            return info.classes
+        raise
+    names = meta.get(info.meta_key) if isinstance(meta, dict) else None
+    if not (isinstance(names, (list, tuple)) and len(names) == info.num_classes
+            and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{info.title} file {path} does not hold {info.num_classes} class names under "
+                        f"{info.meta_key!r}; the data is not {info.title}: {_refetch(info, folder)}")
+    return info.classes if info.name == "cifar10" else tuple(names)
 
 
 @dataclass
@@ -121,35 +136,89 @@ def load_split(cfg: DataConfig, train: bool) -> Split:
     if cfg.source == "synthetic":
         split = synthetic_split(limit or (50_000 if train else 10_000), train, info.num_classes)
         return Split(split.images, split.labels, info.classes)
-    root = os.path.abspath(cfg.root)
-    folder = os.path.join(root, info.folder)
+    folder = os.path.join(os.path.abspath(cfg.root), info.folder)
+    classes = _dataset_classes(info, folder)
     images, labels = [], []
     for name in info.train_files if train else info.test_files:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[info.label_key], dtype=np.int64))
-        except FileNotFoundError:
-            raise UserError(_other_dataset_hint(root, info) or
-                            f"{info.title} file {path} is missing; set data.root to the folder holding "
-                            f"{info.folder}/ or set data.download=true")
-        except KeyError as e:
-            other = _other_dataset_hint(root, info)
-            raise UserError(other or f"{info.title} file {path} has no {e.args[0]!r} entry; it is not "
-                                     f"{info.title} (data.dataset={info.name}); delete {folder} and download again")
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise UserError(f"{info.title} file {path} is unreadable ({type(e).__name__}); delete {folder} and "
-                            f"download again")
+        batch_images, batch_labels = read_batch(os.path.join(folder, name), info, folder)
+        images.append(batch_images)
+        labels.append(batch_labels)
         if limit and sum(map(len, labels)) >= limit:
             break
-    split = Split(np.concatenate(images), np.concatenate(labels), class_names(cfg))
-    bad = (split.labels < 0) | (split.labels >= info.num_classes)
-    if bad.any():
-        raise UserError(f"{info.title} files in {folder} hold labels outside 0..{info.num_classes - 1} (e.g. "
-                        f"{int(split.labels[bad][0])}); the data is not {info.title}")
+    split = Split(np.concatenate(images), np.concatenate(labels), classes)
     return Split(split.images[:limit], split.labels[:limit], split.classes) if limit else split
+
+
+# What a damaged or foreign pickle raises while being read (the safe unpickler's refusals are UserErrors).
+_UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, OverflowError,
+               struct.error)
+
+
+def _refetch(info: DatasetInfo, folder: str) -> str:
+    return f"delete {folder} and download {info.title} again (data.download=true)"
+
+
+def _read_pickle(path: str, info: DatasetInfo, folder: str) -> object:
+    """What a dataset file holds, read without running code from it (cifar/safe_pickle.py); one line otherwise."""
+    root = os.path.dirname(folder)
+    try:
+        return safe_pickle.load(path, _refetch(info, folder))
+    except FileNotFoundError:
+        raise UserError(_other_dataset_hint(root, info) or
+                        f"{info.title} file {path} is missing; set data.root to the folder holding "
+                        f"{info.folder}/ or set data.download=true") from None
+    except _UNREADABLE as e:
+        raise UserError(f"{info.title} file {path} is unreadable ({type(e).__name__}); "
+                        f"{_refetch(info, folder)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {info.title} file {path} ({e.strerror}); check its permissions") from None
+
+
+def read_batch(path: str, info: DatasetInfo, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one data file, each array checked against the other
+    and against what CIFAR holds: nothing is cast or cut silently (a short labels list would shift every later
+    label onto the wrong image)."""
+    batch = _read_pickle(path, info, folder)
+    try:
+        if not isinstance(batch, dict):
+            raise KeyError("data")
+        data, raw_labels = batch["data"], batch[info.label_key]
+    except KeyError as e:
+        other = _other_dataset_hint(os.path.dirname(folder), info)
+        raise UserError(other or f"{info.title} file {path} has no {e.args[0]!r} entry; it is not "
+                                 f"{info.title} (data.dataset={info.name}); {_refetch(info, folder)}") from None
+    images = _checked_images(data, path, _refetch(info, folder))
+    return images, _checked_labels(raw_labels, len(images), path, info, folder)
+
+
+def _checked_images(data: object, path: str, fix: str) -> np.ndarray:
+    """`data` as N x 3 x 32 x 32 uint8: rows of 3072 integers in 0..255 (uint8 in the official files)."""
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"an array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise UserError(f"{path}: its data is {what}, not rows of 3072 pixel bytes (3 x 32 x 32); {fix}")
+    if data.dtype != np.uint8:
+        if data.dtype.kind not in "iu":
+            raise UserError(f"{path}: its data is {data.dtype}, not uint8 pixels; {fix}")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise UserError(f"{path}: its pixels run {data.min()}..{data.max()}, outside 0..255; {fix}")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+def _checked_labels(raw: object, n: int, path: str, info: DatasetInfo, folder: str) -> np.ndarray:
+    """The labels as int64: one integer per image, each a class of the dataset."""
+    key, fix = info.label_key, _refetch(info, folder)
+    labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if labels is None or labels.ndim != 1:
+        raise UserError(f"{path}: its {key!r} is not a list of integers; {fix}")
+    if len(labels) != n:
+        raise UserError(f"{path} holds {n} images but {len(labels)} {key!r}; each image needs one label: {fix}")
+    if n and labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: its {key!r} are {labels.dtype}, not integers; {fix}")
+    bad = (labels < 0) | (labels >= info.num_classes)
+    if bad.any():
+        raise UserError(f"{info.title} file {path} holds labels outside 0..{info.num_classes - 1} (e.g. "
+                        f"{labels[bad][0]}); the data is not {info.title}")
+    return labels.astype(np.int64)
 
 
 def _other_dataset(root: str, info: DatasetInfo) -> DatasetInfo | None:
