@@ -8,11 +8,15 @@ only has to honour the same two methods.
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pickle
+import shutil
 import struct
 import tarfile
+import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -20,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import safe_pickle
+from . import download, safe_pickle
 from .config import DataConfig
 from .errors import UserError
+from .signals import interruptible
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # (mean, std) per channel of the [0, 1] pixels, by data.normalize's name: CIFAR-10's training-set statistics, or
@@ -65,8 +70,9 @@ class DatasetInfo:
     meta_file: str
     meta_key: str                  # the class names' key in the meta file
     url: str
-    md5: str                       # of the official archive; a mirror ($<url_env>) is not checked
+    md5: str                       # of the official archive; a mirror ($<url_env>) must match it too, or $<md5_env>
     url_env: str                   # the environment variable naming a mirror (or file://) for clusters offline
+    md5_env: str                   # the environment variable naming a re-encoded archive's MD5, or `none`
     classes: tuple[str, ...]       # built-in names: CIFAR-10's are the tutorial's short ones, always used
 
     @property
@@ -76,9 +82,10 @@ class DatasetInfo:
 
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", "CIFAR-10", FOLDER, tuple(TRAIN_FILES), tuple(TEST_FILES), "labels",
-                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", CLASSES),
+                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", "CIFAR10_MD5", CLASSES),
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels",
-                            "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", CIFAR100_CLASSES),
+                            "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", "CIFAR100_MD5",
+                            CIFAR100_CLASSES),
 }
 
 
@@ -252,23 +259,81 @@ def prepare(cfg: DataConfig) -> None:
     if not cfg.download:
         raise UserError(_other_dataset_hint(root, info) or f"{info.title} not found in {folder}; set data.root to the folder holding "
                                  f"{info.folder}/ or set data.download=true")
-    from torchvision.datasets.utils import download_url
-
     url = os.environ.get(info.url_env, info.url)  # a mirror (or file://) for clusters without internet
-    archive = os.path.join(root, os.path.basename(url))
-    try:
-        download_url(url, root, md5=info.md5 if url == info.url else None)
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-    except Exception as e:  # network, disk, corrupt archive: all end the same way for the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        other = _other_dataset(root, info)
-        hint = f" ({root} holds {other.title}: data.dataset={other.name} uses it)" if other else ""
-        raise UserError(f"downloading {info.title} from {url} into {root} failed ({reason}); download it by hand "
-                        f"and extract it there, or point data.root at an existing copy{hint}")
+    archive = os.path.join(root, os.path.basename(info.url))
+    md5 = download.expected_md5(info.md5, info.md5_env)
+    os.makedirs(root, exist_ok=True)
+    with interruptible(f"downloading {info.title} from {url}"):
+        _get_archive(info, url, archive, md5)
+        _extract(info, archive, root)
     if not all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):
         raise UserError(f"the archive {archive} did not hold {info.title} ({info.folder}/ with "
                         f"{', '.join(info.train_files + info.test_files)}); remove it and download the official one")
+
+
+def _get_archive(info: DatasetInfo, url: str, archive: str, md5: str | None) -> None:
+    """`archive` in place with the expected MD5 (md5 None: unchecked): the one found there, or a fresh download."""
+    if os.path.exists(archive):    # an earlier download (only a checked one gets this name) or the user's own copy
+        actual = md5 and download.md5_of(archive)
+        if actual != md5:
+            raise UserError(f"{archive} is partial or not the {info.title} archive (MD5 {actual}, expected {md5}); "
+                            f"delete it and rerun, or if it is a re-encoded copy you trust set "
+                            f"{info.md5_env}={actual} (or {info.md5_env}=none)")
+        return
+    root = os.path.dirname(archive)
+    try:
+        actual = download.fetch(url, archive)
+    except download.FETCH_ERRORS as e:
+        other = _other_dataset(root, info)
+        hint = f" ({root} holds {other.title}: data.dataset={other.name} uses it)" if other else ""
+        raise UserError(f"downloading {info.title} from {url} into {root} failed ({download.describe(e)}); download "
+                        f"it by hand and extract it there, or point data.root at an existing copy{hint}") from None
+    if md5 and actual != md5:
+        os.remove(archive + ".part")
+        source = f"the official {info.title} archive's" if md5 == info.md5 else f"${info.md5_env}"
+        raise UserError(f"{url} sent an archive with MD5 {actual}, not {md5} ({source}), so it was not kept; if it "
+                        f"is a re-encoded copy you trust, set {info.md5_env}={actual} (or {info.md5_env}=none)")
+    os.replace(archive + ".part", archive)
+
+
+# What extraction may write: the official archives hold 8 (CIFAR-10) and 5 (CIFAR-100) files, 178 and 161 MiB.
+MAX_MEMBERS, MAX_EXTRACTED = 64, 1024 * 2**20
+
+
+def _extract(info: DatasetInfo, archive: str, root: str) -> None:
+    """The dataset's folder out of `archive` into `root`, within bounds: its regular files only (tarfile's "data"
+    filter refuses paths outside, links and devices), at most MAX_MEMBERS of them and MAX_EXTRACTED bytes, checked
+    from the headers before anything is written. Files are extracted beside and moved into place once complete, so
+    an interrupted extraction leaves no truncated dataset file."""
+    staging = tempfile.mkdtemp(prefix=f".{info.folder}.", dir=root)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, members=_bounded_members(tar, info, archive), filter="data")
+        extracted, folder = os.path.join(staging, info.folder), os.path.join(root, info.folder)
+        if os.path.isdir(extracted):
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(extracted):
+                os.replace(os.path.join(extracted, name), os.path.join(folder, name))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"the archive {archive} is damaged or not a .tar.gz ({type(e).__name__}); delete it and "
+                        f"rerun to download it again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _bounded_members(tar: tarfile.TarFile, info: DatasetInfo, archive: str) -> list[tarfile.TarInfo]:
+    """The archive's regular files and folders under the dataset's folder; a UserError past the bounds."""
+    members, total = [], 0
+    for member in tar:
+        if not member.name.startswith(info.folder + "/") or not (member.isfile() or member.isdir()):
+            continue
+        members.append(member)
+        total += member.size
+        if len(members) > MAX_MEMBERS or total > MAX_EXTRACTED:
+            raise UserError(f"the archive {archive} holds more than {MAX_MEMBERS} files or {MAX_EXTRACTED // 2**20} "
+                            f"MiB under {info.folder}/, far more than {info.title}; delete it and download the "
+                            f"official one")
+    return members
 
 
 prepare_cifar10 = prepare   # the name it had when there was one dataset

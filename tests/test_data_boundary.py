@@ -5,18 +5,25 @@ MD5-checked (mirrors too), downloaded with a timeout to a temporary name and ext
 images are capped in pixels before decoding and every Pillow mode becomes 8-bit RGB with the right scale. Refusals
 are one `error:` line and exit 2. Most tests call the functions, or the entry points' main(argv), in-process; a
 subprocess only where the claim is about a process (a signal, peak memory)."""
+import hashlib
+import io
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
+import tarfile
+import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_cifar, write_cifar100
+from conftest import ROOT, command, env, write_cifar, write_cifar100
 
 from cifar.config import DataConfig
-from cifar.data import load_split
-from cifar.errors import UserError
+from cifar.data import CIFAR10_MD5, load_split, prepare
+from cifar.errors import Stopped, UserError
+from cifar.signals import StopRequest
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402  (the entry point, called in-process)
@@ -162,3 +169,164 @@ def test_the_meta_files_names_are_checked(tmp_path, names):
     dump(os.path.join(root, "cifar-10-batches-py", "batches.meta"), {"label_names": names})
     with pytest.raises(UserError, match=r"batches.meta does not hold 10 class names under 'label_names'"):
         load_split(DataConfig(root=root), train=False)
+
+
+# ----------------------------------------------------------------------------- archives and downloads
+
+def archive_of(tmp_path, folder_root, name="mirror.tar.gz", extra=()) -> str:
+    """A .tar.gz of `folder_root`'s cifar-10-batches-py/ (plus `extra` (arcname, bytes) members), as a mirror
+    would serve it."""
+    path = str(tmp_path / name)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(os.path.join(folder_root, "cifar-10-batches-py"), arcname="cifar-10-batches-py")
+        for arcname, data in extra:
+            info = tarfile.TarInfo(arcname)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def md5(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+@pytest.fixture
+def no_download_env(monkeypatch):
+    for name in ("CIFAR10_URL", "CIFAR10_MD5", "CIFAR_DOWNLOAD_TIMEOUT", "CIFAR_DOWNLOAD_TRIES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_a_hostile_mirror_archive_is_refused_by_its_md5(tmp_path, capsys, no_download_env):
+    """A mirror (file://) serving an archive whose data_batch_1 would run os.system: without CIFAR10_MD5 the
+    official MD5 refuses it in one line naming the URL, both hashes and the variable, and nothing is kept. Even
+    trusted by its MD5, the pickle inside runs nothing."""
+    marker = tmp_path / "pwned"
+    src = write_cifar(str(tmp_path / "src"), 10, 5)
+    dump(os.path.join(src, "cifar-10-batches-py", "data_batch_1"), Hostile(os.system, f"touch {marker}"))
+    archive = archive_of(tmp_path, src)
+    url = "file://" + archive
+    no_download_env.setenv("CIFAR10_URL", url)
+    root = tmp_path / "data"
+    line = one_error_line(capsys, lambda: train.main(train_on(root, tmp_path / "r", "data.download=true")))
+    assert f"{url} sent an archive with MD5 {md5(archive)}, not {CIFAR10_MD5}" in line
+    assert f"CIFAR10_MD5={md5(archive)}" in line and "not kept" in line
+    assert os.listdir(root) == [] and not marker.exists()
+    no_download_env.setenv("CIFAR10_MD5", md5(archive))
+    line = one_error_line(capsys, lambda: train.main(train_on(root, tmp_path / "r2", "data.download=true")))
+    assert "data_batch_1 asks to call" in line and not marker.exists()
+
+
+def test_a_file_url_mirror_with_its_own_md5_or_none(tmp_path, no_download_env):
+    src = write_cifar(str(tmp_path / "src"), 10, 5)
+    archive = archive_of(tmp_path, src)
+    no_download_env.setenv("CIFAR10_URL", "file://" + archive)
+    for check in (md5(archive), "NONE"):
+        root = tmp_path / f"data-{check}"
+        no_download_env.setenv("CIFAR10_MD5", check)
+        prepare(DataConfig(root=str(root)))
+        assert len(load_split(DataConfig(root=str(root)), train=True)) == 10
+        assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    no_download_env.setenv("CIFAR10_MD5", "abc")
+    with pytest.raises(UserError, match="CIFAR10_MD5='abc' is neither an MD5 \\(32 hex digits\\) nor 'none'"):
+        prepare(DataConfig(root=str(tmp_path / "other")))
+
+
+def test_an_archive_left_by_an_earlier_run_is_checked_and_named(tmp_path, no_download_env):
+    """A partial archive under the final name (a run killed while writing it, before downloads went to .part) is
+    named, not trusted; the complete one is used without a download; with the check off, a damaged one is named."""
+    src = write_cifar(str(tmp_path / "src"), 10, 5)
+    archive = archive_of(tmp_path, src)
+    root = tmp_path / "data"
+    root.mkdir()
+    left = root / "cifar-10-python.tar.gz"
+    left.write_bytes(open(archive, "rb").read()[:2000])
+    no_download_env.setenv("CIFAR10_URL", "file:///nowhere/cifar-10-python.tar.gz")
+    no_download_env.setenv("CIFAR10_MD5", md5(archive))
+    with pytest.raises(UserError, match=f"{left} is partial or not the CIFAR-10 archive .* delete it and rerun"):
+        prepare(DataConfig(root=str(root)))
+    no_download_env.setenv("CIFAR10_MD5", "none")
+    with pytest.raises(UserError, match=f"the archive {left} is damaged or not a .tar.gz .*; delete it"):
+        prepare(DataConfig(root=str(root)))
+    left.write_bytes(open(archive, "rb").read())
+    prepare(DataConfig(root=str(root)))                      # no download: file:///nowhere is never opened
+    assert len(load_split(DataConfig(root=str(root)), train=False)) == 5
+
+
+def test_extraction_writes_only_the_datasets_folder_within_bounds(tmp_path, no_download_env):
+    src = write_cifar(str(tmp_path / "src"), 10, 5)
+    archive = archive_of(tmp_path, src, extra=[("evil.sh", b"rm -rf ~"), ("cifar-10-batches-py/../../up", b"x")])
+    no_download_env.setenv("CIFAR10_URL", "file://" + archive)
+    no_download_env.setenv("CIFAR10_MD5", "none")
+    root = tmp_path / "data"
+    with pytest.raises(UserError, match="is damaged or not a .tar.gz \\(OutsideDestinationError\\)"):
+        prepare(DataConfig(root=str(root)))
+    assert not (tmp_path / "up").exists() and not (root / "cifar-10-batches-py").exists()
+    archive = archive_of(tmp_path, src, name="two.tar.gz", extra=[("evil.sh", b"rm -rf ~")])
+    no_download_env.setenv("CIFAR10_URL", "file://" + archive)
+    os.remove(root / "cifar-10-python.tar.gz")
+    prepare(DataConfig(root=str(root)))
+    assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]       # no evil.sh
+    no_download_env.setattr("cifar.data.MAX_EXTRACTED", 10_000)
+    with pytest.raises(UserError, match="holds more than 64 files or 0 MiB under cifar-10-batches-py/"):
+        prepare(DataConfig(root=str(tmp_path / "small")))
+
+
+@pytest.fixture
+def stalled_server():
+    """A loopback socket that takes connections (the kernel's backlog) and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("tries", [1, 2])
+def test_a_stalled_mirror_times_out_in_one_line(tmp_path, capsys, no_download_env, stalled_server, tries):
+    url = f"http://127.0.0.1:{stalled_server.getsockname()[1]}/cifar-10-python.tar.gz"
+    no_download_env.setenv("CIFAR10_URL", url)
+    no_download_env.setenv("CIFAR_DOWNLOAD_TIMEOUT", "0.3")
+    no_download_env.setenv("CIFAR_DOWNLOAD_TRIES", str(tries))
+    root = tmp_path / "data"
+    start = time.monotonic()
+    line = one_error_line(capsys, lambda: train.main(train_on(root, tmp_path / "r", "data.download=true")))
+    assert f"downloading CIFAR-10 from {url} into {root} failed (no answer within 0.3 s ($CIFAR_DOWNLOAD_TIMEOUT)" \
+           in line and (f", {tries} tries)" in line) == (tries > 1), line
+    assert time.monotonic() - start < 30 and os.listdir(root) == []          # no .part, no empty archive
+
+
+def test_a_signal_earlier_in_start_up_ends_it_before_the_download(tmp_path, no_download_env):
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)                 # handled before kill returns (Python, main thread)
+        no_download_env.setenv("CIFAR10_URL", "file:///nowhere/cifar-10-python.tar.gz")
+        with pytest.raises(Stopped, match="SIGUSR1 received while downloading CIFAR-10 .* before training began"):
+            prepare(DataConfig(root=str(tmp_path / "data")))
+    finally:
+        stop.uninstall()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_train_py_hanging_in_its_download(tmp_path, stalled_server):
+    """train.py waiting on a mirror that never answers (a 60 s timeout) exits within seconds of SIGTERM, with
+    one line, the resumable status (75: nothing was saved, the same command starts again) and no .part left."""
+    root = tmp_path / "data"
+    url = f"http://127.0.0.1:{stalled_server.getsockname()[1]}/cifar-10-python.tar.gz"
+    proc = subprocess.Popen(command("train.py", train_on(root, tmp_path / "r", "data.download=true")), cwd=ROOT,
+                            env=env(CIFAR10_URL=url, CIFAR_DOWNLOAD_TIMEOUT="60"), stderr=subprocess.PIPE, text=True)
+    try:
+        stalled_server.settimeout(120)
+        connection = stalled_server.accept()[0]              # train.py has connected: it waits for an answer
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    connection.close()
+    assert time.monotonic() - sent < 10
+    lines = err.strip().splitlines()
+    assert proc.returncode == 75 and len(lines) == 1, err
+    assert lines[0].startswith(f"stopped: SIGTERM received while downloading CIFAR-10 from {url}"), err
+    assert not os.path.exists(root / "cifar-10-python.tar.gz.part")
