@@ -11,18 +11,26 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import warnings
+import zlib
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, command, env, write_cifar, write_cifar100
+from PIL import Image, ImageOps
+from torchvision import transforms
 
 from cifar.config import DataConfig
 from cifar.data import CIFAR10_MD5, load_split, prepare
 from cifar.errors import Stopped, UserError
+from cifar.models import TutorialNet
+from cifar.predict import read_image
 from cifar.signals import StopRequest
 
 sys.path.insert(0, ROOT)
@@ -330,3 +338,128 @@ def test_sigterm_ends_a_train_py_hanging_in_its_download(tmp_path, stalled_serve
     assert proc.returncode == 75 and len(lines) == 1, err
     assert lines[0].startswith(f"stopped: SIGTERM received while downloading CIFAR-10 from {url}"), err
     assert not os.path.exists(root / "cifar-10-python.tar.gz.part")
+
+
+# ----------------------------------------------------------------------------- predict.py's images
+
+def big_png(path, side: int) -> None:
+    """A black side x side RGB PNG written row by row (never whole in memory): tiny on disk, huge decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)       # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def gray(mode: str, values, fmt: str = "PNG", tmp=None):
+    """A 32x32 image of `mode` whose pixels cycle through `values`, saved and read back as read_image reads it."""
+    array = np.resize(np.array(values), (32, 32))
+    if mode == "I;16B":
+        image = Image.frombytes(mode, (32, 32), array.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(array.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+    path = tmp / f"{mode}.{fmt.lower()}"
+    assert image.mode == mode
+    image.save(path, fmt)
+    assert Image.open(path).mode == mode
+    return read_image(str(path))[0]
+
+
+def cycled(values) -> torch.Tensor:
+    return torch.from_numpy(np.resize(np.array(values, np.uint8), (32, 32))).expand(3, 32, 32)
+
+
+@pytest.mark.parametrize("mode, values, expected, fmt", [
+    ("I;16", [0, 128, 129, 257, 32768, 65535], [0, 0, 1, 1, 128, 255], "PNG"),
+    ("I;16B", [0, 257, 32768, 65535], [0, 1, 128, 255], "TIFF"),
+    ("I", [-5, 0, 257, 32768, 65535, 100_000], [0, 0, 1, 128, 255, 255], "TIFF"),
+    ("F", [-0.5, 0.0, 0.5, 1.0, 2.0, float("nan")], [0, 0, 128, 255, 255, 0], "TIFF"),
+])
+def test_deep_grayscale_is_scaled_not_clipped(tmp_path, mode, values, expected, fmt):
+    """16-bit and 32-bit integer pixels as 0..65535 (65535 -> 255, 32768 -> 128), float as 0..1."""
+    assert torch.equal(gray(mode, values, fmt, tmp_path), cycled(expected))
+
+
+def test_every_8_bit_mode_becomes_the_rgb_a_person_sees(tmp_path):
+    """1, L, LA, P (with and without a transparent index), RGBA, CMYK: transparency onto white, hand-computed."""
+    def read(image, fmt="PNG", **save):
+        path = tmp_path / f"{image.mode}-{len(os.listdir(tmp_path))}.{fmt.lower()}"
+        image.save(path, fmt, **save)
+        assert Image.open(path).mode == image.mode
+        return read_image(str(path))[0]
+
+    def rgb(colours) -> torch.Tensor:
+        return torch.from_numpy(np.resize(np.array(colours, np.uint8), (32, 32, 3))).permute(2, 0, 1)
+
+    bits = Image.fromarray(np.resize(np.array([0, 1], bool), (32, 32)))
+    assert torch.equal(read(bits), cycled([0, 255]))
+    assert torch.equal(read(Image.fromarray(np.resize(np.array([0, 7, 255], np.uint8), (32, 32)), "L")),
+                       cycled([0, 7, 255]))
+    la = np.resize(np.array([[90, 0], [90, 255], [0, 255]], np.uint8), (32, 32, 2))
+    assert torch.equal(read(Image.fromarray(la, "LA")), cycled([255, 90, 0]))     # transparent: white
+    palette = Image.fromarray(np.resize(np.array([0, 1, 2], np.uint8), (32, 32)), "P")
+    palette.putpalette([200, 10, 20, 0, 90, 0, 1, 2, 3])
+    assert torch.equal(read(palette), rgb([[200, 10, 20], [0, 90, 0], [1, 2, 3]]))
+    assert torch.equal(read(palette, transparency=1), rgb([[200, 10, 20], [255, 255, 255], [1, 2, 3]]))
+    rgba = np.resize(np.array([[10, 20, 30, 255], [10, 20, 30, 0]], np.uint8), (32, 32, 4))
+    assert torch.equal(read(Image.fromarray(rgba, "RGBA")), rgb([[10, 20, 30], [255, 255, 255]]))
+    cmyk = np.resize(np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 255, 255, 0], [0, 0, 0, 255]], np.uint8),
+                     (32, 32, 4))
+    assert torch.equal(read(Image.fromarray(cmyk, "CMYK"), "TIFF"),
+                       rgb([[255, 255, 255], [0, 255, 255], [255, 0, 0], [0, 0, 0]]))
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 13000x13000 PNG (169 megapixels, a few hundred KB) is refused before decoding, in one line naming the
+    file, its size and the cap; above Pillow's own bomb limit too, and never with Pillow's warning."""
+    path = tmp_path / "huge.png"
+    big_png(path, 13000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=f"{path} is 13000x13000 pixels \\(169 megapixels\\), more than the 64 "
+                                            f"megapixels predict.py decodes"):
+            read_image(str(path))
+        monkeypatch.setattr("cifar.predict.MAX_PIXELS", 10**9)       # Pillow's limit (179 MP) speaks first
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)
+        with pytest.raises(UserError, match=f"{path} has more than 1000 megapixels, the most predict.py decodes "
+                                            f"\\(Image size \\(169000000 pixels\\) exceeds limit"):
+            read_image(str(path))
+
+
+@pytest.mark.slow
+def test_predict_py_on_a_13000_pixel_square_png_stays_small(tmp_path):
+    """The process: predict.py refuses the 169-megapixel PNG in one line (exit 1: some inputs failed) and its
+    peak resident memory stays far under 1.5 GB (decoded, the image alone would be 507 MB, 676 MB as RGBA)."""
+    path = tmp_path / "huge.png"
+    big_png(path, 13000)
+    weights = tmp_path / "cifar_net.pth"
+    torch.save(TutorialNet().state_dict(), weights)
+    proc = subprocess.Popen(command("predict.py", ["--checkpoint", str(weights), str(path)]), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)               # this child's own peak RSS (kilobytes on Linux)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 1 and err.strip().splitlines() == [
+        f"error: {path} is 13000x13000 pixels (169 megapixels), more than the 64 megapixels predict.py decodes; "
+        f"shrink it first (the network sees 32x32)"], err
+    assert usage.ru_maxrss * 1024 < 1.5 * 2**30, usage.ru_maxrss
+    print(f"predict.py's peak RSS on the 13000x13000 PNG: {usage.ru_maxrss / 1024:.0f} MiB")
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_its_size_reported_upright(tmp_path):
+    """A 1600x1200 photo turned by its EXIF orientation (6: a quarter turn) is decoded at a quarter of its scale
+    (draft), reported as shown (1200x1600), and comes out as torchvision's Resize + CenterCrop of the full decode
+    but for the resampling's last bits."""
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    photo = np.stack([xx * 255 // 1600, yy * 255 // 1200, (xx + yy) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    x, size = read_image(str(tmp_path / "photo.jpg"))
+    full = ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg"))
+    expected = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.PILToTensor()])(full)
+    assert size == (1200, 1600) == full.size
+    assert (x.int() - expected.int()).abs().float().mean() < 2, (x.int() - expected.int()).abs().float().mean()
