@@ -5,10 +5,13 @@ MD5-checked (mirrors too), downloaded with a timeout to a temporary name and ext
 images are capped in pixels before decoding and every Pillow mode becomes 8-bit RGB with the right scale. Refusals
 are one `error:` line and exit 2. Most tests call the functions, or the entry points' main(argv), in-process; a
 subprocess only where the claim is about a process (a signal, peak memory)."""
+import ast
 import hashlib
+import importlib
 import io
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -463,3 +466,40 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_its_size_reported_uprigh
     expected = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.PILToTensor()])(full)
     assert size == (1200, 1600) == full.size
     assert (x.int() - expected.int()).abs().float().mean() < 2, (x.int() - expected.int()).abs().float().mean()
+
+
+# ----------------------------------------------------------------------------- torch.load: weights only, our line
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    calls = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "cifar"))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "cifar", name)) as f:
+                tree = ast.parse(f.read())
+            calls += [(name, call) for call in ast.walk(tree)
+                      if isinstance(call, ast.Call) and ast.unparse(call.func) == "torch.load"]
+    assert {name for name, _ in calls} >= {"files.py", "checkpoint.py"}
+    for name, call in calls:
+        assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in call.keywords), \
+            f"{name}: {ast.unparse(call)}"
+
+
+@pytest.mark.parametrize("script", ["evaluate", "predict"])
+@pytest.mark.parametrize("kind", ["torch.save", "pickle protocol 2"])
+def test_a_hostile_pth_is_our_one_line_not_torchs_advice(tmp_path, capsys, script, kind):
+    """A .pth whose loading would call os.system, given to evaluate.py or predict.py: refused by torch's
+    weights-only unpickler, told in our line naming the global; torch's "weights_only=False" advice never shown."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar_net.pth"
+    hostile = {"conv1.weight": Hostile(os.system, f"touch {marker}")}
+    if kind == "torch.save":
+        torch.save(hostile, path)
+    else:
+        dump(path, hostile, protocol=2)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32)).save(image)
+    entry = importlib.import_module(script)
+    args = ["--checkpoint", str(path)] + ([str(image)] if script == "predict" else ["data.source=synthetic"])
+    line = one_error_line(capsys, lambda: entry.main(args))
+    assert re.search(f"{path} needs arbitrary unpickling to load \\(it holds a (posix|os).system", line), line
+    assert "weights_only=False" not in line and not marker.exists()
