@@ -111,12 +111,9 @@ def _dataset_classes(info: DatasetInfo, folder: str) -> tuple[str, ...]:
     """The names a run on the files in `folder` uses: CIFAR-10's built-in ones, CIFAR-100's meta file's. The meta
     file is checked either way (it says the folder holds the dataset); a missing one leaves the built-in names."""
     path = os.path.join(folder, info.meta_file)
-    try:
-        meta = _read_pickle(path, info, folder)
-    except UserError:
-        if not os.path.exists(path):
-            return info.classes
-        raise
+    if not os.path.exists(path):
+        return info.classes
+    meta = _read_pickle(path, info, folder)
     names = meta.get(info.meta_key) if isinstance(meta, dict) else None
     if not (isinstance(names, (list, tuple)) and len(names) == info.num_classes
             and all(isinstance(n, str) for n in names)):

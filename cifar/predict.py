@@ -127,6 +127,8 @@ def read_image(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
                 opened.load()                               # decode now: a truncated file fails here
                 ImageOps.exif_transpose(opened, in_place=True)   # phone photos: upright as they are shown
                 rgb = to_rgb(opened)
+                small = TF.center_crop(TF.resize(rgb, SIZE, interpolation=TF.InterpolationMode.BILINEAR,
+                                                 antialias=True), SIZE)
     except Image.DecompressionBombError as e:
         raise UserError(f"{path} has more than {MAX_PIXELS // 10**6} megapixels, the most predict.py decodes "
                         f"({str(e).split(',')[0]}); shrink it first") from None
@@ -134,7 +136,6 @@ def read_image(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path} is not an image Pillow can read ({reason}); pass PNG, JPEG or another image "
                         f"file") from None
-    small = TF.center_crop(TF.resize(rgb, SIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True), SIZE)
     return TF.pil_to_tensor(small), size
 
 

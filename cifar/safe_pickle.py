@@ -13,7 +13,6 @@ dict, list, tuple, str, bytes, int, float, bool and None need no global at all.
 """
 from __future__ import annotations
 
-import codecs
 import os
 import pickle
 
@@ -30,10 +29,19 @@ from .errors import UserError
 MAX_BYTES = 512 * 2**20
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The file names a function or class that plain data does not need."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only, since other names import codecs."""
-    if codecs.lookup(encoding).name != "iso8859-1":
-        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    """`_codecs.encode` as protocol-2 pickles use it for bytes: latin-1 only (looking another name up imports
+    that codec's module)."""
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
     return text.encode("latin1", errors)
 
 
@@ -48,20 +56,12 @@ for _core in ("numpy.core", "numpy._core"):
     ALLOWED[(f"{_core}.numeric", "_frombuffer")] = numeric._frombuffer
 
 
-class RefusedGlobal(pickle.UnpicklingError):
-    """The file names a function or class that plain data does not need."""
-
-    def __init__(self, module: str, name: str):
-        super().__init__(f"{module}.{name}")
-        self.name = f"{module}.{name}"
-
-
 class _DataOnly(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise RefusedGlobal(module, name) from None
+            raise RefusedGlobal(f"{module}.{name}") from None
 
 
 def load(path: str, fix: str) -> object:

@@ -29,6 +29,7 @@ from conftest import ROOT, command, env, write_cifar, write_cifar100
 from PIL import Image, ImageOps
 from torchvision import transforms
 
+from cifar import safe_pickle
 from cifar.config import DataConfig
 from cifar.data import CIFAR10_MD5, load_split, prepare
 from cifar.errors import Stopped, UserError
@@ -42,11 +43,13 @@ import train  # noqa: E402  (the entry point, called in-process)
 
 @pytest.fixture(autouse=True)
 def keep_signal_handlers():
-    """train.main installs its stop handlers and leaves them when start-up fails: put pytest's back."""
+    """train.main installs its stop handlers and leaves them when start-up fails: put pytest's back (and forget
+    the stale StopRequest, which signals.interruptible would consult)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+    StopRequest.active = None
 
 
 def one_error_line(capsys, call) -> str:
@@ -104,6 +107,14 @@ def test_os_system_in_a_protocol_2_pickle_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"test_batch asks to call (posix|os)\.system"):
         load_split(DataConfig(root=root), train=False)
     assert not marker.exists()
+
+
+def test_bytes_are_decoded_as_latin_1_only(tmp_path):
+    """_codecs.encode is allowed for what protocol-2 pickles use it for (bytes as latin-1 text), no other codec."""
+    path = tmp_path / "test_batch"
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00hiX\x05\x00\x00\x00rot13\x86R.")
+    with pytest.raises(UserError, match="asks to call _codecs.encode with encoding 'rot13'"):
+        safe_pickle.load(str(path), "fix")
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
