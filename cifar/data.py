@@ -82,7 +82,8 @@ class DatasetInfo:
 
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", "CIFAR-10", FOLDER, tuple(TRAIN_FILES), tuple(TEST_FILES), "labels",
-                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", "CIFAR10_MD5", CLASSES),
+                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", "CIFAR10_MD5",
+                           CLASSES),
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels",
                             "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", "CIFAR100_MD5",
                             CIFAR100_CLASSES),
