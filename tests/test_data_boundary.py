@@ -7,6 +7,7 @@ are one `error:` line and exit 2. Most tests call the functions, or the entry po
 subprocess only where the claim is about a process (a signal, peak memory)."""
 import ast
 import hashlib
+import http.server
 import importlib
 import io
 import os
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import warnings
 import zlib
@@ -317,6 +319,45 @@ def test_a_stalled_mirror_times_out_in_one_line(tmp_path, capsys, no_download_en
     assert f"downloading CIFAR-10 from {url} into {root} failed (no answer within 0.3 s ($CIFAR_DOWNLOAD_TIMEOUT)" \
            in line and (f", {tries} tries)" in line) == (tries > 1), line
     assert time.monotonic() - start < 30 and os.listdir(root) == []          # no .part, no empty archive
+
+
+def test_a_server_error_is_retried_and_a_404_is_not(tmp_path, no_download_env):
+    """A mirror answering 503 once, then the archive: the second try gets it. A 404 fails at once, in one line."""
+    src = write_cifar(str(tmp_path / "src"), 10, 5)
+    archive = open(archive_of(tmp_path, src), "rb").read()
+    requests = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            if self.path == "/missing.tar.gz" or len(requests) == 1:
+                self.send_error(404 if self.path == "/missing.tar.gz" else 503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(archive)))
+            self.end_headers()
+            self.wfile.write(archive)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    no_download_env.setenv("CIFAR10_MD5", hashlib.md5(archive).hexdigest())
+    no_download_env.setenv("CIFAR_DOWNLOAD_TIMEOUT", "0.5")          # also the longest pause between tries
+    try:
+        no_download_env.setenv("CIFAR10_URL", f"{base}/cifar-10-python.tar.gz")
+        prepare(DataConfig(root=str(tmp_path / "data")))
+        assert requests == ["/cifar-10-python.tar.gz"] * 2
+        no_download_env.setenv("CIFAR10_URL", f"{base}/missing.tar.gz")
+        with pytest.raises(UserError, match=r"missing.tar.gz into .* failed \(HTTP 404 Not Found\);"):
+            prepare(DataConfig(root=str(tmp_path / "other")))
+        assert requests[2:] == ["/missing.tar.gz"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(load_split(DataConfig(root=str(tmp_path / "data")), train=False)) == 5
 
 
 def test_a_signal_earlier_in_start_up_ends_it_before_the_download(tmp_path, no_download_env):
