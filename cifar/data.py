@@ -8,10 +8,15 @@ only has to honour the same two methods.
 """
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pickle
+import shutil
+import struct
 import tarfile
+import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -19,8 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import download, safe_pickle
 from .config import DataConfig
 from .errors import UserError
+from .signals import interruptible
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # (mean, std) per channel of the [0, 1] pixels, by data.normalize's name: CIFAR-10's training-set statistics, or
@@ -63,8 +70,9 @@ class DatasetInfo:
     meta_file: str
     meta_key: str                  # the class names' key in the meta file
     url: str
-    md5: str                       # of the official archive; a mirror ($<url_env>) is not checked
+    md5: str                       # of the official archive; a mirror ($<url_env>) must match it too, or $<md5_env>
     url_env: str                   # the environment variable naming a mirror (or file://) for clusters offline
+    md5_env: str                   # the environment variable naming a re-encoded archive's MD5, or `none`
     classes: tuple[str, ...]       # built-in names: CIFAR-10's are the tutorial's short ones, always used
 
     @property
@@ -74,9 +82,11 @@ class DatasetInfo:
 
 DATASETS = {
     "cifar10": DatasetInfo("cifar10", "CIFAR-10", FOLDER, tuple(TRAIN_FILES), tuple(TEST_FILES), "labels",
-                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", CLASSES),
+                           "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", "CIFAR10_MD5",
+                           CLASSES),
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels",
-                            "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", CIFAR100_CLASSES),
+                            "meta", "fine_label_names", CIFAR100_URL, CIFAR100_MD5, "CIFAR100_URL", "CIFAR100_MD5",
+                            CIFAR100_CLASSES),
 }
 
 
@@ -90,17 +100,27 @@ def num_classes(cfg: DataConfig) -> int:
 
 def class_names(cfg: DataConfig) -> tuple[str, ...]:
     """The dataset's class names in label order. CIFAR-10: the tutorial's (plane, car, ...), whatever its meta
-    file says (airplane, automobile, ...). CIFAR-100: its meta file's fine_label_names when the files are there
-    and it holds 100 of them; otherwise (synthetic data, no files on this machine) the built-in ones, the same."""
+    file says (airplane, automobile, ...). CIFAR-100: its meta file's fine_label_names when the file is there;
+    otherwise (synthetic data, no files on this machine) the built-in ones, the same."""
     info = dataset_info(cfg)
     if info.name == "cifar10" or cfg.source == "synthetic":
         return info.classes
-    try:
-        with open(os.path.join(os.path.abspath(cfg.root), info.folder, info.meta_file), "rb") as f:
-            names = tuple(str(n) for n in pickle.load(f, encoding="latin1")[info.meta_key])
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError):
+    return _dataset_classes(info, os.path.join(os.path.abspath(cfg.root), info.folder))
+
+
+def _dataset_classes(info: DatasetInfo, folder: str) -> tuple[str, ...]:
+    """The names a run on the files in `folder` uses: CIFAR-10's built-in ones, CIFAR-100's meta file's. The meta
+    file is checked either way (it says the folder holds the dataset); a missing one leaves the built-in names."""
+    path = os.path.join(folder, info.meta_file)
+    if not os.path.exists(path):
         return info.classes
-    return names if len(names) == info.num_classes else info.classes
+    meta = _read_pickle(path, info, folder)
+    names = meta.get(info.meta_key) if isinstance(meta, dict) else None
+    if not (isinstance(names, (list, tuple)) and len(names) == info.num_classes
+            and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{info.title} file {path} does not hold {info.num_classes} class names under "
+                        f"{info.meta_key!r}; the data is not {info.title}: {_refetch(info, folder)}")
+    return info.classes if info.name == "cifar10" else tuple(names)
 
 
 @dataclass
@@ -121,35 +141,89 @@ def load_split(cfg: DataConfig, train: bool) -> Split:
     if cfg.source == "synthetic":
         split = synthetic_split(limit or (50_000 if train else 10_000), train, info.num_classes)
         return Split(split.images, split.labels, info.classes)
-    root = os.path.abspath(cfg.root)
-    folder = os.path.join(root, info.folder)
+    folder = os.path.join(os.path.abspath(cfg.root), info.folder)
+    classes = _dataset_classes(info, folder)
     images, labels = [], []
     for name in info.train_files if train else info.test_files:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[info.label_key], dtype=np.int64))
-        except FileNotFoundError:
-            raise UserError(_other_dataset_hint(root, info) or
-                            f"{info.title} file {path} is missing; set data.root to the folder holding "
-                            f"{info.folder}/ or set data.download=true")
-        except KeyError as e:
-            other = _other_dataset_hint(root, info)
-            raise UserError(other or f"{info.title} file {path} has no {e.args[0]!r} entry; it is not "
-                                     f"{info.title} (data.dataset={info.name}); delete {folder} and download again")
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise UserError(f"{info.title} file {path} is unreadable ({type(e).__name__}); delete {folder} and "
-                            f"download again")
+        batch_images, batch_labels = read_batch(os.path.join(folder, name), info, folder)
+        images.append(batch_images)
+        labels.append(batch_labels)
         if limit and sum(map(len, labels)) >= limit:
             break
-    split = Split(np.concatenate(images), np.concatenate(labels), class_names(cfg))
-    bad = (split.labels < 0) | (split.labels >= info.num_classes)
-    if bad.any():
-        raise UserError(f"{info.title} files in {folder} hold labels outside 0..{info.num_classes - 1} (e.g. "
-                        f"{int(split.labels[bad][0])}); the data is not {info.title}")
+    split = Split(np.concatenate(images), np.concatenate(labels), classes)
     return Split(split.images[:limit], split.labels[:limit], split.classes) if limit else split
+
+
+# What a damaged or foreign pickle raises while being read (the safe unpickler's refusals are UserErrors).
+_UNREADABLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, OverflowError,
+               struct.error)
+
+
+def _refetch(info: DatasetInfo, folder: str) -> str:
+    return f"delete {folder} and download {info.title} again (data.download=true)"
+
+
+def _read_pickle(path: str, info: DatasetInfo, folder: str) -> object:
+    """What a dataset file holds, read without running code from it (cifar/safe_pickle.py); one line otherwise."""
+    root = os.path.dirname(folder)
+    try:
+        return safe_pickle.load(path, _refetch(info, folder))
+    except FileNotFoundError:
+        raise UserError(_other_dataset_hint(root, info) or
+                        f"{info.title} file {path} is missing; set data.root to the folder holding "
+                        f"{info.folder}/ or set data.download=true") from None
+    except _UNREADABLE as e:
+        raise UserError(f"{info.title} file {path} is unreadable ({type(e).__name__}); "
+                        f"{_refetch(info, folder)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {info.title} file {path} ({e.strerror}); check its permissions") from None
+
+
+def read_batch(path: str, info: DatasetInfo, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one data file, each array checked against the other
+    and against what CIFAR holds: nothing is cast or cut silently (a short labels list would shift every later
+    label onto the wrong image)."""
+    batch = _read_pickle(path, info, folder)
+    try:
+        if not isinstance(batch, dict):
+            raise KeyError("data")
+        data, raw_labels = batch["data"], batch[info.label_key]
+    except KeyError as e:
+        other = _other_dataset_hint(os.path.dirname(folder), info)
+        raise UserError(other or f"{info.title} file {path} has no {e.args[0]!r} entry; it is not "
+                                 f"{info.title} (data.dataset={info.name}); {_refetch(info, folder)}") from None
+    images = _checked_images(data, path, _refetch(info, folder))
+    return images, _checked_labels(raw_labels, len(images), path, info, folder)
+
+
+def _checked_images(data: object, path: str, fix: str) -> np.ndarray:
+    """`data` as N x 3 x 32 x 32 uint8: rows of 3072 integers in 0..255 (uint8 in the official files)."""
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"an array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise UserError(f"{path}: its data is {what}, not rows of 3072 pixel bytes (3 x 32 x 32); {fix}")
+    if data.dtype != np.uint8:
+        if data.dtype.kind not in "iu":
+            raise UserError(f"{path}: its data is {data.dtype}, not uint8 pixels; {fix}")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise UserError(f"{path}: its pixels run {data.min()}..{data.max()}, outside 0..255; {fix}")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+def _checked_labels(raw: object, n: int, path: str, info: DatasetInfo, folder: str) -> np.ndarray:
+    """The labels as int64: one integer per image, each a class of the dataset."""
+    key, fix = info.label_key, _refetch(info, folder)
+    labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if labels is None or labels.ndim != 1:
+        raise UserError(f"{path}: its {key!r} is not a list of integers; {fix}")
+    if len(labels) != n:
+        raise UserError(f"{path} holds {n} images but {len(labels)} {key!r}; each image needs one label: {fix}")
+    if n and labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: its {key!r} are {labels.dtype}, not integers; {fix}")
+    bad = (labels < 0) | (labels >= info.num_classes)
+    if bad.any():
+        raise UserError(f"{info.title} file {path} holds labels outside 0..{info.num_classes - 1} (e.g. "
+                        f"{labels[bad][0]}); the data is not {info.title}")
+    return labels.astype(np.int64)
 
 
 def _other_dataset(root: str, info: DatasetInfo) -> DatasetInfo | None:
@@ -183,23 +257,81 @@ def prepare(cfg: DataConfig) -> None:
     if not cfg.download:
         raise UserError(_other_dataset_hint(root, info) or f"{info.title} not found in {folder}; set data.root to the folder holding "
                                  f"{info.folder}/ or set data.download=true")
-    from torchvision.datasets.utils import download_url
-
     url = os.environ.get(info.url_env, info.url)  # a mirror (or file://) for clusters without internet
-    archive = os.path.join(root, os.path.basename(url))
-    try:
-        download_url(url, root, md5=info.md5 if url == info.url else None)
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-    except Exception as e:  # network, disk, corrupt archive: all end the same way for the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        other = _other_dataset(root, info)
-        hint = f" ({root} holds {other.title}: data.dataset={other.name} uses it)" if other else ""
-        raise UserError(f"downloading {info.title} from {url} into {root} failed ({reason}); download it by hand "
-                        f"and extract it there, or point data.root at an existing copy{hint}")
+    archive = os.path.join(root, os.path.basename(info.url))
+    md5 = download.expected_md5(info.md5, info.md5_env)
+    os.makedirs(root, exist_ok=True)
+    with interruptible(f"downloading {info.title} from {url}"):
+        _get_archive(info, url, archive, md5)
+        _extract(info, archive, root)
     if not all(os.path.exists(os.path.join(folder, n)) for n in info.train_files + info.test_files):
         raise UserError(f"the archive {archive} did not hold {info.title} ({info.folder}/ with "
                         f"{', '.join(info.train_files + info.test_files)}); remove it and download the official one")
+
+
+def _get_archive(info: DatasetInfo, url: str, archive: str, md5: str | None) -> None:
+    """`archive` in place with the expected MD5 (md5 None: unchecked): the one found there, or a fresh download."""
+    if os.path.exists(archive):    # an earlier download (only a checked one gets this name) or the user's own copy
+        actual = md5 and download.md5_of(archive)
+        if actual != md5:
+            raise UserError(f"{archive} is partial or not the {info.title} archive (MD5 {actual}, expected {md5}); "
+                            f"delete it and rerun, or if it is a re-encoded copy you trust set "
+                            f"{info.md5_env}={actual} (or {info.md5_env}=none)")
+        return
+    root = os.path.dirname(archive)
+    try:
+        actual = download.fetch(url, archive)
+    except download.FETCH_ERRORS as e:
+        other = _other_dataset(root, info)
+        hint = f" ({root} holds {other.title}: data.dataset={other.name} uses it)" if other else ""
+        raise UserError(f"downloading {info.title} from {url} into {root} failed ({download.describe(e)}); download "
+                        f"it by hand and extract it there, or point data.root at an existing copy{hint}") from None
+    if md5 and actual != md5:
+        os.remove(archive + ".part")
+        source = f"the official {info.title} archive's" if md5 == info.md5 else f"${info.md5_env}"
+        raise UserError(f"{url} sent an archive with MD5 {actual}, not {md5} ({source}), so it was not kept; if it "
+                        f"is a re-encoded copy you trust, set {info.md5_env}={actual} (or {info.md5_env}=none)")
+    os.replace(archive + ".part", archive)
+
+
+# What extraction may write: the official archives hold 8 (CIFAR-10) and 5 (CIFAR-100) files, 178 and 161 MiB.
+MAX_MEMBERS, MAX_EXTRACTED = 64, 1024 * 2**20
+
+
+def _extract(info: DatasetInfo, archive: str, root: str) -> None:
+    """The dataset's folder out of `archive` into `root`, within bounds: its regular files only (tarfile's "data"
+    filter refuses paths outside, links and devices), at most MAX_MEMBERS of them and MAX_EXTRACTED bytes, checked
+    from the headers before anything is written. Files are extracted beside and moved into place once complete, so
+    an interrupted extraction leaves no truncated dataset file."""
+    staging = tempfile.mkdtemp(prefix=f".{info.folder}.", dir=root)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, members=_bounded_members(tar, info, archive), filter="data")
+        extracted, folder = os.path.join(staging, info.folder), os.path.join(root, info.folder)
+        if os.path.isdir(extracted):
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(extracted):
+                os.replace(os.path.join(extracted, name), os.path.join(folder, name))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"the archive {archive} is damaged or not a .tar.gz ({type(e).__name__}); delete it and "
+                        f"rerun to download it again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _bounded_members(tar: tarfile.TarFile, info: DatasetInfo, archive: str) -> list[tarfile.TarInfo]:
+    """The archive's regular files and folders under the dataset's folder; a UserError past the bounds."""
+    members, total = [], 0
+    for member in tar:
+        if not member.name.startswith(info.folder + "/") or not (member.isfile() or member.isdir()):
+            continue
+        members.append(member)
+        total += member.size
+        if len(members) > MAX_MEMBERS or total > MAX_EXTRACTED:
+            raise UserError(f"the archive {archive} holds more than {MAX_MEMBERS} files or {MAX_EXTRACTED // 2**20} "
+                            f"MiB under {info.folder}/, far more than {info.title}; delete it and download the "
+                            f"official one")
+    return members
 
 
 prepare_cifar10 = prepare   # the name it had when there was one dataset

@@ -9,7 +9,8 @@ import sys
 from . import log
 
 EXIT_USAGE = 2
-# Stopped early on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint: rerun the same command to resume.
+# Stopped early on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint, or during start-up before there
+# was anything to save (a download: cifar/signals.py's interruptible): rerun the same command to resume or start.
 # 75 is sysexits' EX_TEMPFAIL, "temporary failure; the user is invited to retry".
 EXIT_RESUMABLE = 75
 # A write to the run folder failed (disk full, quota, I/O error, file-size limit): sysexits' EX_IOERR. What was saved
@@ -80,7 +81,7 @@ def disk_fault(e: BaseException) -> bool:
 
 
 class Stopped(Exception):
-    """Training stopped early on a signal, after saving a checkpoint."""
+    """Training stopped early on a signal, after saving a checkpoint (or before it began, with nothing to save)."""
 
 
 def cli(main):

@@ -138,8 +138,9 @@ def read_state_dict(path: str) -> dict:
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler names the first class or function the file would have to import
-        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch's weights-only unpickler names the first class or function the file would have to import: "Unsupported
+        # global: GLOBAL x.y" when it could be allowed, "unsupported GLOBAL x.y whose module x is blocked" (os, ...)
+        needed = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         if not needed:
             raise _not_torch(path, e) from None
         raise UserError(f"{path} needs arbitrary unpickling to load (it holds a {needed.group(1)}, not only "

@@ -5,13 +5,16 @@ table, or as JSON, or drawn in a grid. A file that is not an image is one `error
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
+import warnings
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from rich.console import Console as RichConsole
 from rich.table import Table
 
@@ -27,6 +30,11 @@ SIZE = 32                 # what a CIFAR-10 network takes
 EXIT_SOME_FAILED = 1      # some inputs were not images (each named on an error line); the rest were predicted
 BATCH = 256
 GRID_MAX = 64             # images drawn by --grid: the first ones (a figure of thousands is unreadable)
+# The largest image decoded: a 64-megapixel RGBA image is 256 MB decoded, 1 GB at most on the way to 8-bit RGB
+# (16-bit or float pixels); phones take 12 to 50 megapixels. Checked from the header, before decoding.
+MAX_PIXELS = 64_000_000
+BAND_PIXELS = 2**22       # converted to RGB this many pixels at a time
+DRAFT_SIDE = 256          # a large JPEG is decoded at a reduced scale, at least this on its shorter side
 NOTE = (f"note: CIFAR-10 networks see {SIZE}x{SIZE} images: each was resized to {SIZE} pixels on its shorter side and "
         f"center-cropped (torchvision's Resize({SIZE}) + CenterCrop({SIZE})); --grid PNG shows what the network saw")
 
@@ -58,28 +66,102 @@ def image_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB: grayscale and palette images expanded; transparency flattened onto white (the colour
-    under fully transparent pixels is arbitrary, often black, and a cut-out on white is what a person sees)."""
+    """Any mode Pillow opens to 8-bit RGB, each scaled to 0..255 by its own range:
+    - 1, L, P, RGB, CMYK, YCbCr: Pillow's conversion (1 bit: 0 or 255; CMYK inverted by its ink);
+    - LA, RGBA, PA, P or L with a transparent colour: composited onto white (the colour under fully transparent
+      pixels is arbitrary, often black, and a cut-out on white is what a person sees), not the alpha dropped;
+    - 16-bit (I;16, I;16B, ...) and 32-bit integers (I, which 16-bit files also decode to): 0..65535 to 0..255,
+      rounded (Pillow's own conversion clips everything above 255 to white);
+    - F (32-bit float): 0..1 to 0..255, as float images are conventionally scaled (ToTensor's range)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    # A band of rows at a time (every conversion is per pixel): the whole image converted at once would add a
+    # full-size copy or two (at 64 megapixels 256 MB each, 32-bit pixels or RGBA) to the decoded one.
+    rgb, rows = Image.new("RGB", image.size), max(1, BAND_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        rgb.paste(_band_to_rgb(image.crop((0, top, image.width, min(image.height, top + rows)))), (0, top))
+    return rgb
+
+
+def _band_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        return Image.fromarray(_gray_to_uint8(image)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))     # rgb x alpha + white x (1 - alpha)
+        return white
     return image.convert("RGB")
 
 
+def _gray_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grayscale image's pixels as uint8, rounded to nearest: integers as
+    0..65535 (outside: clipped), floats as 0..1 (NaN: black)."""
+    values = np.array(image)                            # a writable copy
+    if image.mode == "F":
+        np.nan_to_num(values, copy=False, nan=0.0)
+        np.clip(values, 0, 1, out=values)
+        values *= 255
+        return np.rint(values, out=values).astype(np.uint8)
+    if values.dtype.kind == "i":                        # mode I: int32
+        np.clip(values, 0, 65535, out=values)
+        wide = values.view(np.uint32)                   # non-negative now: the same bits
+    else:                                               # I;16 in either byte order
+        wide = values.astype(np.uint32)
+    wide *= 255                                         # at most 16.7 million: exact in 32 bits
+    wide += 32767
+    wide //= 65535
+    return wide.astype(np.uint8)
+
+
 def read_image(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(uint8 (3, 32, 32) as the network sees it, original (width, height)), or a UserError naming the file."""
+    """(uint8 (3, 32, 32) as the network sees it, original (width, height)), or a UserError naming the file.
+    The size is checked from the header before anything is decoded: at most MAX_PIXELS."""
     try:
-        with Image.open(path) as opened:
-            opened.load()                                   # decode now: a truncated file fails here
-            image = ImageOps.exif_transpose(opened)         # phone photos: upright as they are shown
-            size = image.size
-            rgb = to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            # Pillow warns above 89 megapixels and refuses above 179: the cap below both says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:                # reads the header only
+                _check_pixels(path, opened.size)
+                size = _upright_size(opened)
+                _draft(opened)
+                opened.load()                               # decode now: a truncated file fails here
+                ImageOps.exif_transpose(opened, in_place=True)   # phone photos: upright as they are shown
+                rgb = to_rgb(opened)
+                small = TF.center_crop(TF.resize(rgb, SIZE, interpolation=TF.InterpolationMode.BILINEAR,
+                                                 antialias=True), SIZE)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path} has more than {MAX_PIXELS // 10**6} megapixels, the most predict.py decodes "
+                        f"({str(e).split(',')[0]}); shrink it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path} is not an image Pillow can read ({reason}); pass PNG, JPEG or another image "
                         f"file") from None
-    small = TF.center_crop(TF.resize(rgb, SIZE, interpolation=TF.InterpolationMode.BILINEAR, antialias=True), SIZE)
     return TF.pil_to_tensor(small), size
+
+
+def _draft(image: Image.Image) -> None:
+    """A JPEG larger than DRAFT_SIDE on its shorter side is decoded at 1/2, 1/4 or 1/8 scale (its DCT allows it,
+    as Pillow's thumbnail does), still at least DRAFT_SIDE: an eighth of the memory and time for a large photo,
+    and the same 32 pixels but for the resampling's last bit. Other formats decode whole."""
+    width, height = image.size
+    scale = min(width, height) / DRAFT_SIDE
+    if image.format == "JPEG" and scale >= 2:
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown: its header's, swapped when its EXIF orientation turns it a quarter."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (width, height)
+
+
+def _check_pixels(path: str, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{path} is {width}x{height} pixels ({width * height / 10**6:.0f} megapixels), more than "
+                        f"the {MAX_PIXELS // 10**6} megapixels predict.py decodes; shrink it first (the network "
+                        f"sees {SIZE}x{SIZE})")
 
 
 @torch.no_grad()

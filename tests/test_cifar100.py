@@ -2,6 +2,7 @@
 sized by the dataset, readable reports and plots for 100 classes, and the one-line refusals (exit code 2) of data or
 weights of the other dataset."""
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -85,23 +86,31 @@ def test_the_recipe_and_saved_configs():
         load_config(None, ["data.dataset=cifar1000"])
 
 
-def test_the_official_archive_is_md5_checked_and_a_mirror_is_not(tmp_path, monkeypatch):
-    """As CIFAR-10: the official URL with its MD5; $CIFAR100_URL (a mirror) without one."""
+def test_the_official_archive_is_md5_checked_and_so_is_a_mirror(tmp_path, monkeypatch):
+    """As CIFAR-10: the official URL and $CIFAR100_URL (a mirror) are both checked against the official MD5, unless
+    $CIFAR100_MD5 names another archive's (then the archive is kept and opened)."""
     calls = []
 
-    def fake_download(url, root, md5=None):
-        calls.append((url, md5))
-        raise OSError("offline")
+    def fake_fetch(url, archive):
+        calls.append(url)
+        with open(archive + ".part", "wb") as f:
+            f.write(b"not the archive")
+        return hashlib.md5(b"not the archive").hexdigest()
 
-    monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download)
+    monkeypatch.setattr("cifar.download.fetch", fake_fetch)
     monkeypatch.delenv("CIFAR100_URL", raising=False)
+    monkeypatch.delenv("CIFAR100_MD5", raising=False)
     cfg = DataConfig(dataset="cifar100", root=str(tmp_path))
-    with pytest.raises(UserError, match="downloading CIFAR-100 from https://www.cs.toronto.edu/~kriz/cifar-100"):
+    with pytest.raises(UserError, match=f"{CIFAR100_URL} sent an archive with MD5 .*, not {CIFAR100_MD5}"):
         prepare(cfg)
     monkeypatch.setenv("CIFAR100_URL", "http://mirror.example/cifar-100-python.tar.gz")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"mirror.example/cifar-100-python.tar.gz sent .*, not {CIFAR100_MD5}"):
         prepare(cfg)
-    assert calls == [(CIFAR100_URL, CIFAR100_MD5), ("http://mirror.example/cifar-100-python.tar.gz", None)]
+    assert calls == [CIFAR100_URL, "http://mirror.example/cifar-100-python.tar.gz"]
+    assert os.listdir(tmp_path) == []                        # refused archives are not kept
+    monkeypatch.setenv("CIFAR100_MD5", hashlib.md5(b"not the archive").hexdigest())
+    with pytest.raises(UserError, match="cifar-100-python.tar.gz is damaged or not a .tar.gz"):
+        prepare(cfg)
     assert CIFAR100_MD5 == "eb9058c3a382ffc7106e4002c42a8d85"
 
 

@@ -1,5 +1,6 @@
 """The data layer: the real pickle format, download, and data that depends only on (seed, epoch, index)."""
 import functools
+import hashlib
 import http.server
 import os
 import tarfile
@@ -122,19 +123,22 @@ def test_download_extracts_an_archive_when_missing(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(os.path.join(src, "cifar-10-batches-py"), arcname="cifar-10-batches-py")
     root = tmp_path / "fresh"
-    # a real HTTP download through torchvision's utilities, from a server on loopback
+    # a real HTTP download (cifar/download.py), from a server on loopback, of an archive that is not the official
+    # one: its MD5 is given, as a user with a re-encoded copy does
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
         run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", "data.num_workers=0",
-            "data.batch_size=20", "train.epochs=1", f"output_dir={tmp_path}/r", CIFAR10_URL=url)
+            "data.batch_size=20", "train.epochs=1", f"output_dir={tmp_path}/r", CIFAR10_URL=url,
+            CIFAR10_MD5=hashlib.md5(archive.read_bytes()).hexdigest())
     finally:
         server.shutdown()
         server.server_close()
     assert (root / "cifar-10-batches-py" / "test_batch").exists()
     assert (tmp_path / "r" / "model.safetensors").exists()
+    assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]   # no .part, no staging
 
 
 def test_failed_download_is_one_clear_line(tmp_path):
