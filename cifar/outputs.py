@@ -1,4 +1,5 @@
-"""The run folder: config.yaml, metrics.jsonl, summary.json, model.safetensors. Main process only."""
+"""What a training run writes into its run folder (config.yaml, metrics.jsonl, status.json, summary.json, the final
+weights: names and states in cifar/run_folder.py), and how it claims the folder. Main process only."""
 from __future__ import annotations
 
 import json
@@ -8,24 +9,27 @@ import time
 
 import torch
 
-from .checkpoint import EMA_WEIGHTS, WEIGHTS, choose_resume
+from . import log
+from .checkpoint import choose_resume
 from .config import CheckpointConfig, Config
 from .errors import warn
 from .files import fsync_dir, save_weights, write_atomic
 from .lock import RunLock
-
-# What train.py and evaluate.py write into a run folder: a fresh start moves these aside, never deletes them.
-OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summary.json", WEIGHTS, EMA_WEIGHTS,
-           "eval.json", "confusion.png", "predictions.png", "wandb")
+from .run_folder import (CHECKPOINTS, CONFIG, EMA_WEIGHTS, METRICS, OUTPUTS, STATUS, SUMMARY, WEIGHTS,
+                         remove_leftovers)
 
 
 def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
-    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). A fresh start, or one from
-    another folder's checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
+    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). The temporary files a killed
+    writer left are removed (no other writer can be running now). A fresh start, or one from another folder's
+    checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
     lock.acquire()
     resume = choose_resume(run_dir, policy)
     lock.record()
-    own = os.path.join(os.path.abspath(run_dir), "checkpoints") + os.sep
+    removed = remove_leftovers(run_dir)
+    if removed:
+        log.debug(f"removed what a killed run left half-written in {run_dir}: {', '.join(removed)}")
+    own = os.path.join(os.path.abspath(run_dir), CHECKPOINTS) + os.sep
     if resume is None or not os.path.abspath(resume).startswith(own):
         moved_to = set_aside(run_dir)
         if moved_to:
@@ -80,8 +84,8 @@ class RunWriter:
         after that checkpoint by the interrupted run are not repeated (a fresh start finds it set aside)."""
         self.dir = output_dir
         os.makedirs(output_dir, exist_ok=True)
-        write_atomic(os.path.join(output_dir, "config.yaml"), cfg.to_yaml().encode())
-        path = os.path.join(output_dir, "metrics.jsonl")
+        write_atomic(os.path.join(output_dir, CONFIG), cfg.to_yaml().encode())
+        path = os.path.join(output_dir, METRICS)
         if resume_step is not None and os.path.exists(path):
             with open(path, "rb") as f:
                 lines = f.readlines()
@@ -91,8 +95,11 @@ class RunWriter:
         self._metrics = open(path, "a")
 
     def log(self, row: dict) -> None:
-        self._metrics.write(to_json(row) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(to_json(row) + "\n")
+            self._metrics.flush()
+        except OSError as e:        # a failed flush names no file: name it for the error line
+            raise OSError(e.errno, e.strerror, self._metrics.name) from None
 
     def save_weights(self, model: torch.nn.Module, ema=None) -> None:
         """The final weights, their header saying which they are; with train.ema, the average beside them."""
@@ -102,13 +109,13 @@ class RunWriter:
                          {"weights": "ema", "ema_decay": str(ema.decay), "ema_updates": str(ema.updates)})
 
     def save_summary(self, summary: dict) -> None:
-        write_atomic(os.path.join(self.dir, "summary.json"), (json.dumps(_clean(summary), indent=2) + "\n").encode())
+        write_atomic(os.path.join(self.dir, SUMMARY), (json.dumps(_clean(summary), indent=2) + "\n").encode())
 
     def status(self, state: str, **fields) -> None:
-        """status.json: running | stopped (resumable: rerun the same command) | finished | failed. Batch scripts
-        read it, since launchers report a rank's exit code as their own failure. A kill leaves 'running'."""
+        """status.json: running | stopped | finished | failed | save-failed (run_folder.STATES). A kill leaves
+        'running', which readers tell from a live run by the lock (run_folder.state)."""
         record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **fields}
-        write_atomic(os.path.join(self.dir, "status.json"), (to_json(record) + "\n").encode())
+        write_atomic(os.path.join(self.dir, STATUS), (to_json(record) + "\n").encode())
 
     def close(self) -> None:
         self._metrics.close()

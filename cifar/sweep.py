@@ -10,13 +10,13 @@ The file is a W&B sweep configuration (method grid or random, parameters named a
 or nested as W&B allows); its `command` names the recipe (`--config configs/X.yaml`) and passes the parameters with
 ${args_no_hyphens} or ${args}. Run i of the list goes to RUNS_DIR/<sweep name>/<i>-<key=value,...>/, in the W&B group
 named after the sweep and tagged with its parameters. Random search draws its points from --seed, so the list is
-the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints.
+the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints. Two sweeps of
+one file (two terminals, two machines on a shared disk) share the work: a run whose folder the other holds is
+skipped as "running elsewhere", one it finished as "ran elsewhere"; none runs twice.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -24,9 +24,10 @@ import sys
 import threading
 import time
 
-from . import log
+from . import log, run_folder
 from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, warn
+from .run_folder import CONFIG, FINISHED, RUNNING, describe_holder, holder, read_summary
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,37 +36,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------- state of a run folder
 
 def state(run: Run) -> str:
-    """new | finished | failed | stopped | running | interrupted (killed: resumes from its newest checkpoint)."""
-    try:
-        with open(os.path.join(run.folder, "status.json")) as f:
-            status = json.load(f)
-    except (OSError, ValueError):
-        return "new" if not os.path.isdir(os.path.join(run.folder, "checkpoints")) else "interrupted"
-    s = status.get("state")
-    if s == "running":  # a kill leaves "running": is the lock still held?
-        return "running" if _locked(run.folder) else "interrupted"
-    return s if s in ("finished", "failed", "stopped") else "interrupted"
+    """The run folder's state (cifar/run_folder.py): new, running, stopped, finished, failed, save-failed, killed."""
+    return run_folder.state(run.folder)
 
 
-def _locked(folder: str) -> bool:
-    try:
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+def elsewhere(run: Run) -> tuple[str, str] | None:
+    """(outcome, detail) when another process (another sweep of this file) holds the run or finished it meanwhile;
+    None when it is this sweep's to run."""
+    now = state(run)
+    if now == RUNNING:
+        return "running elsewhere", f"held by {describe_holder(holder(run.folder))}"
+    if now == FINISHED:
+        return "ran elsewhere", "finished by another process while this sweep ran"
+    return None
 
 
 def changed(run: Run, sweep: Sweep) -> str | None:
     """How a finished run's saved config differs from what the sweep asks for now (None: the same)."""
     try:
-        saved = flatten(load_saved_config(os.path.join(run.folder, "config.yaml")).to_dict(), ".")
+        saved = flatten(load_saved_config(os.path.join(run.folder, CONFIG)).to_dict(), ".")
         wanted = flatten(load_config(sweep.recipe, run.args[2 if sweep.recipe else 0:]).to_dict(), ".")
     except UserError:
         return "its config.yaml cannot be read"
@@ -75,19 +64,9 @@ def changed(run: Run, sweep: Sweep) -> str | None:
 
 def best_acc(run: Run) -> str:
     try:
-        with open(os.path.join(run.folder, "summary.json")) as f:
-            return f"{json.load(f)['best_test_acc']:.2f}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return f"{(read_summary(run.folder) or {})['best_test_acc']:.2f}"
+    except (KeyError, TypeError, ValueError):
         return "-"
-
-
-def failure(run: Run) -> str:
-    """The error line train.py left in status.json, if any."""
-    try:
-        with open(os.path.join(run.folder, "status.json")) as f:
-            return str(json.load(f).get("error") or "")
-    except (OSError, ValueError):
-        return ""
 
 
 # ----------------------------------------------------------------------------- running
@@ -117,8 +96,9 @@ def child_env(slot: int, parallel: int, environ=os.environ, cores: int | None = 
 
 
 class Runner:
-    """Runs the sweep's runs as train.py processes, `parallel` at a time. SIGINT/SIGTERM: the running ones save a
-    checkpoint and stop (a rerun resumes them), and no new one starts."""
+    """Runs the sweep's runs as train.py processes, `parallel` at a time, skipping any that another process holds or
+    has finished by the time its turn comes. SIGINT/SIGTERM: the running ones save a checkpoint and stop (a rerun
+    resumes them), and no new one starts."""
 
     def __init__(self, runs: list[Run], parallel: int, log_dir: str | None):
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
@@ -143,8 +123,11 @@ class Runner:
             queue = list(self.runs)
             while (queue and not self.stopping) or self.active:
                 while queue and not self.stopping and len(self.active) < self.parallel:
+                    run = queue.pop(0)
+                    if self._skip_if_elsewhere(run):
+                        continue
                     slot = min(set(range(self.parallel)) - set(self.active))
-                    self.active[slot] = self._start(queue.pop(0), slot)
+                    self.active[slot] = self._start(run, slot)
                 self._reap()
             for run in queue:
                 self.results[run.index] = ("not started", "the sweep was stopped")
@@ -152,6 +135,16 @@ class Runner:
             for s, handler in old.items():
                 signal.signal(s, handler)
         return self.results
+
+    def _skip_if_elsewhere(self, run: Run) -> bool:
+        found = elsewhere(run)
+        if found:
+            self._record(run, *found)
+        return found is not None
+
+    def _record(self, run: Run, outcome: str, detail: str) -> None:
+        self.results[run.index] = (outcome, detail)
+        log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" + (f": {detail}" if detail else ""))
 
     def _start(self, run: Run, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
@@ -179,8 +172,8 @@ class Runner:
 
     def _error_line(self, run: Run) -> str:
         """The run's own `error:` line: from status.json, else its log or stderr."""
-        if failure(run):
-            return failure(run)
+        if run_folder.failure(run.folder):
+            return run_folder.failure(run.folder)
         if self.log_dir and os.path.exists(self._log(run)):
             with open(self._log(run), errors="replace") as f:
                 lines = [line[7:].strip() for line in f if line.startswith("error: ")]
@@ -199,14 +192,14 @@ class Runner:
                 outcome, detail = "finished", took
             elif code == EXIT_RESUMABLE:
                 outcome, detail = "stopped", f"checkpoint saved after {took}; rerun to resume"
+            elif (found := elsewhere(run)) is not None:   # refused: another sweep's train.py took it first
+                outcome, detail = found
             else:
                 if run.index in self.relays:
                     self.relays.pop(run.index).join(10)  # it has read the run's last line
                 why = self._error_line(run) or (f"killed by {signal.Signals(-code).name}" if code < 0 else "")
                 outcome, detail = f"failed (exit {code})", why
-            self.results[run.index] = (outcome, detail)
-            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
-                     (f": {detail}" if detail else ""))
+            self._record(run, outcome, detail)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -280,16 +273,14 @@ def main(argv=None) -> None:
         return
     todo = []
     for run in runs:
-        if states[run.index] == "finished":
+        if states[run.index] == FINISHED:
             why = changed(run, sweep)
             if why:
                 warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
                      f"{run.folder} away to run it again")
             log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: finished before, skipped")
-        elif states[run.index] == "running":
-            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: running elsewhere, skipped")
         else:
-            todo.append(run)
+            todo.append(run)      # the runner skips it if another process holds it when its turn comes
     log_dir = os.path.join(args.runs_dir, sweep.name, "logs") if args.parallel > 1 else None
     results = Runner(todo, args.parallel, log_dir).run()
     rows = []
