@@ -413,3 +413,99 @@ def test_the_resume_command_names_the_folder_the_run_chose():
         "resume with: python train.py --config 'my configs/a.yaml' optim.lr=0.1 output_dir=runs/debug-20261202-004100"
     launched = resume_command("runs/d-1", given=False, argv=["train.py"], environ={"LOCAL_RANK": "0"})
     assert "accelerate launch" in launched and "output_dir=runs/d-1 added" in launched
+
+
+# ----------------------------------------------------------------------------- the lock's wait, and writes outside a save
+
+def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path):
+    """A second process of the same SLURM job id (a requeued job) waits for the holder, and with CIFAR_LOCK_WAIT=1
+    gives up after that second: one line naming the holder and the wait, exit 2, the folder as it was."""
+    folder = tmp_path / "run"
+    holder = hold_lock(folder, SLURM_JOB_ID="4242")
+    try:
+        before = hashes(folder)
+        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False,
+                   SLURM_JOB_ID="4242", CIFAR_LOCK_WAIT="1")
+        assert hashes(folder) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    line = one_error_line(proc)
+    assert f"is still held by train.py pid {holder.pid}" in line and "SLURM job 4242" in line, line
+    assert "after 1 s; stop that process, then requeue" in line, line
+    assert "waiting for the previous instance of SLURM job 4242" in proc.stderr
+
+
+# one epoch of 32 steps, a checkpoint at its end only, a metrics row at every step (about 150 bytes each)
+ROWS = ["--config", "configs/debug.yaml", "data.limit_train=1024", "data.limit_test=64", "train.epochs=2",
+        "train.log_every_steps=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, paused_at, free, file", [("metrics", 32, 0, "metrics.jsonl"),
+                                                         ("final weights", 64, 16 << 10, "model.safetensors")])
+def test_a_full_disk_outside_a_save_is_exit_74_with_advice_that_fits(tmp_path, what, paused_at, free, file):
+    """A real 8 MB tmpfs (root), filled while train.py is held right after a checkpoint save (CIFAR_FAULT=
+    pause-after-save:N); then the next write outside a save fails: a metrics row (the disk left full), or the final
+    weights (16 KB left: status.json still fits). One line naming the file, exit 74, advice for a full disk with the
+    command that resumes; the checkpoint intact; with space again the same command resumes and finishes."""
+    disk = Tmpfs(tmp_path / "disk", 8 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        proc = subprocess.Popen(command("train.py", [*ROWS, f"output_dir={folder}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env(CIFAR_FAULT=f"pause-after-save:{paused_at}"))
+        try:
+            for line in proc.stderr:
+                if f"pause-after-save at step {paused_at}" in line:
+                    break
+            disk.fill(free=free)
+            proc.send_signal(signal.SIGUSR2)
+            err = proc.communicate(timeout=120)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        proc.stderr = err
+        line = one_error_line(proc, EXIT_IO)
+        assert f"cannot write {folder / file} (No space left on device)" in line, line
+        assert line.endswith("the disk is full: free space, then rerun the same command to resume"), line
+        assert "Exception ignored" not in err, err[-2000:]
+        checkpoints = str(folder / "checkpoints")
+        assert read_pointer(checkpoints, "latest") == f"{checkpoints}/step-{paused_at}"
+        assert verify(f"{checkpoints}/step-{paused_at}") is None
+        expected = {"final weights": "save-failed", "metrics": "killed"}[what]   # a full disk takes status.json too
+        assert run_folder.state(str(folder)) == expected
+        disk.empty()
+        again = run("train.py", *ROWS, f"output_dir={folder}")
+        assert f"step-{paused_at}" in again.stdout and read_json(folder / "status.json")["state"] == "finished"
+    finally:
+        disk.unmount()
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_on_a_read_only_run_folder_say_where_else_to_write(tmp_path):
+    """A finished run on a tmpfs remounted read-only: evaluate.py and `python -m cifar.export`, which write beside the
+    weights by default, fail with one line (exit 74) naming the folder and the read-only mount, and advise --output,
+    never freeing space or resuming (they do not train); with --output elsewhere both work."""
+    disk = Tmpfs(tmp_path / "disk", 8 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        run("train.py", "--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
+            "train.epochs=1", f"output_dir={folder}")
+        assert subprocess.run(["mount", "-o", "remount,ro", disk.path]).returncode == 0
+        for proc in (run("evaluate.py", "--checkpoint", str(folder), check=False),
+                     subprocess.run([sys.executable, "-m", "cifar.export", "--checkpoint", str(folder), "--format",
+                                     "tutorial"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)):
+            line = one_error_line(proc, EXIT_IO)
+            assert f"cannot write a file in {folder} (Read-only file system)" in line, line
+            assert "mounted read-only: remount it read-write, or write elsewhere (--output)" in line, line
+            assert "free space" not in line and "resume" not in line, line
+        assert run_folder.state(str(folder)) == "finished"
+        run("evaluate.py", "--checkpoint", str(folder), "--output", str(tmp_path / "eval"))
+        assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] >= 0
+    finally:
+        disk.unmount()
