@@ -1,4 +1,5 @@
-"""User-facing errors: one clear line and exit code 2, never a traceback wall."""
+"""User-facing errors: one clear line and exit code 2, never a traceback wall; and the advice those lines give (what
+fixes a failed write, how to resume the run)."""
 from __future__ import annotations
 
 import errno
@@ -25,7 +26,7 @@ _FIXES = {errno.EROFS: "the file system is mounted read-only: remount it read-wr
           errno.ENOSPC: "the disk is full: free space",
           errno.EDQUOT: "the disk quota is used up: free space (or raise the quota)",
           errno.EFBIG: "a file-size limit was reached: raise it (ulimit -f)",
-          errno.EIO: "the disk reported an I/O error: check it (dmesg, the storage's health) or move to another"}
+          errno.EIO: "the disk reported an I/O error: check it (dmesg, the storage's health)"}
 _resume: str | None = None     # how to resume this process's run; None: this program does not train
 
 
@@ -68,6 +69,7 @@ def set_resume(how: str | None) -> None:
 
 
 def resume_advice() -> str:
+    """How to resume, for a stop message (the same command when the run has not said otherwise)."""
     return _resume or "rerun the same command to resume"
 
 

@@ -144,7 +144,8 @@ class Runner:
 
     def _record(self, run: Run, outcome: str, detail: str) -> None:
         self.results[run.index] = (outcome, detail)
-        log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" + (f": {detail}" if detail else ""))
+        log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
+                 (f": {detail}" if detail else ""))
 
     def _start(self, run: Run, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")

@@ -292,7 +292,7 @@ def _read(path) -> str:
         return ""
 
 
-# ----------------------------------------------------------------------------- the run's state, as every reader sees it
+# ----------------------------------------------------------------------------- the state, as every reader sees it
 
 def write_status(folder, **status) -> None:
     os.makedirs(folder, exist_ok=True)
@@ -415,7 +415,7 @@ def test_the_resume_command_names_the_folder_the_run_chose():
     assert "accelerate launch" in launched and "output_dir=runs/d-1 added" in launched
 
 
-# ----------------------------------------------------------------------------- the lock's wait, and writes outside a save
+# ----------------------------------------------------------------------------- the lock's wait, writes outside a save
 
 def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path):
     """A second process of the same SLURM job id (a requeued job) waits for the holder, and with CIFAR_LOCK_WAIT=1
@@ -454,8 +454,9 @@ def test_a_full_disk_outside_a_save_is_exit_74_with_advice_that_fits(tmp_path, w
         pytest.skip("mounting a tmpfs needs root")
     folder = tmp_path / "disk" / "run"
     try:
-        proc = subprocess.Popen(command("train.py", [*ROWS, f"output_dir={folder}"]), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env(CIFAR_FAULT=f"pause-after-save:{paused_at}"))
+        proc = subprocess.Popen(command("train.py", [*ROWS, f"output_dir={folder}"]), cwd=ROOT, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=env(CIFAR_FAULT=f"pause-after-save:{paused_at}"))
         try:
             for line in proc.stderr:
                 if f"pause-after-save at step {paused_at}" in line:

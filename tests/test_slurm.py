@@ -23,6 +23,7 @@ import torch
 from cifar.checkpoint import read_pointer, step_of, verify
 from conftest import ROOT, env, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
+from test_run_folder import hashes, hold_lock
 
 SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/sweep.sbatch", "slurm/common.sh"]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides of the scripts' GPU headers
@@ -234,6 +235,29 @@ def test_bad_override_fails_at_once_with_one_line(cluster, tmp_path):
         assert "Traceback" not in log, log
         assert "training failed (exit 2): not requeueing" in log, log
         assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info["ExitCode"], info["Restarts"], log)
+
+
+@pytest.mark.slow
+def test_a_job_whose_run_folder_is_held_elsewhere_fails_at_once_without_requeue(cluster, tmp_path):
+    """The job's output_dir is locked by a process outside the job (a local run of the same folder): train.py refuses
+    before any work with one line naming the holder, the script reads the folder's state (running: held elsewhere)
+    and says why it is not training, and the job ends FAILED, exit 2, Restarts=0; the holder's folder is untouched."""
+    folder = tmp_path / "held"
+    holder = hold_lock(folder)
+    try:
+        before = hashes(folder)
+        job, out = submit(cluster, tmp_path, "slurm/train.sbatch", ["configs/debug.yaml", f"output_dir={folder}"])
+        info = cluster.wait(job, {"FAILED"}, timeout=60)
+        assert hashes(folder) == before and holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    log = read(out)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{folder} is in use by train.py pid {holder.pid}" in errors[0], log
+    assert f"{folder} is held by another process (see the error line above): not training here" in log, log
+    assert f"training did not start: {folder} is in use by another process: not requeueing" in log, log
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info["ExitCode"], info["Restarts"], log)
 
 
 @pytest.mark.slow
