@@ -29,7 +29,7 @@ from . import log
 from .config import Config, flatten, with_saved_defaults
 from .errors import SaveFailed, UserError, warn, write_advice
 from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
-from .run_folder import CHECKPOINTS, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
+from .run_folder import CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
 from .runtime import on_main
 
 MANIFEST = "manifest.json"
@@ -246,7 +246,7 @@ class Checkpoints:
         contents = {WEIGHTS: weights_bytes(self.model), "training.pt": training.getvalue(),
                     "state.json": json.dumps({"state": asdict(state), "test_acc": acc, "config": self.cfg.to_dict()},
                                              indent=1).encode(),
-                    "config.yaml": self.cfg.to_yaml().encode()}
+                    CONFIG: self.cfg.to_yaml().encode()}
         if self.ema:
             contents[EMA_WEIGHTS] = weights_bytes(self.ema.module)
         files = {}

@@ -19,7 +19,7 @@ from cifar import run_folder
 from cifar import sweep as sw
 from cifar import sweep_plan as sp
 from cifar.config import load_config, parse_overrides
-from conftest import ROOT, env, weights
+from conftest import ROOT, env, lock_held_by_child, weights
 
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
         "checkpoint.every_steps=2"]
@@ -405,3 +405,19 @@ def test_two_sweeps_of_one_file_share_the_runs(tmp_path):
         assert (out_a + out_b).count(f"sweep: run {i} {name}: starting") == 1, name
         assert run_folder.state(str(runs_dir / "tiny" / name)) == "finished"
         assert not glob.glob(str(runs_dir / "tiny" / name / "previous-*"))      # never started over
+
+
+@pytest.mark.slow
+def test_a_run_the_other_sweep_started_first_is_running_elsewhere_not_failed(tmp_path, monkeypatch):
+    """The race two sweeps can still run into: both checked the run before either started it. The lock refuses the
+    later train.py (exit 2), and its sweep reports the run as running elsewhere, not failed. Staged in-process: the
+    start-time check is made to miss (monkeypatch), a forked child holds the folder; train.py itself is real."""
+    path = sweep_file(tmp_path, {"seed": {"values": [0]}})
+    (run,) = sp.plan(sp.read_sweep(path), str(tmp_path / "runs"), 0)
+    os.makedirs(run.folder)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sw.Runner, "_skip_if_elsewhere", lambda self, run: False)
+    with lock_held_by_child(run.folder):
+        results = sw.Runner([run], 1, None).run()
+    outcome, detail = results[run.index]
+    assert (outcome, detail) == ("running elsewhere", "held by another process (it has just started)"), results
