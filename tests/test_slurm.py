@@ -374,15 +374,19 @@ def test_ci_fails_when_the_cluster_cannot_run(tmp_path):
 
 def test_a_failed_save_is_not_requeued_even_behind_a_launcher(tmp_path):
     """train.py exits 74 when a checkpoint cannot be written (disk full); `accelerate launch` turns that into its own
-    exit 1, so the scripts read status.json: a SaveFailed there is exit 74, logged as such, and never requeued."""
-    (tmp_path / "status.json").write_text('{"state": "failed", "error": "SaveFailed: could not save checkpoint"}\n')
-    script = ('source slurm/common.sh; MARKER=$(mktemp); touch -d "1 hour ago" "$MARKER"; run_status; '
-              'finish 74')
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=env(RUN_DIR=str(tmp_path), PYTHON=sys.executable, SLURM_JOB_ID="7"))
-    assert proc.returncode == 74, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("save-failed\n"), proc.stdout
-    assert "a write to" in proc.stdout and "not requeueing" in proc.stdout and "requeueing (" not in proc.stdout
+    exit 1, so the scripts read the run folder's state (python -m cifar.run_folder state): save-failed is exit 74,
+    logged as such, and never requeued. Both what train.py writes now and what it wrote before save-failed was a
+    state (failed, with a SaveFailed error) read so."""
+    for status in ('{"state": "save-failed", "error": "SaveFailed: could not save checkpoint"}\n',
+                   '{"state": "failed", "error": "SaveFailed: could not save checkpoint"}\n'):
+        (tmp_path / "status.json").write_text(status)
+        script = ('source slurm/common.sh; MARKER=$(mktemp); touch -d "1 hour ago" "$MARKER"; run_status; '
+                  'finish 74')
+        proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                              env=env(RUN_DIR=str(tmp_path), PYTHON=sys.executable, SLURM_JOB_ID="7"))
+        assert proc.returncode == 74, proc.stdout + proc.stderr
+        assert proc.stdout.startswith("save-failed\n"), proc.stdout
+        assert "a write to" in proc.stdout and "not requeueing" in proc.stdout and "requeueing (" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- a sweep as a job array
