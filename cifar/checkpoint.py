@@ -227,7 +227,7 @@ class Checkpoints:
             latest = read_pointer(self.folder, LATEST)
             kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint was saved"
             raise SaveFailed(f"could not save checkpoint {name} in {self.folder} ({e.strerror or e}: "
-                             f"{e.filename or self.folder}); {kept}; {write_advice(e.errno, resume=True)}") from None
+                             f"{e.filename or self.folder}); {kept}; {write_advice(e.errno)}") from None
 
     def _write_files(self, state: TrainState, rng_states: list, acc: float | None, name: str, tmp: str) -> str:
         os.makedirs(self.folder, exist_ok=True)

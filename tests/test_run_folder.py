@@ -271,7 +271,7 @@ def test_full_disk_during_a_save_then_rerun_resumes_bitwise(tmp_path, record_pro
         assert not [n for n in os.listdir(checkpoints) if n.startswith(".tmp")], "the partial save was left"
         assert read_pointer(checkpoints, "latest") == f"{checkpoints}/step-8"
         assert verify(f"{checkpoints}/step-8") is None
-        assert read_json(folder / "status.json")["state"] == "failed"
+        assert read_json(folder / "status.json")["state"] == "save-failed"     # a write failed: exit 74
 
         if method == "tmpfs":
             disk.empty()
