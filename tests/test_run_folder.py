@@ -1,8 +1,10 @@
 """The run folder's edges: one writer at a time, refused work that changes nothing, a fresh start that keeps the earlier
-outputs, folders that cannot be written, and a disk that fills up during a checkpoint save.
+outputs, folders that cannot be written, and a disk that fills up during a checkpoint save or outside one; its states
+as every reader sees them (cifar/run_folder.py), the leftovers of a kill, and advice that fits the failure.
 
-Every test runs the real train.py; the disk is a real full tmpfs (mounted by the test as root) or, where mounting is
-not permitted, a real file-size limit (RLIMIT_FSIZE).
+The process tests run the real train.py; the disk is a real full tmpfs (mounted by the test as root) or, where
+mounting is not permitted, a real file-size limit (RLIMIT_FSIZE). The states, the cleanup and the advice are read
+in-process from folders written by hand, a forked child holding the lock where a live run is needed.
 """
 from __future__ import annotations
 
