@@ -75,8 +75,9 @@ def state(folder: str) -> str:
 def lock_held(folder: str) -> bool:
     """Whether a process holds the folder's lock. The probe is a shared flock, taken without waiting and dropped at
     once: it never blocks the holder, and two readers probing together do not see each other. The lock file is
-    opened read-only and never created, so a reader needs no write access. False without a lock file, and where the
-    file system refuses flock (nothing can be known there)."""
+    opened read-only and never created, so a reader needs no write access (and on NFS, where flock becomes a
+    byte-range lock, a shared lock is the one a read-only descriptor may take). False without a lock file, and where
+    the file system refuses flock (nothing can be known there)."""
     try:
         fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY)
     except OSError:
