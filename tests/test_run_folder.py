@@ -419,6 +419,7 @@ def test_the_resume_command_names_the_folder_the_run_chose():
 
 # ----------------------------------------------------------------------------- the lock's wait, writes outside a save
 
+@pytest.mark.slow
 def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path):
     """A second process of the same SLURM job id (a requeued job) waits for the holder, and with CIFAR_LOCK_WAIT=1
     gives up after that second: one line naming the holder and the wait, exit 2, the folder as it was."""
@@ -483,6 +484,25 @@ def test_a_full_disk_outside_a_save_is_exit_74_with_advice_that_fits(tmp_path, w
         disk.empty()
         again = run("train.py", *ROWS, f"output_dir={folder}")
         assert f"step-{paused_at}" in again.stdout and read_json(folder / "status.json")["state"] == "finished"
+    finally:
+        disk.unmount()
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path):
+    """A real tmpfs left with two pages (8 KB): the lock's record and config.yaml take them, and the first status.json
+    cannot be written. One line naming status.json, exit 74, the advice for a full disk."""
+    disk = Tmpfs(tmp_path / "disk", 1 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        disk.fill(free=8 << 10)
+        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False)
+        line = one_error_line(proc, EXIT_IO)
+        assert line == f"error: cannot write {folder / 'status.json'} (No space left on device); the disk is full: " \
+                       f"free space, then rerun the same command to resume", line
+        assert not (folder / "status.json").exists() and (folder / "config.yaml").exists()
     finally:
         disk.unmount()
 
