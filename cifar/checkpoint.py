@@ -14,9 +14,10 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import signal
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,14 +27,12 @@ from safetensors.torch import load_file
 
 from . import log
 from .config import Config, flatten, with_saved_defaults
-from .errors import SaveFailed, UserError, warn
+from .errors import SaveFailed, UserError, warn, write_advice
 from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
+from .run_folder import CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
 from .runtime import on_main
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"     # here and in a finished run folder
-EMA_WEIGHTS = "model-ema.safetensors"   # train.ema: the moving average, loadable into the model like WEIGHTS
 
 
 @dataclass
@@ -63,15 +62,6 @@ def _write_pointer(folder: str, name: str, target: str) -> None:
     tmp = os.path.join(folder, f".{name}.tmp")
     write_durable(tmp, (target + "\n").encode())
     os.replace(tmp, os.path.join(folder, name))
-
-
-def read_pointer(folder: str, name: str) -> str | None:
-    try:
-        with open(os.path.join(folder, name)) as f:
-            target = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return os.path.join(folder, target) if STEP_DIR.match(target) else None
 
 
 def verify(path: str) -> str | None:
@@ -194,7 +184,7 @@ class Checkpoints:
 
     def __init__(self, run_dir: str, cfg: Config, accelerator, *, model, optimizer, scheduler,
                  total_steps: int, epochs: int, ema=None):
-        self.folder = os.path.join(run_dir, "checkpoints")
+        self.folder = os.path.join(run_dir, CHECKPOINTS)
         self.cfg, self.policy = cfg, cfg.checkpoint
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
@@ -234,11 +224,10 @@ class Checkpoints:
             return self._write_files(state, rng_states, acc, name, tmp)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            latest = read_pointer(self.folder, "latest")
+            latest = read_pointer(self.folder, LATEST)
             kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint was saved"
             raise SaveFailed(f"could not save checkpoint {name} in {self.folder} ({e.strerror or e}: "
-                             f"{e.filename or self.folder}); {kept}; free space (or fix the disk) and rerun the same "
-                             f"command to resume") from None
+                             f"{e.filename or self.folder}); {kept}; {write_advice(e.errno)}") from None
 
     def _write_files(self, state: TrainState, rng_states: list, acc: float | None, name: str, tmp: str) -> str:
         os.makedirs(self.folder, exist_ok=True)
@@ -257,7 +246,7 @@ class Checkpoints:
         contents = {WEIGHTS: weights_bytes(self.model), "training.pt": training.getvalue(),
                     "state.json": json.dumps({"state": asdict(state), "test_acc": acc, "config": self.cfg.to_dict()},
                                              indent=1).encode(),
-                    "config.yaml": self.cfg.to_yaml().encode()}
+                    CONFIG: self.cfg.to_yaml().encode()}
         if self.ema:
             contents[EMA_WEIGHTS] = weights_bytes(self.ema.module)
         files = {}
@@ -277,6 +266,7 @@ class Checkpoints:
         log.debug(f"saved checkpoint {final} ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB, verified "
                   f"by SHA-256 on resume); kept: {', '.join(os.path.basename(p) for p in list_checkpoints(self.folder))}")
         _fault_point("kill-after-save", state.step)
+        _pause_point("pause-after-save", state.step)
         return final
 
     def _prune(self) -> None:
@@ -371,3 +361,16 @@ def _fault_point(name: str, step: int) -> None:
     """For the crash tests: CIFAR_FAULT=<name>:<step> SIGKILLs this process here, as a node failure would."""
     if os.environ.get("CIFAR_FAULT") == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause_point(name: str, step: int) -> None:
+    """For the signal and disk tests: CIFAR_FAULT=<name>:<step> holds this process here, as a slow save or a long
+    step would, until SIGUSR2 arrives; other signals reach their handlers meanwhile (a second Ctrl-C ends it)."""
+    if os.environ.get("CIFAR_FAULT") != f"{name}:{step}":
+        return
+    go_on = []
+    previous = signal.signal(signal.SIGUSR2, lambda *_: go_on.append(True))
+    print(f"fault: {name} at step {step}: paused until SIGUSR2", file=sys.stderr, flush=True)
+    while not go_on:
+        time.sleep(0.01)        # signal.pause() could miss a signal arriving just before it
+    signal.signal(signal.SIGUSR2, previous)

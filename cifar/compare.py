@@ -11,8 +11,8 @@ overrides (optim.lr), and `processes` (the number of processes: 2 under `acceler
 Settings all of them share are printed once above it; keys that only name a run (output_dir, wandb.name,
 wandb.tags, wandb.notes) are left out; "-" marks a key a run's config lacks (an older run). Then what each run
 reached: best and final --metric, steps, time (summary.json's wall_seconds; for an unfinished run its epoch times
-so far), images/s, and its status.json state: finished, running, stopped, failed (with the start of its error),
-or "incomplete" (no status.json, or finished without its summary.json).
+so far), images/s, and its state (cifar/run_folder.py): finished, running (its lock is held), stopped, failed or
+save-failed (with the start of its error), or killed (it says running, or never said, and no process holds it).
 
 --by-seed: runs that share every setting but the seed make one row: n, their seeds, mean ± sample std of best and
 final --metric and of the time (over the runs that have a value), and their states ("2 finished, 1 failed"). It is

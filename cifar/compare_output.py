@@ -8,7 +8,7 @@ import statistics
 import sys
 from collections import Counter
 
-STATES = ("finished", "running", "stopped", "failed", "incomplete")
+from .run_folder import STATES
 
 
 class _Missing:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .compare_output import state_counts
+from .run_folder import FINISHED
 
 LABELS = {"test/acc": "test accuracy (%)", "test/loss": "test loss", "train/loss": "train loss (per logged step)",
           "train/acc": "train accuracy (%)", "train/epoch_loss": "train loss (epoch)",
@@ -45,7 +46,7 @@ def spread(curves: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.
 
 def _legend(row) -> str:
     """The row's label, what is not finished, and for a group what its band is."""
-    unfinished = [run for run in row.runs if run.state != "finished"]
+    unfinished = [run for run in row.runs if run.state != FINISHED]
     if len(row.runs) == 1:
         return row.label + (f" ({unfinished[0].state})" if unfinished else "")
     return f"{row.label} (mean of {len(row.runs)}, band min-max{', ' + state_counts(unfinished) if unfinished else ''})"
@@ -62,7 +63,7 @@ def figure(rows, metrics: list[str]):
         for row in rows:
             curves = [c for c in (run.curve(metric) for run in row.runs) if len(c[2])]
             style = dict(color=row.color, linewidth=1.6, label=_legend(row),
-                         linestyle="-" if all(run.state == "finished" for run in row.runs) else "--")
+                         linestyle="-" if all(run.state == FINISHED for run in row.runs) else "--")
             for ax, axis in zip(ax_row, (0, 1)):  # curve()[0]: steps, [1]: seconds
                 if len(curves) == 1:  # epoch points marked; per-step training loss is too dense for markers
                     x, y = curves[0][axis], curves[0][2]

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from . import yaml_io
+from . import run_folder, yaml_io
 from .errors import UserError
+from .run_folder import CONFIG, METRICS, read_status, read_summary
 
 IGNORED = {"output_dir", "wandb.name", "wandb.tags", "wandb.notes"}  # name a run; they do not change what it does
 
@@ -26,6 +27,7 @@ class Run:
     rows: list[dict]          # metrics.jsonl, in order
     status: dict | None = None                       # status.json; None when absent or half-written
     settings: dict = field(default_factory=dict)     # what the run was told to do (settings_of)
+    state: str = run_folder.NEW                      # run_folder.state: running, finished, killed...
 
     def epochs(self) -> list[dict]:
         """Per-epoch rows, one per epoch (the last written wins, so a resumed run counts each epoch once)."""
@@ -45,18 +47,10 @@ class Run:
         times = np.cumsum([0.0] + [r["epoch_time"] or 0.0 for r in epochs])
         return steps, np.interp(steps, ends, times), np.array([r[metric] for r in points], dtype=float)
 
-    @property
-    def state(self) -> str:
-        """status.json's state; "finished" also needs summary.json (written just before it), else "incomplete"."""
-        state = (self.status or {}).get("state")
-        if not state or state == "finished":
-            return "finished" if self.summary else "incomplete"
-        return str(state)
-
     def status_text(self) -> str:
         error = " ".join(str((self.status or {}).get("error") or "").split())
-        if self.state == "failed" and error:
-            return f"failed: {error[:60]}{'…' if len(error) > 60 else ''}"
+        if self.state in (run_folder.FAILED, run_folder.SAVE_FAILED) and error:
+            return f"{self.state}: {error[:60]}{'…' if len(error) > 60 else ''}"
         return self.state
 
     def outcome(self, metric: str) -> dict:
@@ -67,15 +61,6 @@ class Run:
                 "steps": s.get("steps", max((r["step"] for r in self.rows), default=None)),
                 "time": s.get("wall_seconds", sum(r.get("epoch_time") or 0.0 for r in epochs) if epochs else None),
                 "images_per_sec": s.get("images_per_sec", epochs[-1].get("images_per_sec") if epochs else None)}
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -94,25 +79,15 @@ def settings_of(run: Run) -> dict:
     processes (twice the global batch) is another experiment. summary.json has it once finished, status.json while
     running; a failed run's status.json does not, its newest checkpoint does."""
     settings = {k: v for k, v in flatten(run.config).items() if k not in IGNORED}
-    for read in (lambda: run.summary, lambda: run.status, lambda: _checkpoint_state(run.path)):
+    for read in (lambda: run.summary, lambda: run.status, lambda: run_folder.latest_state(run.path)):
         if isinstance(processes := (read() or {}).get("world_size"), int):
             settings["processes"] = processes
             break
     return settings
 
 
-def _checkpoint_state(path: str) -> dict | None:
-    try:
-        with open(os.path.join(path, "checkpoints", "latest")) as f:
-            target = f.read().strip()
-    except OSError:
-        return None
-    state = (_read_json(os.path.join(path, "checkpoints", target, "state.json")) or {}).get("state")
-    return state if isinstance(state, dict) else None
-
-
 def load_run(path: str) -> Run:
-    config_path = os.path.join(path, "config.yaml")
+    config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise UserError(f"{path} is not a run folder (no config.yaml); pass folders written by train.py, "
                         f"e.g. runs/<name>-<time>, or a sweep folder that holds them")
@@ -125,8 +100,8 @@ def load_run(path: str) -> Run:
         raise UserError(f"{config_path} is not a run's config (YAML keys); is {path} a run folder written by "
                         f"train.py?")
     rows = []
-    if os.path.isfile(os.path.join(path, "metrics.jsonl")):
-        with open(os.path.join(path, "metrics.jsonl")) as f:
+    if os.path.isfile(os.path.join(path, METRICS)):
+        with open(os.path.join(path, METRICS)) as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -135,20 +110,19 @@ def load_run(path: str) -> Run:
                 if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
                     rows.append(row)
     name = os.path.basename(os.path.normpath(os.path.abspath(path)))
-    run = Run(path, name, config, _read_json(os.path.join(path, "summary.json")), rows,
-              _read_json(os.path.join(path, "status.json")))
+    run = Run(path, name, config, read_summary(path), rows, read_status(path), state=run_folder.state(path))
     run.settings = settings_of(run)
     return run
 
 
 def _runs_in(path: str) -> list[str]:
     """A run folder itself, or the run folders directly in a (sweep) folder, in name order."""
-    if os.path.isfile(os.path.join(path, "config.yaml")):
+    if os.path.isfile(os.path.join(path, CONFIG)):
         return [path]
     if not os.path.isdir(path):
         return []
     children = (os.path.join(path, name) for name in sorted(os.listdir(path)))
-    return [c for c in children if os.path.isfile(os.path.join(c, "config.yaml"))]
+    return [c for c in children if os.path.isfile(os.path.join(c, CONFIG))]
 
 
 def run_folders(arg: str) -> list[str]:

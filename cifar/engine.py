@@ -20,7 +20,7 @@ from .checkpoint import Checkpoints, TrainState
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
 from .ema import Ema, build_ema
-from .errors import Stopped
+from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
 from .lock import RunLock
 from .models import build_model, expiring_parameters, train_only_until
@@ -140,7 +140,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 # The handlers stay installed: the launcher's own SIGTERM to the other ranks (sent when the first
                 # one exits) must not turn their resumable exit into a kill.
                 raise Stopped(f"{run.stop.name} at step {state.step}; checkpoint {path or 'saved by rank 0'}; "
-                              f"rerun the same command to resume")
+                              f"{resume_advice()}")
         if state.step == run.total_steps:
             break
     if accelerator.device.type == "cuda":
@@ -223,6 +223,7 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     main, world, t = accelerator.is_main_process, accelerator.num_processes, cfg.train
     output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    set_resume(resume_command(output_dir, given=bool(cfg.output_dir)))   # every "resume" advice names the folder
     # Before any work: one writer per folder, and the checkpoint to resume from (refusing, rather than starting
     # over, when there are checkpoints and none verifies). The main process decides; every rank loads it below.
     lock = RunLock(output_dir)

@@ -1,8 +1,11 @@
-"""User-facing errors: one clear line and exit code 2, never a traceback wall."""
+"""User-facing errors: one clear line and exit code 2, never a traceback wall; and the advice those lines give (what
+fixes a failed write, how to resume the run)."""
 from __future__ import annotations
 
 import errno
 import functools
+import os
+import shlex
 import signal
 import sys
 
@@ -13,10 +16,19 @@ EXIT_USAGE = 2
 # was anything to save (a download: cifar/signals.py's interruptible): rerun the same command to resume or start.
 # 75 is sysexits' EX_TEMPFAIL, "temporary failure; the user is invited to retry".
 EXIT_RESUMABLE = 75
-# A write to the run folder failed (disk full, quota, I/O error, file-size limit): sysexits' EX_IOERR. What was saved
-# before is intact; free space and rerun the same command to resume.
+# A write to the run folder failed (disk full, quota, I/O error, file-size limit, read-only, no permission): sysexits'
+# EX_IOERR. What was saved before is intact; fix the cause (write_advice) and resume.
 EXIT_IO = 74
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS}
+# What to do about a failed write, by its cause; a training run adds how to resume (set_resume), other programs
+# (evaluate.py, export) how to write elsewhere.
+_FIXES = {errno.EROFS: "the file system is mounted read-only: remount it read-write",
+          errno.EACCES: "permission denied: fix the folder's permissions (or run as its owner)",
+          errno.EPERM: "permission denied: fix the folder's permissions (or run as its owner)",
+          errno.ENOSPC: "the disk is full: free space",
+          errno.EDQUOT: "the disk quota is used up: free space (or raise the quota)",
+          errno.EFBIG: "a file-size limit was reached: raise it (ulimit -f)",
+          errno.EIO: "the disk reported an I/O error: check it (dmesg, the storage's health)"}
+_resume: str | None = None     # how to resume this process's run; None: this program does not train
 
 
 SHOWN = 80   # characters of a user's value that an error message repeats
@@ -76,8 +88,38 @@ class SaveFailed(UserError):
 
 
 def disk_fault(e: BaseException) -> bool:
-    """An OSError of the kind a full or failing disk raises, as opposed to a bug."""
-    return isinstance(e, OSError) and e.errno in _DISK_ERRNOS
+    """An OSError of the kind a full, failing, read-only or forbidden disk raises, as opposed to a bug."""
+    return isinstance(e, OSError) and e.errno in _FIXES
+
+
+def resume_command(output_dir: str, given: bool, argv=None, environ=os.environ) -> str:
+    """How to resume the run in output_dir, in words a user can paste: the same command when it names the folder
+    (given), else that command with output_dir=... added (a run without one gets a new timestamped folder)."""
+    if given:
+        return "rerun the same command to resume"
+    if "LOCAL_RANK" in environ:        # under accelerate launch or torchrun: sys.argv is the script's, not the command
+        return f"rerun your launch command (accelerate launch or torchrun ...) with output_dir={output_dir} added to " \
+               f"resume"
+    argv = list(sys.argv if argv is None else argv)
+    return f"resume with: {shlex.join(['python', *argv, f'output_dir={output_dir}'])}"
+
+
+def set_resume(how: str | None) -> None:
+    """Say how this process's run resumes (resume_command), in every message that advises resuming."""
+    global _resume
+    _resume = how
+
+
+def resume_advice() -> str:
+    """How to resume, for a stop message (the same command when the run has not said otherwise)."""
+    return _resume or "rerun the same command to resume"
+
+
+def write_advice(err: int | None) -> str:
+    """What to do after a failed write with this errno: its fix, then how to resume (a training run) or where else
+    to write (evaluate.py, export)."""
+    fix = _FIXES.get(err, "fix the disk")
+    return f"{fix}, then {_resume}" if _resume else f"{fix}, or write elsewhere (--output)"
 
 
 class Stopped(Exception):
@@ -103,9 +145,9 @@ def cli(main):
             if not disk_fault(e):
                 raise
             # a write outside a checkpoint save (metrics, status, the final weights): the checkpoints are intact
-            print(f"error: cannot write {e.filename or 'the run folder'} ({e.strerror}); free space (or fix the "
-                  f"disk) and rerun the same command to resume from the newest checkpoint", file=sys.stderr,
-                  flush=True)
+            verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"     # a read is refused too
+            print(f"error: cannot {verb} {_named(e.filename)} ({e.strerror}); {write_advice(e.errno)}",
+                  file=sys.stderr, flush=True)
             sys.exit(EXIT_IO)
         except Stopped as e:
             print(f"stopped: {e}", file=sys.stderr, flush=True)
@@ -117,3 +159,11 @@ def cli(main):
             sys.exit(EXIT_RESUMABLE)
 
     return wrapper
+
+
+def _named(filename) -> str:
+    """The file a failed write names; write_atomic's temporary file stands for the folder it was written in."""
+    if not filename:
+        return "the run folder"
+    name = str(filename)
+    return f"a file in {os.path.dirname(name)}" if os.path.basename(name).startswith(".tmp-") else name

@@ -9,7 +9,6 @@ import os
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import EMA_WEIGHTS, WEIGHTS, read_pointer
 from .config import Config, load_config, load_saved_config
 from .data import DATASETS, build_batches, dataset_info, num_classes
 from .errors import UserError
@@ -18,6 +17,8 @@ from .files import load_fitting, read_state_dict, write_atomic
 from .models import MODELS, build_model, head
 from .outputs import to_json
 from .plots import confusion_png, predictions_png
+from .run_folder import (BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EMA_WEIGHTS, EVAL, LATEST, PREDICTIONS_PNG, SUMMARY,
+                         WEIGHTS, read_pointer)
 from .runtime import make_accelerator, shut_down
 from .tracking import Tracker, run_info
 
@@ -42,22 +43,22 @@ def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
     if pick == "ema":
         return _find_ema(path)
     folder = os.path.dirname(path) if os.path.isfile(path) else path
-    checkpoints = os.path.join(folder, "checkpoints")
+    checkpoints = os.path.join(folder, CHECKPOINTS)
     if os.path.isdir(folder) and not os.path.isfile(path):
         finished = os.path.isfile(os.path.join(folder, WEIGHTS))
-        has_latest = read_pointer(checkpoints, "latest") is not None
+        has_latest = read_pointer(checkpoints, LATEST) is not None
         if pick == "final" and not finished and has_latest:
             raise UserError(f"{folder} has no final weights yet (no {WEIGHTS}: the run has not finished); use "
                             f"--pick latest to evaluate its newest checkpoint, or rerun the training command to "
                             f"finish it")
         if pick in ("latest", "best") or (pick == "auto" and not finished):
-            target = read_pointer(checkpoints, "latest" if pick == "auto" else pick)
+            target = read_pointer(checkpoints, {"auto": LATEST, "latest": LATEST, "best": BEST}[pick])
             if target is None and pick != "auto":
                 others = [p for p, ok in (("latest", has_latest), ("final", finished)) if ok and p != pick]
                 hint = f"use --pick {' or '.join(others)}" if others else "it holds no weights to evaluate yet"
                 raise UserError(f"{folder} has no '{pick}' checkpoint; {hint}")
             folder = target or folder
-    weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, "config.yaml")
+    weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, CONFIG)
     if not os.path.isfile(weights) or not os.path.isfile(config):
         raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
                         f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
@@ -67,8 +68,8 @@ def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
 def _find_ema(path: str) -> tuple[str, str]:
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if not os.path.isfile(os.path.join(folder, EMA_WEIGHTS)):     # a run folder still training: its newest save
-        folder = read_pointer(os.path.join(folder, "checkpoints"), "latest") or folder
-    weights, config = os.path.join(folder, EMA_WEIGHTS), os.path.join(folder, "config.yaml")
+        folder = read_pointer(os.path.join(folder, CHECKPOINTS), LATEST) or folder
+    weights, config = os.path.join(folder, EMA_WEIGHTS), os.path.join(folder, CONFIG)
     if not os.path.isfile(weights) or not os.path.isfile(config):
         raise UserError(f"{path} holds no moving average of the weights ({EMA_WEIGHTS}): it was trained without "
                         f"train.ema; evaluate its own weights (--pick auto), or train with train.ema.decay=0.999")
@@ -154,7 +155,7 @@ def bare_state_dict_note(cfg: Config, weights: str) -> str:
 def trained_run(weights: str) -> tuple[str | None, int | None]:
     """(W&B run id, global step) of the training that produced these weights, when it says."""
     folder = os.path.dirname(weights)
-    for name, pick in (("state.json", lambda d: d["state"]), ("summary.json", lambda d: d)):
+    for name, pick in (("state.json", lambda d: d["state"]), (SUMMARY, lambda d: d)):
         try:
             with open(os.path.join(folder, name)) as f:
                 record = pick(json.load(f))
@@ -194,14 +195,14 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
         if ema:
             print(f"the moving average of the weights (train.ema), {weights}")
         print(per_class_report(result.count, result.accuracy, result.per_class))
-        write_atomic(os.path.join(out, "eval.json"), (to_json(report) + "\n").encode())
+        write_atomic(os.path.join(out, EVAL), (to_json(report) + "\n").encode())
         name = os.path.basename(weights) if bare else cfg.name + (" (moving average)" if ema else "")
         title = f"{name}: {result.accuracy:.2f}% on {result.count} test images" + (
             f" ({tta} TTA)" if tta != "none" else "")
         classes = list(result.per_class)
-        confusion_png(result.confusion, os.path.join(out, "confusion.png"), title, classes)
-        predictions_png(images, labels, preds, os.path.join(out, "predictions.png"), classes=classes)
-        print(f"wrote {out}/eval.json, confusion.png, predictions.png")
+        confusion_png(result.confusion, os.path.join(out, CONFUSION_PNG), title, classes)
+        predictions_png(images, labels, preds, os.path.join(out, PREDICTIONS_PNG), classes=classes)
+        print(f"wrote {out}/{EVAL}, {CONFUSION_PNG}, {PREDICTIONS_PNG}")
         report["output_dir"] = out
 
         tracker = Tracker.start(cfg, output_dir=out, enabled=True, job_type="eval",

@@ -3,7 +3,8 @@
 The kernel drops a flock when its holder dies (kill -9, OOM, a crashed node's NFS lease running out), so no lock is
 ever stale and nothing is cleaned by hand. The file stays between runs; what it holds (host, pid, start time, SLURM
 job) names the holder in the refusal of a second run and means nothing once the lock is free. Read-only users
-(evaluate.py, cifar.compare) never take it.
+(evaluate.py, cifar.compare, cifar.sweep) never take it: run_folder.lock_held probes it for an instant, which a start
+that finds it busy waits out (PROBE_GRACE).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import time
 
 from . import log
 from .errors import UserError, warn
+from .run_folder import LOCK, describe_holder
 
-LOCK = ".lock"
 REQUEUE_WAIT = 300.0    # seconds a requeued SLURM job waits for its previous instance; $CIFAR_LOCK_WAIT overrides
+PROBE_GRACE = 1.0       # seconds a busy lock is retried before refusing: a reader's probe holds it for an instant
 
 
 def make_run_dir(path: str) -> None:
@@ -44,26 +46,29 @@ class RunLock:
         holder) waits for its previous instance to exit instead. Writes nothing: see record."""
         make_run_dir(os.path.dirname(self.path))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        waited_since = None
+        waited_since, busy_since = None, time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if time.monotonic() - busy_since < PROBE_GRACE:    # run_folder.lock_held's probe, or a holder
+                    time.sleep(0.05)
+                    continue
                 holder = _read_holder(fd)
                 if not _same_job(holder):
                     os.close(fd)
-                    raise UserError(f"{os.path.dirname(self.path)} is in use by {_describe(holder)}; wait for it to "
-                                    f"finish (or stop it), or choose another output_dir") from None
+                    raise UserError(f"{os.path.dirname(self.path)} is in use by {describe_holder(holder)}; wait for "
+                                    f"it to finish (or stop it), or choose another output_dir") from None
                 now = time.monotonic()
                 if waited_since is None:
                     waited_since = now
                     warn(f"waiting for the previous instance of SLURM job {holder['slurm_job']} "
-                         f"({_describe(holder)}) to release {os.path.dirname(self.path)}")
+                         f"({describe_holder(holder)}) to release {os.path.dirname(self.path)}")
                 if now - waited_since > float(os.environ.get("CIFAR_LOCK_WAIT", REQUEUE_WAIT)):
                     os.close(fd)
-                    raise UserError(f"{os.path.dirname(self.path)} is still held by {_describe(holder)} after "
-                                    f"{now - waited_since:.0f} s; stop that process, then requeue") from None
+                    raise UserError(f"{os.path.dirname(self.path)} is still held by {describe_holder(holder)} "
+                                    f"after {now - waited_since:.0f} s; stop that process, then requeue") from None
                 time.sleep(0.2)
             except OSError as e:
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -106,10 +111,3 @@ def _read_holder(fd: int) -> dict:
 def _same_job(holder: dict) -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     return bool(job) and holder.get("slurm_job") == job
-
-
-def _describe(holder: dict) -> str:
-    if not holder:
-        return "another process (it has just started)"
-    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-    return f"train.py pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')}{job})"

@@ -1,6 +1,8 @@
-"""The run folder: config.yaml, metrics.jsonl, summary.json, model.safetensors. Main process only."""
+"""What a training run writes into its run folder (config.yaml, metrics.jsonl, status.json, summary.json, the final
+weights: names and states in cifar/run_folder.py), and how it claims the folder. Main process only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -8,24 +10,27 @@ import time
 
 import torch
 
-from .checkpoint import EMA_WEIGHTS, WEIGHTS, choose_resume
+from . import log
+from .checkpoint import choose_resume
 from .config import CheckpointConfig, Config
 from .errors import warn
 from .files import fsync_dir, save_weights, write_atomic
 from .lock import RunLock
-
-# What train.py and evaluate.py write into a run folder: a fresh start moves these aside, never deletes them.
-OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summary.json", WEIGHTS, EMA_WEIGHTS,
-           "eval.json", "confusion.png", "predictions.png", "wandb")
+from .run_folder import (CHECKPOINTS, CONFIG, EMA_WEIGHTS, METRICS, OUTPUTS, STATUS, SUMMARY, WEIGHTS,
+                         remove_leftovers)
 
 
 def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
-    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). A fresh start, or one from
-    another folder's checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
+    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). The temporary files a killed
+    writer left are removed (no other writer can be running now). A fresh start, or one from another folder's
+    checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
     lock.acquire()
     resume = choose_resume(run_dir, policy)
     lock.record()
-    own = os.path.join(os.path.abspath(run_dir), "checkpoints") + os.sep
+    removed = remove_leftovers(run_dir)
+    if removed:
+        log.debug(f"removed what a killed run left half-written in {run_dir}: {', '.join(removed)}")
+    own = os.path.join(os.path.abspath(run_dir), CHECKPOINTS) + os.sep
     if resume is None or not os.path.abspath(resume).startswith(own):
         moved_to = set_aside(run_dir)
         if moved_to:
@@ -70,6 +75,21 @@ def _row_step(line: bytes) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def _naming(path: str):
+    """A failed write in the block names the file meant (write_atomic's error names its temporary file, a failed
+    flush none), as the error line shows it."""
+    try:
+        yield path
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def _write(path: str, data: bytes) -> None:
+    with _naming(path):
+        write_atomic(path, data)
+
+
 def to_json(obj) -> str:
     return json.dumps(_clean(obj), allow_nan=False)
 
@@ -80,35 +100,38 @@ class RunWriter:
         after that checkpoint by the interrupted run are not repeated (a fresh start finds it set aside)."""
         self.dir = output_dir
         os.makedirs(output_dir, exist_ok=True)
-        write_atomic(os.path.join(output_dir, "config.yaml"), cfg.to_yaml().encode())
-        path = os.path.join(output_dir, "metrics.jsonl")
+        _write(os.path.join(output_dir, CONFIG), cfg.to_yaml().encode())
+        path = os.path.join(output_dir, METRICS)
         if resume_step is not None and os.path.exists(path):
             with open(path, "rb") as f:
                 lines = f.readlines()
             kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= resume_step]
             if kept != lines:
-                write_atomic(path, b"".join(kept))
+                _write(path, b"".join(kept))
         self._metrics = open(path, "a")
 
     def log(self, row: dict) -> None:
-        self._metrics.write(to_json(row) + "\n")
-        self._metrics.flush()
+        with _naming(self._metrics.name):       # a failed flush names no file
+            self._metrics.write(to_json(row) + "\n")
+            self._metrics.flush()
 
     def save_weights(self, model: torch.nn.Module, ema=None) -> None:
         """The final weights, their header saying which they are; with train.ema, the average beside them."""
-        save_weights(model, os.path.join(self.dir, WEIGHTS), {"weights": "trained"})
+        with _naming(os.path.join(self.dir, WEIGHTS)) as path:
+            save_weights(model, path, {"weights": "trained"})
         if ema is not None:
-            save_weights(ema.module, os.path.join(self.dir, EMA_WEIGHTS),
-                         {"weights": "ema", "ema_decay": str(ema.decay), "ema_updates": str(ema.updates)})
+            with _naming(os.path.join(self.dir, EMA_WEIGHTS)) as path:
+                save_weights(ema.module, path, {"weights": "ema", "ema_decay": str(ema.decay),
+                                                "ema_updates": str(ema.updates)})
 
     def save_summary(self, summary: dict) -> None:
-        write_atomic(os.path.join(self.dir, "summary.json"), (json.dumps(_clean(summary), indent=2) + "\n").encode())
+        _write(os.path.join(self.dir, SUMMARY), (json.dumps(_clean(summary), indent=2) + "\n").encode())
 
     def status(self, state: str, **fields) -> None:
-        """status.json: running | stopped (resumable: rerun the same command) | finished | failed. Batch scripts
-        read it, since launchers report a rank's exit code as their own failure. A kill leaves 'running'."""
+        """status.json: running | stopped | finished | failed | save-failed (run_folder.STATES). A kill leaves
+        'running', which readers tell from a live run by the lock (run_folder.state)."""
         record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **fields}
-        write_atomic(os.path.join(self.dir, "status.json"), (to_json(record) + "\n").encode())
+        _write(os.path.join(self.dir, STATUS), (to_json(record) + "\n").encode())
 
     def close(self) -> None:
         self._metrics.close()

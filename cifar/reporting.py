@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import EMA_WEIGHTS, WEIGHTS, read_pointer
 from .config import Config
 from .console import Console
-from .errors import EXIT_RESUMABLE, warn
+from .errors import EXIT_RESUMABLE, SaveFailed, disk_fault, warn
 from .evaluation import EvalResult
 from .outputs import RunWriter
+from .run_folder import (BEST, CONFIG, EMA_WEIGHTS, FAILED, FINISHED, RUNNING, SAVE_FAILED, STOPPED, SUMMARY, WEIGHTS,
+                         read_pointer)
 from .tracking import Tracker
 
 
@@ -30,7 +31,7 @@ class Reporter:
         if resumed_from:
             self.console.print(f"resuming from {resumed_from} (step {step}, epoch {epoch})")
         if self.writer:
-            self.writer.status("running", step=step, total_steps=total_steps, world_size=world,
+            self.writer.status(RUNNING, step=step, total_steps=total_steps, world_size=world,
                                resumed_from=resumed_from)
         self.tracker = Tracker.start(self.cfg, output_dir=self.output_dir, enabled=self.writer is not None,
                                      run_id=self.wandb_run_id, extra=self.run_info)
@@ -67,7 +68,7 @@ class Reporter:
         mode = self.cfg.wandb.log_model
         if path is None or mode not in ("best", "all") or not self.tracker.active:
             return
-        is_best = read_pointer(os.path.dirname(path), "best") == path
+        is_best = read_pointer(os.path.dirname(path), BEST) == path
         if mode == "best" and not is_best:
             return
         aliases = ([f"step-{step}"] if mode == "all" else []) + (["best"] if is_best else [])
@@ -79,14 +80,16 @@ class Reporter:
         """Stopped on a signal after saving a checkpoint: resumable."""
         self.console.stop()
         if self.writer:
-            self.writer.status("stopped", step=step, signal=signal, checkpoint=checkpoint)
+            self.writer.status(STOPPED, step=step, signal=signal, checkpoint=checkpoint)
         self.tracker.finish(EXIT_RESUMABLE)
 
     def failed(self, step: int, error: BaseException) -> None:
+        """save-failed when a write to the run folder failed (the process exits 74), else failed."""
         self.console.stop()
         if self.writer:
+            state = SAVE_FAILED if isinstance(error, SaveFailed) or disk_fault(error) else FAILED
             try:
-                self.writer.status("failed", step=step, error=f"{type(error).__name__}: {error}".splitlines()[0])
+                self.writer.status(state, step=step, error=f"{type(error).__name__}: {error}".splitlines()[0])
             except OSError as e:       # the disk that failed the run: its error, not this one, is what to show
                 warn(f"could not record the failure in {self.writer.dir}/status.json ({e.strerror})")
         self.tracker.finish(1)
@@ -96,12 +99,16 @@ class Reporter:
         console's table."""
         self.console.stop()
         if self.writer:
-            self.writer.save_weights(model, ema)
-            self.writer.save_summary(summary)
-            self.writer.status("finished", step=summary["steps"], total_steps=total_steps)
+            try:
+                self.writer.save_weights(model, ema)
+                self.writer.save_summary(summary)
+                self.writer.status(FINISHED, step=summary["steps"], total_steps=total_steps)
+            except OSError as e:        # the run folder refused a write: save-failed, where it can still be said
+                self.failed(summary["steps"], e)
+                raise
             self.writer.close()
             if self.cfg.wandb.log_model in ("final", "all"):
-                files = [WEIGHTS, *([EMA_WEIGHTS] if ema is not None else []), "config.yaml", "summary.json"]
+                files = [WEIGHTS, *([EMA_WEIGHTS] if ema is not None else []), CONFIG, SUMMARY]
                 self.tracker.log_model(self.writer.dir, files, ["final"],
                                        {"kind": "final", "step": summary["steps"],
                                         "test_acc": summary["final_test_acc"], "model": self.cfg.model.name})

@@ -10,14 +10,14 @@ The file is a W&B sweep configuration (method grid or random, parameters named a
 or nested as W&B allows); its `command` names the recipe (`--config configs/X.yaml`) and passes the parameters with
 ${args_no_hyphens} or ${args}. Run i of the list goes to RUNS_DIR/<sweep name>/<i>-<key=value,...>/, in the W&B group
 named after the sweep and tagged with its parameters. Random search draws its points from --seed, so the list is
-the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints.
+the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints. Two sweeps of
+one file (two terminals, two machines on a shared disk) share the work: a run whose folder the other holds is
+skipped as "running elsewhere", one it finished as "ran elsewhere"; none runs twice.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -26,9 +26,10 @@ import threading
 import time
 from typing import Iterable, Iterator
 
-from . import log
+from . import log, run_folder
 from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
+from .run_folder import CONFIG, FINISHED, RUNNING, describe_holder, holder, read_summary
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,37 +39,25 @@ LISTED = 1000   # rows of --dry-run's table and of the summary: a bigger sweep's
 # ----------------------------------------------------------------------------- state of a run folder
 
 def state(run: Run) -> str:
-    """new | finished | failed | stopped | running | interrupted (killed: resumes from its newest checkpoint)."""
-    try:
-        with open(os.path.join(run.folder, "status.json")) as f:
-            status = json.load(f)
-    except (OSError, ValueError):
-        return "new" if not os.path.isdir(os.path.join(run.folder, "checkpoints")) else "interrupted"
-    s = status.get("state")
-    if s == "running":  # a kill leaves "running": is the lock still held?
-        return "running" if _locked(run.folder) else "interrupted"
-    return s if s in ("finished", "failed", "stopped") else "interrupted"
+    """The run folder's state (cifar/run_folder.py): new, running, stopped, finished, failed, save-failed, killed."""
+    return run_folder.state(run.folder)
 
 
-def _locked(folder: str) -> bool:
-    try:
-        fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
+def elsewhere(run: Run) -> tuple[str, str] | None:
+    """(outcome, detail) when another process (another sweep of this file) holds the run or finished it meanwhile;
+    None when it is this sweep's to run."""
+    now = state(run)
+    if now == RUNNING:
+        return "running elsewhere", f"held by {describe_holder(holder(run.folder))}"
+    if now == FINISHED:
+        return "ran elsewhere", "finished by another process while this sweep ran"
+    return None
 
 
 def changed(run: Run, sweep: Sweep) -> str | None:
     """How a finished run's saved config differs from what the sweep asks for now (None: the same)."""
     try:
-        saved = flatten(load_saved_config(os.path.join(run.folder, "config.yaml")).to_dict(), ".")
+        saved = flatten(load_saved_config(os.path.join(run.folder, CONFIG)).to_dict(), ".")
         wanted = flatten(load_config(sweep.recipe, run.args[2 if sweep.recipe else 0:]).to_dict(), ".")
     except UserError:
         return "its config.yaml cannot be read"
@@ -78,19 +67,9 @@ def changed(run: Run, sweep: Sweep) -> str | None:
 
 def best_acc(run: Run) -> str:
     try:
-        with open(os.path.join(run.folder, "summary.json")) as f:
-            return f"{json.load(f)['best_test_acc']:.2f}"
-    except (OSError, ValueError, KeyError, TypeError):
+        return f"{(read_summary(run.folder) or {})['best_test_acc']:.2f}"
+    except (KeyError, TypeError, ValueError):
         return "-"
-
-
-def failure(run: Run) -> str:
-    """The error line train.py left in status.json, if any."""
-    try:
-        with open(os.path.join(run.folder, "status.json")) as f:
-            return str(json.load(f).get("error") or "")
-    except (OSError, ValueError):
-        return ""
 
 
 # ----------------------------------------------------------------------------- running
@@ -121,8 +100,9 @@ def child_env(slot: int, parallel: int, environ=os.environ, cores: int | None = 
 
 class Runner:
     """Runs the sweep's runs as train.py processes, `parallel` at a time, taking each from `runs` only when a slot is
-    free (a lazy plan stays lazy). A run whose config does not check fails without starting. SIGINT/SIGTERM: the
-    running ones save a checkpoint and stop (a rerun resumes them), and no new one starts."""
+    free (a lazy plan stays lazy) and skipping any that another process holds or has finished by the time its turn
+    comes. A run whose config does not check fails without starting. SIGINT/SIGTERM: the running ones save a
+    checkpoint and stop (a rerun resumes them), and no new one starts."""
 
     def __init__(self, runs: Iterable[Run], parallel: int, log_dir: str | None):
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
@@ -149,9 +129,11 @@ class Runner:
             pending = self._next(queue)
             while (pending is not None and not self.stopping) or self.active:
                 while pending is not None and not self.stopping and len(self.active) < self.parallel:
+                    run, pending = pending, self._next(queue)
+                    if self._skip_if_elsewhere(run):
+                        continue
                     slot = min(set(range(self.parallel)) - set(self.active))
-                    self.active[slot] = self._start(pending, slot)
-                    pending = self._next(queue)
+                    self.active[slot] = self._start(run, slot)
                 self._reap()
             self.left_runs = pending is not None   # stopped before every run had started
         finally:
@@ -164,9 +146,19 @@ class Runner:
         for run in queue:
             if not run.problem:
                 return run
-            self.results[run.index] = ("failed (config)", run.problem)
-            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: failed (config): {run.problem}")
+            self._record(run, "failed (config)", run.problem)
         return None
+
+    def _skip_if_elsewhere(self, run: Run) -> bool:
+        found = elsewhere(run)
+        if found:
+            self._record(run, *found)
+        return found is not None
+
+    def _record(self, run: Run, outcome: str, detail: str) -> None:
+        self.results[run.index] = (outcome, detail)
+        log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
+                 (f": {detail}" if detail else ""))
 
     def _start(self, run: Run, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
@@ -194,8 +186,8 @@ class Runner:
 
     def _error_line(self, run: Run) -> str:
         """The run's own `error:` line: from status.json, else its log or stderr."""
-        if failure(run):
-            return failure(run)
+        if run_folder.failure(run.folder):
+            return run_folder.failure(run.folder)
         if self.log_dir and os.path.exists(self._log(run)):
             with open(self._log(run), errors="replace") as f:
                 lines = [line[7:].strip() for line in f if line.startswith("error: ")]
@@ -214,14 +206,14 @@ class Runner:
                 outcome, detail = "finished", took
             elif code == EXIT_RESUMABLE:
                 outcome, detail = "stopped", f"checkpoint saved after {took}; rerun to resume"
+            elif (found := elsewhere(run)) is not None:   # refused: another sweep's train.py took it first
+                outcome, detail = found
             else:
                 if run.index in self.relays:
                     self.relays.pop(run.index).join(10)  # it has read the run's last line
                 why = self._error_line(run) or (f"killed by {signal.Signals(-code).name}" if code < 0 else "")
                 outcome, detail = f"failed (exit {code})", why
-            self.results[run.index] = (outcome, detail)
-            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
-                     (f": {detail}" if detail else ""))
+            self._record(run, outcome, detail)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -317,22 +309,18 @@ def main(argv=None) -> None:
 
 
 def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str]) -> Iterator[Run]:
-    """The runs to start, each looked at when the runner asks for it: finished ones (before, or elsewhere) and
-    running ones are skipped, and recorded in `skipped`."""
+    """The runs to start, each looked at when the runner asks for it: finished ones are skipped and recorded in
+    `skipped` (one another process holds is skipped by the runner when its turn comes)."""
     for run in runs:
-        now = state(run)
-        if now == "finished":
+        if state(run) == FINISHED:
             why = changed(run, sweep)
             if why:
                 warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
                      f"{run.folder} away to run it again")
             log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: finished before, skipped")
-        elif now == "running":
-            log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: running elsewhere, skipped")
+            skipped[run.index] = FINISHED
         else:
-            yield run
-            continue
-        skipped[run.index] = now
+            yield run      # the runner skips it if another process holds it when its turn comes
 
 
 def _outcome(run: Run, results: dict[int, tuple[str, str]], skipped: dict[int, str]) -> tuple[str, str]:

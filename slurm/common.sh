@@ -12,9 +12,11 @@
 # codes. So the launcher runs with SIGINT/SIGTERM/SIGUSR1 ignored (PET_SIGNALS_TO_HANDLE, torchrun's
 # --signals-to-handle, stops it re-arming SIGTERM/SIGINT) and this shell forwards SIGUSR1/SIGTERM to the training
 # processes themselves; train.py installs its own handlers, absorbs repeats, and all ranks agree on the step to stop
-# at. The launcher itself exits 1 when its workers exit 75, so the outcome is read from the run folder's
-# status.json, which train.py's main process writes (running | stopped | finished | failed). Multi-node: srun passes SIGUSR1 on to each
-# node's task, but on SLURM's SIGTERM it kills the step at once, so there the SIGUSR1 warning is what saves in time.
+# at. The launcher itself exits 1 when its workers exit 75, so the outcome is read from the run folder with
+# `python -m cifar.run_folder state` (cifar/run_folder.py's states: running | stopped | finished | failed |
+# save-failed | killed), which reads the status.json train.py's main process writes, and its lock. Multi-node: srun
+# passes SIGUSR1 on to each node's task, but on SLURM's SIGTERM it kills the step at once, so there the SIGUSR1
+# warning is what saves in time.
 
 MAX_RESTARTS=${MAX_RESTARTS:-10}     # stop requeueing after this many restarts of one job
 PYTHON=${PYTHON:-python}
@@ -162,6 +164,7 @@ build_launch() {
 # ----------------------------------------------------------------------------- running with signals
 
 CHILD=""
+HELD=""          # 1 when train.py found the run folder held by another process
 STOPPING=""      # the latest stop signal (USR1 | TERM), empty until one comes
 SIGNALS_SEEN=" "  # every stop signal received, each logged once
 LAUNCH_KIND=""   # python (train.py itself) | accelerate (a launcher whose children train) | srun (one per machine)
@@ -203,15 +206,17 @@ wait_child() {
     done
 }
 
-# run_status: the state train.py's main process last wrote to RUN_DIR/status.json (running | stopped | finished |
-# failed | save-failed), if it wrote it after MARKER was made; empty otherwise.
+# run_status: the run folder's state (python -m cifar.run_folder state: running | stopped | finished | failed |
+# save-failed | killed, cifar/run_folder.py) if train.py's main process wrote RUN_DIR/status.json after MARKER was
+# made; empty otherwise (train.py refused before writing anything, or never started).
 run_status() {
-    local file=$RUN_DIR/status.json
-    [[ -f $file && $file -nt $MARKER ]] || return 0
-    # "failed" becomes "save-failed" when a write to the run folder failed (train.py exits 74, which launchers hide)
-    "$PYTHON" -c 'import json, sys; s = json.load(open(sys.argv[1]))
-print("save-failed" if s["state"] == "failed" and str(s.get("error")).startswith("SaveFailed") else s["state"])' \
-        "$file" 2> /dev/null
+    [[ -f $RUN_DIR/status.json && $RUN_DIR/status.json -nt $MARKER ]] || return 0
+    "$PYTHON" -m cifar.run_folder state "$RUN_DIR" 2> /dev/null
+}
+
+# held_elsewhere: whether another process (another job, a local run) holds RUN_DIR's lock now that ours has ended.
+held_elsewhere() {
+    [[ $("$PYTHON" -m cifar.run_folder state "$RUN_DIR" 2> /dev/null) == running ]]
 }
 
 # run_launch: run LAUNCH with the signal forwarding above; sets RC to 0 (finished), 75 (resumable) or the failure.
@@ -240,6 +245,11 @@ run_launch() {
             stopped) log "the launcher exited $RC; training stopped with a checkpoint (status.json)"; RC=75 ;;
             finished) log "the launcher exited $RC after training finished (status.json)"; RC=0 ;;
             save-failed) log "the launcher exited $RC; a write to the run folder failed (status.json)"; RC=74 ;;
+            "") if held_elsewhere; then
+                    # train.py refused before any work (its error line names the holder): never run one folder twice
+                    log "$RUN_DIR is held by another process (see the error line above): not training here"
+                    HELD=1
+                fi ;;
         esac
     fi
     if [[ $LAUNCH_KIND == srun && -n $STOPPING ]] && (( RC >= 128 )); then
@@ -321,11 +331,16 @@ finish() {
             log "scontrol requeue failed: to continue, $AGAIN"
             exit 75 ;;
         74)
-            log "training failed: a write to $RUN_DIR failed (disk full or an I/O error; see the error line above):" \
-                "not requeueing; the previous checkpoint is intact: free space, then $AGAIN"
+            log "training failed: a write to $RUN_DIR failed (its cause and fix are in the error line above):" \
+                "not requeueing; the previous checkpoint is intact: once fixed, $AGAIN"
             exit 74 ;;
         *)
-            log "training failed (exit $rc): not requeueing"
+            if [[ -n $HELD ]]; then
+                log "training did not start: $RUN_DIR is in use by another process: not requeueing; once it" \
+                    "has ended, $AGAIN"
+            else
+                log "training failed (exit $rc): not requeueing"
+            fi
             exit "$rc" ;;
     esac
 }

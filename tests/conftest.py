@@ -1,6 +1,8 @@
 """Shared fixtures: small CIFAR-10 copies written as the real pickle files, and helpers that run the real CLIs."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -120,3 +122,27 @@ def logged_warnings(caplog) -> str:
     whose handlers are on the root logger, the records go to caplog instead of stderr."""
     return "".join(f"warning: {r.getMessage()}\n" for r in caplog.records if r.name == "cifar"
                    and r.levelname == "WARNING")
+
+
+@contextlib.contextmanager
+def lock_held_by_child(folder):
+    """A forked child holds the run folder's lock (an exclusive flock on <folder>/.lock, opened read-only so that the
+    folder may later be remounted read-only) until the block ends: a live training run, as readers see it."""
+    ready, done = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: lock, say so, wait for the parent's word, exit
+        try:
+            fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(ready[1], b"x")
+            os.read(done[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready[0], 1) == b"x"
+        yield pid
+    finally:
+        os.write(done[1], b"x")
+        os.waitpid(pid, 0)
+        for fd in (*ready, *done):
+            os.close(fd)

@@ -19,9 +19,9 @@ from PIL import Image
 
 from cifar import compare_output, compare_plot
 from cifar.compare import build, load_run, main, parse_args
-from conftest import ROOT, env, read_json, read_jsonl, run
+from conftest import ROOT, env, lock_held_by_child, read_json, read_jsonl, run
 
-RECIPES = {  # three small real runs, ~5 s each on one core; the last one loses its summary.json
+RECIPES = {  # three small real runs, ~5 s each on one core; the last one is made to look killed
     "sgd-slow": ["optim.lr=0.01"],
     "sgd-fast": ["optim.lr=0.05"],
     "adamw-cut": ["optim.name=adamw", "optim.lr=0.003"],
@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
 
     with ThreadPoolExecutor(len(RECIPES)) as pool:
         list(pool.map(train, RECIPES.items()))
-    os.remove(root / "adamw-cut" / "summary.json")  # as if it were still running, or had crashed
+    os.remove(root / "adamw-cut" / "summary.json")  # as a kill before the end leaves it: no summary, status running,
+    (root / "adamw-cut" / "status.json").write_text(json.dumps({"state": "running", "step": 40}))  # nobody holding
     return [str(root / name) for name in RECIPES]
 
 
@@ -56,7 +57,7 @@ def test_table_and_png(runs, tmp_path):
     for name in RECIPES:
         assert name in proc.stdout
     lines = {name: next(line for line in proc.stdout.splitlines() if name in line) for name in RECIPES}
-    assert "finished" in lines["sgd-slow"] and "incomplete" in lines["adamw-cut"]
+    assert "finished" in lines["sgd-slow"] and "killed" in lines["adamw-cut"]
     # what all three share is said once above the table; each row has what differs (optim.lr, optim.name)
     shared = proc.stdout.split("\n┏")[0]
     assert "model.name=tutorial_net" in shared and "name=debug" in shared and "optim.lr" not in shared
@@ -153,10 +154,10 @@ def test_sort_and_where(runs):
     best = {os.path.basename(p): max(r["test/acc"] for r in read_jsonl(os.path.join(p, "metrics.jsonl"))
                                       if "test/acc" in r) for p in runs}
     assert names(view(*runs, "--sort", "-best")) == sorted(best, key=lambda n: -best[n])
-    assert names(view(*runs, "--sort", "status")) == ["sgd-slow", "sgd-fast", "adamw-cut"]  # finished < incomplete
+    assert names(view(*runs, "--sort", "status")) == ["sgd-slow", "sgd-fast", "adamw-cut"]  # finished < killed
     for where, expected in [("optim.lr=0.01", ["sgd-slow"]), ("optim.lr=1e-2", ["sgd-slow"]),  # numbers as numbers
                             ("optim.lr=0.010", ["sgd-slow"]), ("optim.lr!=0.01", ["sgd-fast", "adamw-cut"]),
-                            ("optim.name=adamw", ["adamw-cut"]), ("status=incomplete", ["adamw-cut"]),
+                            ("optim.name=adamw", ["adamw-cut"]), ("status=killed", ["adamw-cut"]),
                             ("processes=1", ["sgd-slow", "sgd-fast", "adamw-cut"])]:
         assert names(view(*runs, "--where", where)) == expected, where
     assert names(view(*runs, "--where", "optim.name=sgd", "--where", "optim.lr!=0.05")) == ["sgd-slow"]
@@ -201,8 +202,8 @@ def test_missing_keys_and_empty_runs(tmp_path, capsys):
     assert names(view(str(tmp_path), "--sort", "-optim.lr")) == ["b", "a", "c"]
     compare_output.write(view(str(tmp_path)), "csv")
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-    assert rows == [["run", "optim.lr", *OUTCOME_KEYS], ["a", "0.1", "", "", "", "", "", "incomplete"],
-                    ["b", "0.3", "", "", "", "", "", "incomplete"], ["c", "-", "", "", "", "", "", "incomplete"]]
+    assert rows == [["run", "optim.lr", *OUTCOME_KEYS], ["a", "0.1", "", "", "", "", "", "killed"],
+                    ["b", "0.3", "", "", "", "", "", "killed"], ["c", "-", "", "", "", "", "", "killed"]]
 
 
 # ----------------------------------------------------------------------------- formats and statuses
@@ -221,14 +222,17 @@ def test_formats_hold_only_their_output(runs, capsys, fmt):
         assert lines[0].startswith("shared: ") and "`model.name=tutorial_net`" in lines[0] and lines[1] == ""
         assert lines[2] == "| run | optim.name | optim.lr | best test/acc | final test/acc | steps | time | img/s | status |"
         assert len(lines) == 7 and all(line.startswith("|") and line.endswith("|") for line in lines[2:])
-        assert lines[3].startswith("|---|---|---:|") and "sgd-fast" in lines[5] and "incomplete" in lines[6]
+        assert lines[3].startswith("|---|---|---:|") and "sgd-fast" in lines[5] and "killed" in lines[6]
 
 
 def test_failed_running_stopped_and_empty_runs_show_their_state(runs, tmp_path, capsys):
-    """Copies of a real run in each state a run folder can be found in: a row each, exit 0, never a traceback."""
+    """Copies of a real run in each state a run folder can be found in: a row each, exit 0, never a traceback. A
+    status.json saying running is running only while a process holds the folder's lock (a child here), else killed."""
     states = {"failed": {"state": "failed", "step": 20, "error": "RuntimeError: CUDA out of memory. Tried to "
                                                                  "allocate 2.00 GiB (GPU 0; 79.15 GiB total)"},
-              "running": {"state": "running", "step": 20, "world_size": 1}, "stopped": {"state": "stopped"}}
+              "save-failed": {"state": "save-failed", "step": 20, "error": "SaveFailed: could not save checkpoint"},
+              "running": {"state": "running", "step": 20, "world_size": 1}, "stopped": {"state": "stopped"},
+              "crashed": {"state": "running", "step": 20, "world_size": 1}}
     for name, status in states.items():
         shutil.copytree(runs[1], tmp_path / name)
         os.remove(tmp_path / name / "summary.json")
@@ -240,13 +244,16 @@ def test_failed_running_stopped_and_empty_runs_show_their_state(runs, tmp_path, 
     (tmp_path / "half").mkdir()                                             # a half-written status.json
     shutil.copy(os.path.join(runs[1], "config.yaml"), tmp_path / "half")
     (tmp_path / "half" / "status.json").write_text('{"state": "runn')
-    main([str(tmp_path), "--each-run", "--output", str(tmp_path / "c.png")])   # in-process: any error raises here
+    with lock_held_by_child(str(tmp_path / "running")):
+        main([str(tmp_path), "--each-run", "--output", str(tmp_path / "c.png")])   # in-process: errors raise here
     out = capsys.readouterr().out
     line = {name: next(x for x in out.splitlines() if f" {name} " in x)
-            for name in ("failed", "running", "stopped", "empty", "half")}
+            for name in ("failed", "save-failed", "running", "stopped", "crashed", "empty", "half")}
     assert "failed: RuntimeError: CUDA out of memory. Tried to allocate" in line["failed"]
+    assert "save-failed: SaveFailed: could not save" in line["save-failed"]
     assert "running" in line["running"].split("│")[-2] and "stopped" in line["stopped"]
-    assert "incomplete" in line["empty"] and "incomplete" in line["half"]
+    assert "killed" in line["crashed"].split("│")[-2]
+    assert "killed" in line["empty"] and "killed" in line["half"]
 
 
 def test_by_seed_on_runs_that_all_differ_is_one_run_per_group(runs):

@@ -1,13 +1,17 @@
 """The run folder's edges: one writer at a time, refused work that changes nothing, a fresh start that keeps the earlier
-outputs, folders that cannot be written, and a disk that fills up during a checkpoint save.
+outputs, folders that cannot be written, and a disk that fills up during a checkpoint save or outside one; its states
+as every reader sees them (cifar/run_folder.py), the leftovers of a kill, and advice that fits the failure.
 
-Every test runs the real train.py; the disk is a real full tmpfs (mounted by the test as root) or, where mounting is
-not permitted, a real file-size limit (RLIMIT_FSIZE).
+The process tests run the real train.py; the disk is a real full tmpfs (mounted by the test as root) or, where
+mounting is not permitted, a real file-size limit (RLIMIT_FSIZE). The states, the cleanup and the advice are read
+in-process from folders written by hand, a forked child holding the lock where a live run is needed.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import json
 import os
 import resource
 import signal
@@ -18,9 +22,13 @@ import time
 import pytest
 import torch
 
+from cifar import run_folder
 from cifar.checkpoint import read_pointer, verify
-from cifar.errors import EXIT_IO
-from conftest import ROOT, command, env, read_json, run, weights
+from cifar.config import CheckpointConfig
+from cifar.errors import EXIT_IO, UserError, resume_command, set_resume, write_advice
+from cifar.lock import RunLock
+from cifar.outputs import claim_run_dir
+from conftest import ROOT, command, env, lock_held_by_child, logged_warnings, read_json, run, weights
 
 # 16 steps of 32 images per epoch; a checkpoint at every 8th step
 ARGS = ["--config", "configs/debug.yaml", "data.limit_train=512", "data.limit_test=128", "train.epochs=2",
@@ -265,7 +273,7 @@ def test_full_disk_during_a_save_then_rerun_resumes_bitwise(tmp_path, record_pro
         assert not [n for n in os.listdir(checkpoints) if n.startswith(".tmp")], "the partial save was left"
         assert read_pointer(checkpoints, "latest") == f"{checkpoints}/step-8"
         assert verify(f"{checkpoints}/step-8") is None
-        assert read_json(folder / "status.json")["state"] == "failed"
+        assert read_json(folder / "status.json")["state"] == "save-failed"     # a write failed: exit 74
 
         if method == "tmpfs":
             disk.empty()
@@ -284,3 +292,243 @@ def _read(path) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+# ----------------------------------------------------------------------------- the state, as every reader sees it
+
+def write_status(folder, **status) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "status.json"), "w") as f:
+        json.dump(status, f)
+
+
+def test_each_state_from_a_hand_made_folder(tmp_path):
+    """In-process: the one vocabulary (run_folder.STATES) from folders written by hand. 'running' is the lock alone
+    (a child holds it), whatever status.json says; a status that says running with no holder is a killed run."""
+    assert run_folder.state(str(tmp_path / "absent")) == "new"
+    (tmp_path / "empty").mkdir()
+    assert run_folder.state(str(tmp_path / "empty")) == "new"
+    cases = {"stopped": {"state": "stopped", "signal": "SIGTERM"}, "finished": {"state": "finished"},
+             "failed": {"state": "failed", "error": "RuntimeError: boom"},
+             "save-failed": {"state": "save-failed", "error": "SaveFailed: could not save"},
+             "legacy-save-failed": {"state": "failed", "error": "SaveFailed: could not save checkpoint"},
+             "killed": {"state": "running", "step": 20}}
+    for name, status in cases.items():
+        write_status(tmp_path / name, **status)
+        assert run_folder.state(str(tmp_path / name)) == name.removeprefix("legacy-"), name
+    (tmp_path / "config-only").mkdir()                       # killed before its first status.json
+    (tmp_path / "config-only" / "config.yaml").write_text("name: debug\n")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "status.json").write_text('{"state": "runn')
+    assert run_folder.state(str(tmp_path / "config-only")) == run_folder.state(str(tmp_path / "half")) == "killed"
+    for name in ("killed", "finished", "config-only"):      # a holder makes any of them running, and only while held
+        with lock_held_by_child(str(tmp_path / name)):
+            assert run_folder.state(str(tmp_path / name)) == "running"
+        assert run_folder.state(str(tmp_path / name)) != "running"
+    assert set(run_folder.STATES) == {"new", "running", "stopped", "finished", "failed", "save-failed", "killed"}
+
+
+def test_the_state_of_a_read_only_folder_is_read_without_writing(tmp_path):
+    """In-process: the lock probe opens .lock read-only and creates nothing, so a run folder on a read-only mount (a
+    tmpfs remounted ro as root) still reads as running while a child holds its lock, and as killed after."""
+    disk = Tmpfs(tmp_path / "ro", 1 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = str(tmp_path / "ro" / "run")
+    try:
+        write_status(folder, state="running")
+        with lock_held_by_child(folder):
+            assert subprocess.run(["mount", "-o", "remount,ro", disk.path]).returncode == 0
+            before = sorted(os.listdir(folder))
+            assert run_folder.state(folder) == "running"
+        assert run_folder.state(folder) == "killed"
+        assert sorted(os.listdir(folder)) == before and not os.path.exists(os.path.join(folder, "checkpoints"))
+    finally:
+        disk.unmount()
+
+
+def test_leftover_temporary_files_go_at_the_next_claim_and_not_before(tmp_path, caplog):
+    """In-process: what a killed writer leaves (write_atomic's .tmp-*, a checkpoint save's .tmp-step-N-pid/) stays
+    while another process holds the folder (it may be that writer's work in progress) and is removed by the next
+    claim, under the lock, before anything else."""
+    folder = tmp_path / "run"
+    (folder / "checkpoints" / ".tmp-step-8-4242").mkdir(parents=True)
+    (folder / "checkpoints" / ".tmp-step-8-4242" / "training.pt").write_bytes(b"half")
+    (folder / ".tmp-abc123").write_bytes(b"half a status")
+    (folder / "config.yaml").write_text("name: debug\n")
+    leftovers = {".tmp-abc123", "checkpoints/.tmp-step-8-4242"}
+    with lock_held_by_child(str(folder)):
+        with pytest.raises(UserError, match="is in use by"):
+            claim_run_dir(str(folder), CheckpointConfig(), RunLock(str(folder)))
+        assert all((folder / path).exists() for path in leftovers)
+    lock = RunLock(str(folder))
+    try:
+        assert claim_run_dir(str(folder), CheckpointConfig(), lock) is None        # nothing to resume: fresh
+    finally:
+        lock.release()
+    everything = [os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder)
+                  for n in dirs + files]
+    assert not [p for p in everything if os.path.basename(p).startswith(".tmp-")], everything
+
+
+def test_a_file_system_refusing_flock_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """In-process, with fcntl.flock made to raise ENOLCK by monkeypatch: no file system here refuses flock (Lustre
+    with noflock, some FUSE mounts do), so this one claim is tested by simulating the refusal. The lock is then
+    'taken' with a warning that says not to start a second run, and the run goes on."""
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("cifar.lock.fcntl.flock", refuse)
+    lock = RunLock(str(tmp_path / "run"))
+    lock.acquire()
+    lock.record()
+    lock.release()
+    assert "does not support flock (No locks available)" in logged_warnings(caplog)
+    assert "do not start one" in logged_warnings(caplog)
+
+
+# ----------------------------------------------------------------------------- advice that fits
+
+@pytest.mark.parametrize("err, fix", [(errno.EROFS, "mounted read-only: remount it read-write"),
+                                      (errno.EACCES, "permission denied: fix the folder's permissions"),
+                                      (errno.ENOSPC, "the disk is full: free space"),
+                                      (errno.EDQUOT, "quota is used up"),
+                                      (errno.EIO, "I/O error: check it")])
+def test_write_advice_fits_the_cause(err, fix, monkeypatch):
+    """In-process: a training run's advice ends with how to resume; evaluate.py's and export's (no resume set) say
+    where else to write, and never to resume."""
+    monkeypatch.setattr("cifar.errors._resume", None)
+    advice = write_advice(err)
+    assert fix in advice and "resume" not in advice and "--output" in advice
+    set_resume(resume_command("runs/debug-1", given=False, argv=["train.py"], environ={}))
+    advice = write_advice(err)
+    assert fix in advice and advice.endswith(", then resume with: python train.py output_dir=runs/debug-1")
+    assert ("free space" in advice) == (err in (errno.ENOSPC, errno.EDQUOT)), advice
+
+
+def test_the_resume_command_names_the_folder_the_run_chose():
+    """In-process: with output_dir given, the same command resumes; without it, the command plus output_dir=<the
+    folder it chose> (quoted as a shell needs); under a launcher, which adds LOCAL_RANK, the launch command."""
+    assert resume_command("runs/x", given=True) == "rerun the same command to resume"
+    assert resume_command("runs/debug-20261202-004100", given=False, argv=["train.py", "--config", "my configs/a.yaml",
+                                                                          "optim.lr=0.1"], environ={}) == \
+        "resume with: python train.py --config 'my configs/a.yaml' optim.lr=0.1 output_dir=runs/debug-20261202-004100"
+    launched = resume_command("runs/d-1", given=False, argv=["train.py"], environ={"LOCAL_RANK": "0"})
+    assert "accelerate launch" in launched and "output_dir=runs/d-1 added" in launched
+
+
+# ----------------------------------------------------------------------------- the lock's wait, writes outside a save
+
+@pytest.mark.slow
+def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path):
+    """A second process of the same SLURM job id (a requeued job) waits for the holder, and with CIFAR_LOCK_WAIT=1
+    gives up after that second: one line naming the holder and the wait, exit 2, the folder as it was."""
+    folder = tmp_path / "run"
+    holder = hold_lock(folder, SLURM_JOB_ID="4242")
+    try:
+        before = hashes(folder)
+        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False,
+                   SLURM_JOB_ID="4242", CIFAR_LOCK_WAIT="1")
+        assert hashes(folder) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    line = one_error_line(proc)
+    assert f"is still held by train.py pid {holder.pid}" in line and "SLURM job 4242" in line, line
+    assert "after 1 s; stop that process, then requeue" in line, line
+    assert "waiting for the previous instance of SLURM job 4242" in proc.stderr
+
+
+# one epoch of 32 steps, a checkpoint at its end only, a metrics row at every step (about 150 bytes each)
+ROWS = ["--config", "configs/debug.yaml", "data.limit_train=1024", "data.limit_test=64", "train.epochs=2",
+        "train.log_every_steps=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, paused_at, free, file", [("metrics", 32, 0, "metrics.jsonl"),
+                                                         ("final weights", 64, 16 << 10, "model.safetensors")])
+def test_a_full_disk_outside_a_save_is_exit_74_with_advice_that_fits(tmp_path, what, paused_at, free, file):
+    """A real 8 MB tmpfs (root), filled while train.py is held right after a checkpoint save (CIFAR_FAULT=
+    pause-after-save:N); then the next write outside a save fails: a metrics row (the disk left full), or the final
+    weights (16 KB left: status.json still fits). One line naming the file, exit 74, advice for a full disk with the
+    command that resumes; the checkpoint intact; with space again the same command resumes and finishes."""
+    disk = Tmpfs(tmp_path / "disk", 8 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        proc = subprocess.Popen(command("train.py", [*ROWS, f"output_dir={folder}"]), cwd=ROOT, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=env(CIFAR_FAULT=f"pause-after-save:{paused_at}"))
+        try:
+            for line in proc.stderr:
+                if f"pause-after-save at step {paused_at}" in line:
+                    break
+            disk.fill(free=free)
+            proc.send_signal(signal.SIGUSR2)
+            err = proc.communicate(timeout=120)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        proc.stderr = err
+        line = one_error_line(proc, EXIT_IO)
+        assert f"cannot write {folder / file} (No space left on device)" in line, line
+        assert line.endswith("the disk is full: free space, then rerun the same command to resume"), line
+        assert "Exception ignored" not in err, err[-2000:]
+        checkpoints = str(folder / "checkpoints")
+        assert read_pointer(checkpoints, "latest") == f"{checkpoints}/step-{paused_at}"
+        assert verify(f"{checkpoints}/step-{paused_at}") is None
+        expected = {"final weights": "save-failed", "metrics": "killed"}[what]   # a full disk takes status.json too
+        assert run_folder.state(str(folder)) == expected
+        disk.empty()
+        again = run("train.py", *ROWS, f"output_dir={folder}")
+        assert f"step-{paused_at}" in again.stdout and read_json(folder / "status.json")["state"] == "finished"
+    finally:
+        disk.unmount()
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path):
+    """A real tmpfs left with two pages (8 KB): the lock's record and config.yaml take them, and the first status.json
+    cannot be written. One line naming status.json, exit 74, the advice for a full disk."""
+    disk = Tmpfs(tmp_path / "disk", 1 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        disk.fill(free=8 << 10)
+        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False)
+        line = one_error_line(proc, EXIT_IO)
+        assert line == f"error: cannot write {folder / 'status.json'} (No space left on device); the disk is full: " \
+                       f"free space, then rerun the same command to resume", line
+        assert not (folder / "status.json").exists() and (folder / "config.yaml").exists()
+    finally:
+        disk.unmount()
+
+
+@pytest.mark.slow
+def test_evaluate_and_export_on_a_read_only_run_folder_say_where_else_to_write(tmp_path):
+    """A finished run on a tmpfs remounted read-only: evaluate.py and `python -m cifar.export`, which write beside the
+    weights by default, fail with one line (exit 74) naming the folder and the read-only mount, and advise --output,
+    never freeing space or resuming (they do not train); with --output elsewhere both work."""
+    disk = Tmpfs(tmp_path / "disk", 8 << 20) if os.geteuid() == 0 else None
+    if not (disk and disk.ok):
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "disk" / "run"
+    try:
+        run("train.py", "--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
+            "train.epochs=1", f"output_dir={folder}")
+        assert subprocess.run(["mount", "-o", "remount,ro", disk.path]).returncode == 0
+        for proc in (run("evaluate.py", "--checkpoint", str(folder), check=False),
+                     subprocess.run([sys.executable, "-m", "cifar.export", "--checkpoint", str(folder), "--format",
+                                     "tutorial"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)):
+            line = one_error_line(proc, EXIT_IO)
+            assert f"cannot write a file in {folder} (Read-only file system)" in line, line
+            assert "mounted read-only: remount it read-write, or write elsewhere (--output)" in line, line
+            assert "free space" not in line and "resume" not in line, line
+        assert run_folder.state(str(folder)) == "finished"
+        run("evaluate.py", "--checkpoint", str(folder), "--output", str(tmp_path / "eval"))
+        assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] >= 0
+    finally:
+        disk.unmount()

@@ -23,6 +23,7 @@ import torch
 from cifar.checkpoint import read_pointer, step_of, verify
 from conftest import ROOT, env, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
+from test_run_folder import hashes, hold_lock
 
 SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/sweep.sbatch", "slurm/common.sh"]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides of the scripts' GPU headers
@@ -237,6 +238,29 @@ def test_bad_override_fails_at_once_with_one_line(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_job_whose_run_folder_is_held_elsewhere_fails_at_once_without_requeue(cluster, tmp_path):
+    """The job's output_dir is locked by a process outside the job (a local run of the same folder): train.py refuses
+    before any work with one line naming the holder, the script reads the folder's state (running: held elsewhere)
+    and says why it is not training, and the job ends FAILED, exit 2, Restarts=0; the holder's folder is untouched."""
+    folder = tmp_path / "held"
+    holder = hold_lock(folder)
+    try:
+        before = hashes(folder)
+        job, out = submit(cluster, tmp_path, "slurm/train.sbatch", ["configs/debug.yaml", f"output_dir={folder}"])
+        info = cluster.wait(job, {"FAILED"}, timeout=60)
+        assert hashes(folder) == before and holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    log = read(out)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{folder} is in use by train.py pid {holder.pid}" in errors[0], log
+    assert f"{folder} is held by another process (see the error line above): not training here" in log, log
+    assert f"training did not start: {folder} is in use by another process: not requeueing" in log, log
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info["ExitCode"], info["Restarts"], log)
+
+
+@pytest.mark.slow
 def test_requeueing_stops_at_max_restarts(cluster, tmp_path):
     """MAX_RESTARTS=1: the first preemption (USR1 to the batch shell) requeues; the restart resumes and saves; a
     second preemption ends the job with the line saying it stopped after 1 restart and is not requeued. The job ends
@@ -350,15 +374,19 @@ def test_ci_fails_when_the_cluster_cannot_run(tmp_path):
 
 def test_a_failed_save_is_not_requeued_even_behind_a_launcher(tmp_path):
     """train.py exits 74 when a checkpoint cannot be written (disk full); `accelerate launch` turns that into its own
-    exit 1, so the scripts read status.json: a SaveFailed there is exit 74, logged as such, and never requeued."""
-    (tmp_path / "status.json").write_text('{"state": "failed", "error": "SaveFailed: could not save checkpoint"}\n')
-    script = ('source slurm/common.sh; MARKER=$(mktemp); touch -d "1 hour ago" "$MARKER"; run_status; '
-              'finish 74')
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=env(RUN_DIR=str(tmp_path), PYTHON=sys.executable, SLURM_JOB_ID="7"))
-    assert proc.returncode == 74, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("save-failed\n"), proc.stdout
-    assert "a write to" in proc.stdout and "not requeueing" in proc.stdout and "requeueing (" not in proc.stdout
+    exit 1, so the scripts read the run folder's state (python -m cifar.run_folder state): save-failed is exit 74,
+    logged as such, and never requeued. Both what train.py writes now and what it wrote before save-failed was a
+    state (failed, with a SaveFailed error) read so."""
+    for status in ('{"state": "save-failed", "error": "SaveFailed: could not save checkpoint"}\n',
+                   '{"state": "failed", "error": "SaveFailed: could not save checkpoint"}\n'):
+        (tmp_path / "status.json").write_text(status)
+        script = ('source slurm/common.sh; MARKER=$(mktemp); touch -d "1 hour ago" "$MARKER"; run_status; '
+                  'finish 74')
+        proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                              env=env(RUN_DIR=str(tmp_path), PYTHON=sys.executable, SLURM_JOB_ID="7"))
+        assert proc.returncode == 74, proc.stdout + proc.stderr
+        assert proc.stdout.startswith("save-failed\n"), proc.stdout
+        assert "a write to" in proc.stdout and "not requeueing" in proc.stdout and "requeueing (" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- a sweep as a job array

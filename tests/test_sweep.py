@@ -15,10 +15,11 @@ import pytest
 import torch
 import yaml
 
+from cifar import run_folder
 from cifar import sweep as sw
 from cifar import sweep_plan as sp
 from cifar.config import load_config, parse_overrides
-from conftest import ROOT, env, weights
+from conftest import ROOT, env, lock_held_by_child, weights
 
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
         "checkpoint.every_steps=2"]
@@ -382,3 +383,63 @@ def test_runs_started_by_the_agent_report_without_wandb_mode():
     assert resolve_mode(None, {"WANDB_SWEEP_ID": "abc"}) == ("online", None)
     assert resolve_mode(None, {"WANDB_SWEEP_ID": "abc", "WANDB_MODE": "offline"}) == ("offline", None)
     assert resolve_mode(None, {}) == ("disabled", None)
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_file_share_the_runs(tmp_path):
+    """Two `cifar.sweep` of one file at once. Sweep A holds run 0 (paused in its step-2 save by CIFAR_FAULT until
+    SIGUSR2); sweep B, started meanwhile, shows run 0 as "running elsewhere" (not failed) and runs 1 and 2. Released,
+    A finishes run 0 and skips 1 and 2 as "ran elsewhere". Every run is started once, and both sweeps exit 0."""
+    path = sweep_file(tmp_path, {"seed": {"values": [0, 1, 2]}})
+    runs_dir, outputs = tmp_path / "runs", {}
+    first = runs_dir / "tiny" / "00-seed=0"
+
+    def start(name, **extra):
+        outputs[name] = open(tmp_path / f"{name}.out", "w+")
+        return subprocess.Popen([sys.executable, "-m", "cifar.sweep", path, "--runs-dir", str(runs_dir)], cwd=ROOT,
+                                env=env(**extra), stdout=outputs[name], stderr=subprocess.STDOUT)
+
+    def output(name) -> str:
+        outputs[name].seek(0)
+        return outputs[name].read()
+
+    a, b = start("a", CIFAR_FAULT="pause-after-save:2"), None
+    try:
+        deadline = time.monotonic() + 120
+        while "pause-after-save at step 2" not in output("a"):     # A's train.py holds run 0, paused
+            assert a.poll() is None and time.monotonic() < deadline, output("a")[-3000:]
+            time.sleep(0.05)
+        b = start("b")
+        assert b.wait(timeout=300) == 0, output("b")[-3000:]
+        os.kill(run_folder.holder(str(first))["pid"], signal.SIGUSR2)   # A's run 0 goes on
+        assert a.wait(timeout=300) == 0, output("a")[-3000:]
+    finally:
+        for proc in [p for p in (a, b) if p is not None and p.poll() is None]:
+            proc.kill()
+            proc.wait()
+    out_a, out_b = output("a"), output("b")
+    summary_a, summary_b = out_a[out_a.rindex("outcome"):], out_b[out_b.rindex("outcome"):]
+    assert "run 0 00-seed=0: running elsewhere: held by train.py pid" in out_b, out_b[-3000:]
+    assert "running elsewhere" in summary_b and "failed" not in summary_b and summary_b.count("finished") == 2
+    assert "run 1 01-seed=1: ran elsewhere" in out_a and "run 2 02-seed=2: ran elsewhere" in out_a, out_a[-3000:]
+    assert summary_a.count("ran elsewhere") == 2 and "failed" not in summary_a
+    for i, name in enumerate(folders(runs_dir)):
+        assert (out_a + out_b).count(f"sweep: run {i} {name}: starting") == 1, name
+        assert run_folder.state(str(runs_dir / "tiny" / name)) == "finished"
+        assert not glob.glob(str(runs_dir / "tiny" / name / "previous-*"))      # never started over
+
+
+@pytest.mark.slow
+def test_a_run_the_other_sweep_started_first_is_running_elsewhere_not_failed(tmp_path, monkeypatch):
+    """The race two sweeps can still run into: both checked the run before either started it. The lock refuses the
+    later train.py (exit 2), and its sweep reports the run as running elsewhere, not failed. Staged in-process: the
+    start-time check is made to miss (monkeypatch), a forked child holds the folder; train.py itself is real."""
+    path = sweep_file(tmp_path, {"seed": {"values": [0]}})
+    (run,) = sp.plan(sp.read_sweep(path), str(tmp_path / "runs"), 0)
+    os.makedirs(run.folder)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sw.Runner, "_skip_if_elsewhere", lambda self, run: False)
+    with lock_held_by_child(run.folder):
+        results = sw.Runner([run], 1, None).run()
+    outcome, detail = results[run.index]
+    assert (outcome, detail) == ("running elsewhere", "held by another process (it has just started)"), results

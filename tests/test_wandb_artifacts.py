@@ -93,6 +93,26 @@ def test_log_model_all_logs_every_checkpoint_and_the_final_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_log_model_final_logs_the_final_weights_only(tmp_path):
+    """wandb.log_model=final: one model artifact version, aliased final, holding the final weights (size and MD5 of
+    the run folder's model.safetensors), the config and summary; no checkpoint is logged."""
+    out = tmp_path / "r"
+    proc = run("train.py", *TINY, f"output_dir={out}", "wandb.log_model=final", **wandb_env(tmp_path))
+    assert "warning: W&B" not in proc.stderr
+    (run_dir,) = runs_in(out)
+    run_id = leet(run_dir, summary=True)["run_id"]
+    (final,) = model_artifacts(run_dir)
+    assert final["name"] == f"model-{run_id}" and "final" in final["aliases"]
+    assert not [a for a in final["aliases"] if a.startswith("step-") or a == "best"], final["aliases"]
+    meta = json.loads(final["metadata"])
+    assert meta["kind"] == "final" and meta["step"] == read_json(out / "summary.json")["steps"]
+    assert {c["path"] for c in final["manifest"]["contents"]} == {"model.safetensors", "config.yaml", "summary.json"}
+    e = entry(final, "model.safetensors")
+    assert int(e["size"]) == os.path.getsize(out / "model.safetensors")
+    assert e["digest"] == md5_b64(out / "model.safetensors")
+
+
+@pytest.mark.slow
 def test_failing_artifacts_warn_once_and_change_nothing_else(tmp_path):
     """Two real failures: W&B refusing the model upload (log_artifact raises: artifacts stop, one warning, metrics
     go on) and an unusable staging folder (a file as $WANDB_DATA_DIR: the samples tables fail first and W&B turns
