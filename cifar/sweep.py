@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 from . import log, run_folder
 from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
-from .run_folder import CONFIG, FINISHED, RUNNING, describe_holder, holder, read_summary
+from .run_folder import CONFIG, FINISHED, RUNNING, STATUS, describe_holder, holder, read_summary
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,16 +126,17 @@ class Runner:
         old = {s: signal.signal(s, self._signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             queue = iter(self.runs)
-            pending = self._next(queue)
-            while (pending is not None and not self.stopping) or self.active:
-                while pending is not None and not self.stopping and len(self.active) < self.parallel:
-                    run, pending = pending, self._next(queue)
-                    if self._skip_if_elsewhere(run):
-                        continue
-                    slot = min(set(range(self.parallel)) - set(self.active))
-                    self.active[slot] = self._start(run, slot)
+            exhausted = False
+            while (not exhausted and not self.stopping) or self.active:
+                while not exhausted and not self.stopping and len(self.active) < self.parallel:
+                    run = self._next(queue)     # taken only when a slot is free: its state is read now
+                    if run is None:
+                        exhausted = True
+                    elif not self._skip_if_elsewhere(run):
+                        slot = min(set(range(self.parallel)) - set(self.active))
+                        self.active[slot] = self._start(run, slot)
                 self._reap()
-            self.left_runs = pending is not None   # stopped before every run had started
+            self.left_runs = not exhausted   # stopped before every run had been taken
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
@@ -293,7 +294,7 @@ def main(argv=None) -> None:
         return
     skipped: dict[int, str] = {}   # index -> its state, for the runs finished before or running elsewhere
     log_dir = os.path.join(args.runs_dir, sweep.name, "logs") if args.parallel > 1 else None
-    runner = Runner(_to_run(runs, sweep, skipped), args.parallel, log_dir)
+    runner = Runner(_to_run(runs, sweep, skipped, time.time()), args.parallel, log_dir)
     results = runner.run()
     rows = []
     for run in itertools.islice(runs, LISTED):
@@ -308,11 +309,12 @@ def main(argv=None) -> None:
         sys.exit(EXIT_RESUMABLE)
 
 
-def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str]) -> Iterator[Run]:
-    """The runs to start, each looked at when the runner asks for it: finished ones are skipped and recorded in
-    `skipped` (one another process holds is skipped by the runner when its turn comes)."""
+def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str], since: float) -> Iterator[Run]:
+    """The runs to start, each looked at when the runner asks for it: those finished before `since` (this sweep's
+    start) are skipped and recorded in `skipped`; the runner skips one that another process holds, or finished
+    meanwhile ("ran elsewhere"), when its turn comes."""
     for run in runs:
-        if state(run) == FINISHED:
+        if state(run) == FINISHED and os.path.getmtime(os.path.join(run.folder, STATUS)) < since:
             why = changed(run, sweep)
             if why:
                 warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
