@@ -16,9 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import Checkpoints, TrainState
+from .checkpoint import Checkpoints, TrainState, read_pointer
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
+from .divergence import check_loss, check_weights, fault_point
 from .ema import Ema, build_ema
 from .errors import Stopped
 from .evaluation import EvalResult, evaluate
@@ -28,6 +29,7 @@ from .optim import build_optimizer
 from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
 from .reporting import Reporter
+from .resume import resume, vet
 from .runtime import make_accelerator, on_main, shut_down
 from .schedule import build_scheduler
 from .signals import StopRequest
@@ -94,6 +96,7 @@ def train(cfg: Config) -> dict:
             run.meters.epoch, run.meters.epoch_start = StepStats.start(run.accelerator.device), time.perf_counter()
             if run.checkpoints.should_save(state.step, epoch_end=epoch):
                 save(run, result.accuracy if evaluated else None)
+        check_finite(run)                              # the final weights, before anything writes them
     except Stopped:
         raise
     except BaseException as e:
@@ -163,6 +166,7 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     if stepped:                                  # fp16 overflow skips a step: the schedule waits too
         run.scheduler.step()
     state.step += 1
+    fault_point(run.raw_model, state.step)       # the divergence tests' CIFAR_FAULT; nothing otherwise
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes
@@ -187,6 +191,7 @@ def evaluate_now(run: Run) -> EvalResult:
     result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta,
                       samples=16 if run.report.wants_samples else 0)
     state.eval_seconds += time.perf_counter() - start
+    check_loss(result.loss, "the test loss", state.step, latest_checkpoint(run))
     state.best_acc = max(state.best_acc or 0.0, result.accuracy)
     if t.target_acc is not None and state.time_to_target is None and result.accuracy >= t.target_acc:
         state.time_to_target, state.steps_to_target = run.meters.train_seconds, state.step
@@ -200,18 +205,32 @@ def evaluate_ema(run: Run) -> dict:
     state, start = run.state, time.perf_counter()
     result = evaluate(run.ema.module, run.test_batches, run.accelerator, tta=run.cfg.train.tta)
     state.eval_seconds += time.perf_counter() - start
+    check_loss(result.loss, "the moving average's test loss", state.step, latest_checkpoint(run))
     state.best_ema_acc = max(state.best_ema_acc or 0.0, result.accuracy)
     return {"test/ema_loss": result.loss, "test/ema_acc": result.accuracy}
 
 
 def save(run: Run, acc: float | None = None) -> str | None:
-    """A checkpoint of where the loop stands now (every rank calls this; the main process writes)."""
+    """A checkpoint of where the loop stands now (every rank calls this; the main process writes); never of
+    diverged weights."""
     state, meters = run.state, run.meters
+    check_finite(run)
     state.epoch_sums, state.log_sums = meters.epoch.totals(run.accelerator), meters.window.totals(run.accelerator)
     state.train_seconds = meters.train_seconds + (time.perf_counter() - meters.epoch_start)
     path = run.checkpoints.save(state, acc)
     run.report.checkpoint(path, state.step, acc)       # W&B model artifact (wandb.log_model), main process only
     return path
+
+
+def check_finite(run: Run) -> None:
+    """Diverged when the weights or their moving average are no longer finite numbers of a sane size."""
+    models = {"weight": run.raw_model, **({"moving-average weight": run.ema.module} if run.ema else {})}
+    check_weights(models, run.state.step, latest_checkpoint(run))
+
+
+def latest_checkpoint(run: Run) -> str | None:
+    """The newest checkpoint saved, which a rerun resumes from (main process; None elsewhere or before any)."""
+    return read_pointer(run.checkpoints.folder, "latest") if run.accelerator.is_main_process else None
 
 
 # ----------------------------------------------------------------------------- start and end
@@ -224,9 +243,12 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     # Before any work: one writer per folder, and the checkpoint to resume from (refusing, rather than starting
-    # over, when there are checkpoints and none verifies). The main process decides; every rank loads it below.
+    # over, when there are checkpoints and none verifies, or when the config changed what it cannot change; a
+    # finished run with the same config stops here, AlreadyFinished). The main process decides; every rank loads
+    # it below.
     lock = RunLock(output_dir)
-    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock))
+    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock,
+                                                              vet=lambda path: vet(path, cfg, world, output_dir)))
     set_seed(cfg.seed)
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
@@ -248,12 +270,12 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
                               scheduler=scheduler, total_steps=total_steps, epochs=epochs, ema=ema)
 
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
-    state = TrainState(global_batch=global_batch, world_size=world)
+    state, changes = TrainState(global_batch=global_batch, world_size=world), []
     if resumed_from:
-        state = checkpoints.load(resumed_from, global_batch)
+        state, changes = resume(checkpoints, resumed_from, cfg, total_steps)
     report = Reporter(cfg, output_dir, main=main, run_info=run_info(cfg, accelerator),
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
-    state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from)
+    state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from, changes)
 
     # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time, and
     # invisible to the RNG: a dropout mask drawn here would shift every later draw, so that a resumed run's draws
@@ -297,7 +319,7 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": accelerator.num_processes, "mixed_precision": t.mixed_precision,
         "global_batch_size": state.global_batch, "device": accelerator.device.type,
-        "resumed_from": run.resumed_from, "wandb_run_id": state.wandb_run_id,
+        "resumed_from": run.resumed_from, "config_changes": state.config_changes, "wandb_run_id": state.wandb_run_id,
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": run.data_seconds,
         "compile_seconds": run.compile_seconds, "eval_seconds": state.eval_seconds,

@@ -19,11 +19,14 @@ OUTPUTS = ("checkpoints", "config.yaml", "metrics.jsonl", "status.json", "summar
            "eval.json", "confusion.png", "predictions.png", "wandb")
 
 
-def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
-    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). A fresh start, or one from
-    another folder's checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
+def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock, vet=None) -> str | None:
+    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh) and have vet(checkpoint)
+    refuse it while nothing is written yet. A fresh start, or one from another folder's checkpoint, first moves this
+    folder's earlier outputs into previous-<time>/."""
     lock.acquire()
     resume = choose_resume(run_dir, policy)
+    if resume is not None and vet is not None:
+        vet(resume)
     lock.record()
     own = os.path.join(os.path.abspath(run_dir), "checkpoints") + os.sep
     if resume is None or not os.path.abspath(resume).startswith(own):
@@ -70,6 +73,13 @@ def _row_step(line: bytes) -> int | None:
         return None
 
 
+def _before_resume(line: bytes, resume_step: int) -> bool:
+    """Whether a metrics.jsonl line was written before the checkpoint at resume_step: its step is no later, and it
+    is not the config_changes row of an earlier resumption from that same checkpoint (this one writes its own)."""
+    step = _row_step(line)
+    return step is not None and (step < resume_step or step == resume_step and "config_changes" not in json.loads(line))
+
+
 def to_json(obj) -> str:
     return json.dumps(_clean(obj), allow_nan=False)
 
@@ -85,7 +95,7 @@ class RunWriter:
         if resume_step is not None and os.path.exists(path):
             with open(path, "rb") as f:
                 lines = f.readlines()
-            kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= resume_step]
+            kept = [line for line in lines if _before_resume(line, resume_step)]
             if kept != lines:
                 write_atomic(path, b"".join(kept))
         self._metrics = open(path, "a")
