@@ -79,7 +79,11 @@ class Run:
 
 def train(cfg: Config) -> dict:
     stop = StopRequest().install()     # first: a signal during start-up is honoured at the first step
-    run = start_run(cfg, stop)
+    try:
+        run = start_run(cfg, stop)
+    except BaseException:              # refused (or nothing to do): the caller's own handlers come back
+        stop.uninstall()
+        raise
     state, t = run.state, cfg.train
     result, ema_row, graphs_before, wall_start = None, {}, compiled_graphs(), run.meters.window_start
     run.report.training(run.total_steps, state.step)
@@ -229,8 +233,9 @@ def check_finite(run: Run) -> None:
 
 
 def latest_checkpoint(run: Run) -> str | None:
-    """The newest checkpoint saved, which a rerun resumes from (main process; None elsewhere or before any)."""
-    return read_pointer(run.checkpoints.folder, "latest") if run.accelerator.is_main_process else None
+    """The newest checkpoint saved, which a rerun resumes from (None before any). Every rank reads the folder (each
+    loads its checkpoints on resume), so that each rank's error line names it."""
+    return read_pointer(run.checkpoints.folder, "latest")
 
 
 # ----------------------------------------------------------------------------- start and end
@@ -273,6 +278,9 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     state, changes = TrainState(global_batch=global_batch, world_size=world), []
     if resumed_from:
         state, changes = resume(checkpoints, resumed_from, cfg, total_steps)
+        # a run that train.max_steps ended mid-epoch continues, when trained longer, at the next epoch's start (its
+        # checkpoint counts that epoch as done): the epochs still to go are counted from there
+        epochs = checkpoints.epochs = max(epochs, state.epoch + math.ceil((total_steps - state.step) / steps_per_epoch))
     report = Reporter(cfg, output_dir, main=main, run_info=run_info(cfg, accelerator),
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from, changes)
