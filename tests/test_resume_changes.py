@@ -7,10 +7,12 @@ One finished training run (8 steps, checkpoints at 4 and 8), trained in this pro
 copy. Refusals and the rerun run train.py's main in this process too; the tests that train on start train.py."""
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -256,12 +258,9 @@ def test_a_state_json_this_version_cannot_use_is_one_line(copy, capsys, damage, 
     assert snapshot(copy) == before
 
 
-def test_a_training_pt_that_needs_unpickling_is_refused_without_torchs_advice(copy, capsys, tmp_path):
+def test_a_training_pt_that_needs_unpickling_is_refused_without_torchs_advice(copy, capsys):
     """What weights-only loading refuses (here a numpy array, as an older version might have pickled the RNG
     states) is named and refused; torch's advice to load it with weights_only=False never reaches the user."""
-    import io
-
-    import numpy as np
     checkpoint = copy / "checkpoints" / "step-8"
     training = torch.load(checkpoint / "training.pt", weights_only=True)
     training["rng"] = [np.zeros(3)]
