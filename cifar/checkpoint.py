@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 
 from . import log
-from .config import Config, flatten, with_saved_defaults
+from .config import Config
 from .errors import SaveFailed, UserError, warn
 from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
 from .runtime import on_main
@@ -396,32 +396,12 @@ def read_training(path: str) -> dict:
                         f"from the file; it was not written by this version of train.py; {_START_OVER}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"{file} cannot be read ({type(e).__name__}); {_START_OVER}") from None
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in training] if isinstance(
-        training, dict) else ["everything"]
+    if not isinstance(training, dict):
+        raise UserError(f"{file} holds a {type(training).__name__}, not the training state; {_START_OVER}")
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in training]
     if missing:
         raise UserError(f"{file} lacks {', '.join(missing)}; {_START_OVER}")
     return training
-
-
-# ----------------------------------------------------------------------------- the config a checkpoint was saved with
-
-# Keys that may change between an interrupted run and its resumption without changing the training trajectory.
-_FREE_TO_CHANGE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
-                   "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs")
-
-
-def config_diff(saved: dict, current: dict) -> dict[str, tuple]:
-    """{key: (saved value, current value)} for the dotted keys that differ, the keys free to change left out; a
-    saved config's missing keys read as what its training used (SAVED_DEFAULTS: a checkpoint from before
-    data.normalize existed was normalised with the CIFAR statistics). None stands for null and for absent."""
-    a, b = flatten(with_saved_defaults(saved), sep="."), flatten(current, sep=".")
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)}
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """config_diff as `key: old -> new` lines."""
-    return [f"{k}: {old} -> {new}" for k, (old, new) in config_diff(saved, current).items()]
 
 
 def _saved_acc(path: str) -> float | None:

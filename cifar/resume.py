@@ -1,7 +1,7 @@
 """What resuming does with a config that differs from the checkpoint's, key by key, so that the run's record (config.yaml,
 metrics.jsonl, summary.json, W&B) always says what was really trained:
 
-- free (checkpoint._FREE_TO_CHANGE): where the run writes, reads and logs; applied silently.
+- free (FREE below): where the run writes, reads and logs; applied silently.
 - applied (APPLIED below): the lr, weight decay, schedule length, gradient clipping, the moving average, evaluation
   and speed settings can honestly change from the resume step on. Applied, one info line per key, and recorded:
   config.yaml holds the config in force, state.json and summary.json a `config_changes` list, metrics.jsonl a row at
@@ -20,10 +20,13 @@ import os
 import yaml
 
 from . import log
-from .checkpoint import Checkpoints, TrainState, config_diff, read_state, step_of
-from .config import Config
+from .checkpoint import Checkpoints, TrainState, read_state, step_of
+from .config import Config, flatten, with_saved_defaults
 from .errors import AlreadyFinished, UserError
 
+# Keys (and prefixes) that may change without changing what is trained: where the run writes, reads and logs.
+FREE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
+        "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs")
 # Keys (and prefixes) applied from the resume step on. data.batch_size and train.grad_accum_steps only split the same
 # global batch differently (another number of processes): a changed global batch is refused before this list counts.
 APPLIED = ("optim.lr", "optim.bias_lr", "optim.head_lr", "optim.weight_decay", "train.epochs", "train.max_steps",
@@ -79,6 +82,15 @@ def resume(checkpoints: Checkpoints, path: str, cfg: Config, total_steps: int) -
                  f"applied from step {step + 1} on (recorded in summary.json's config_changes)")
     state.config_changes = [*state.config_changes, *changes]
     return state, changes
+
+
+def config_diff(saved: dict, current: dict) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for the dotted keys that differ, FREE keys left out; a saved config's
+    missing keys read as what its training used (SAVED_DEFAULTS: a checkpoint from before data.normalize existed was
+    normalised with the CIFAR statistics). None stands for null and for absent."""
+    a, b = flatten(with_saved_defaults(saved), sep="."), flatten(current, sep=".")
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.startswith(FREE)}
 
 
 def _finished(run_dir: str, path: str) -> bool:

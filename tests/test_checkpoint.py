@@ -391,10 +391,10 @@ def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path):
 def test_a_checkpoint_from_before_data_normalize_reads_it_as_cifar():
     """Such runs were normalised with the CIFAR statistics: resuming with data.normalize=cifar changes nothing, and
     without it the change is named as what it is (cifar -> tutorial), not None -> tutorial."""
-    from cifar.checkpoint import config_changes
     from cifar.config import load_config
+    from cifar.resume import config_diff
 
     old = load_config("configs/debug.yaml").to_dict()
     del old["data"]["normalize"]
-    assert config_changes(old, load_config("configs/debug.yaml", ["data.normalize=cifar"]).to_dict()) == []
-    assert config_changes(old, load_config("configs/debug.yaml").to_dict()) == ["data.normalize: cifar -> tutorial"]
+    assert config_diff(old, load_config("configs/debug.yaml", ["data.normalize=cifar"]).to_dict()) == {}
+    assert config_diff(old, load_config("configs/debug.yaml").to_dict()) == {"data.normalize": ("cifar", "tutorial")}
