@@ -9,8 +9,11 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from conftest import ROOT, read_json, read_jsonl, run
 from safetensors.torch import load_file
 
 from cifar.checkpoint import follow_config, newest_valid, verify
+from cifar.divergence import check_weights
+from cifar.errors import Diverged
 from cifar.schedule import lr_factor
 
 ARGS = ["--config", os.path.join(ROOT, "configs", "debug.yaml"), "data.limit_train=256", "data.limit_test=64",
@@ -93,15 +98,21 @@ def rewrite(checkpoint, name: str, data: bytes) -> None:
     assert verify(str(checkpoint)) is None
 
 
+def inspect(wandb_run, *flags) -> str:
+    """An offline W&B run's records, as `wandb leet inspect --json` prints them."""
+    return subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(wandb_run)],
+                          check=True, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL).stdout
+
+
 # ----------------------------------------------------------------------------- applied from the resume step
 
 @pytest.mark.slow
 def test_lr_weight_decay_clip_and_length_apply_from_the_resume_step_and_are_recorded(finished, copy):
     """Train longer with another lr, weight decay and clipping: each applied from step 9, one line each; the lr
-    column is the new schedule's, the saved optimizer really holds it; config.yaml is the config in force,
-    summary.json, state.json and a metrics.jsonl row at step 8 hold the history."""
+    column is the new schedule's, the saved optimizer really holds it; config.yaml (and W&B's config) is the config
+    in force, summary.json, state.json and a metrics.jsonl row at step 8 (a W&B row too) hold the history."""
     changed = ["train.max_steps=16", "optim.lr=0.5", "optim.weight_decay=0.001", "train.grad_clip=1.0"]
-    proc = run("train.py", *ARGS, *changed, f"output_dir={copy}")
+    proc = run("train.py", *ARGS, *changed, f"output_dir={copy}", WANDB_MODE="offline", WANDB_SILENT="true")
     applied = [line for line in proc.stdout.splitlines() if "applied from step" in line]
     assert applied == [f"resuming at step 8 with {key}: {old} -> {new}, applied from step 9 on (recorded in "
                        f"summary.json's config_changes)" for key, old, new in
@@ -134,6 +145,16 @@ def test_lr_weight_decay_clip_and_length_apply_from_the_resume_step_and_are_reco
     assert training["scheduler"]["base_lrs"] == [0.5]
     group = training["optimizer"]["param_groups"][0]
     assert (group["initial_lr"], group["weight_decay"]) == (0.5, 0.001)
+
+    # W&B (offline, read back): the config in force, the row at step 8, and the history in the summary
+    (wandb_run,) = [p for p in (copy / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    record = json.loads(inspect(wandb_run, "--summary"))
+    assert record["config"]["optim"]["lr"] == 0.5 and record["summary"]["config_changes"] == history
+    logged = [json.loads(line) for line in inspect(wandb_run).splitlines() if line.strip()]
+    rows = [r["history"]["item"] for r in logged if r["type"] == "history"]
+    assert {k: v for k, v in rows[0].items() if k.startswith("config_changes/")} == {
+        f"config_changes/{c['key']}/{end}": c[end] for c in history for end in ("from", "to") if c[end] is not None}
+    assert rows[0]["global_step"] == 8
 
 
 def test_follow_config_keeps_a_same_config_resume_bitwise_and_moves_a_changed_lr():
@@ -278,6 +299,23 @@ def test_a_training_pt_that_needs_unpickling_is_refused_without_torchs_advice(co
 
 def all_finite(path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values())
+
+
+def test_weights_are_diverged_when_not_finite_or_beyond_the_square_root_of_float32s_largest():
+    """1.8e19 and below is left alone (a long way from any real weight); beyond, or NaN/inf, in the weights or in
+    their moving average, is Diverged, naming which tensor and the last good checkpoint."""
+    net, average = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    models = {"weight": net, "moving-average weight": average}
+    with torch.no_grad():
+        net.weight.fill_(1.8e19)
+    check_weights(models, 7, "runs/r/checkpoints/step-4")
+    for bad in (2e19, math.inf, math.nan):
+        with torch.no_grad():
+            average.bias[1] = bad
+        with pytest.raises(Diverged, match=r"^training diverged at step 7: moving-average weight bias "
+                                           r"(reaches 2e\+19|is not finite); not saved, the newest checkpoint "
+                                           r"runs/r/checkpoints/step-4 is the last good one; lower optim.lr"):
+            check_weights(models, 7, "runs/r/checkpoints/step-4")
 
 
 @pytest.mark.slow
