@@ -20,7 +20,7 @@ import os
 import yaml
 
 from . import log
-from .checkpoint import Checkpoints, TrainState, read_state, step_of
+from .checkpoint import Checkpoints, TrainState, list_checkpoints, read_state, step_of
 from .config import Config, flatten, with_saved_defaults
 from .errors import AlreadyFinished, UserError
 
@@ -60,6 +60,12 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
         keep = " ".join(f"{k}={_text(old)}" for k, (old, _) in refused.items())
         raise UserError(f"cannot resume {path} with another {', '.join(refused)} ({changes}): the steps already "
                         f"trained would belong to another recipe; resume with {keep}, or {_FRESH}")
+    newer = [os.path.basename(p) for p in _own_checkpoints(run_dir, path) if step_of(p) > step_of(path)]
+    if diff and newer:
+        raise UserError(f"cannot resume {path} with another {', '.join(diff)}: the folder's newer {', '.join(newer)} "
+                        f"would stay, from the old settings, for a later resume to pick up; resume the newest "
+                        f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
+                        f"output_dir=<new folder>)")
     if not diff and _finished(run_dir, path):
         raise AlreadyFinished(f"{run_dir} already finished (step {step_of(path)}); nothing to do; evaluate.py "
                               f"--checkpoint {run_dir} to evaluate it again")
@@ -93,10 +99,16 @@ def config_diff(saved: dict, current: dict) -> dict[str, tuple]:
             if a.get(k) != b.get(k) and not k.startswith(FREE)}
 
 
+def _own_checkpoints(run_dir: str, path: str) -> list[str]:
+    """run_dir's checkpoints when `path` is one of them; [] when it comes from another folder."""
+    folder = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    return list_checkpoints(folder) if os.path.dirname(os.path.abspath(path)) == folder else []
+
+
 def _finished(run_dir: str, path: str) -> bool:
     """Whether `path` is the final checkpoint of the finished run in run_dir: its own, at summary.json's step, and
     status.json says finished (not a longer rerun that was interrupted)."""
-    if os.path.dirname(os.path.dirname(os.path.abspath(path))) != os.path.abspath(run_dir):
+    if not _own_checkpoints(run_dir, path):
         return False
     summary, status = _read_json(os.path.join(run_dir, "summary.json")), _read_json(os.path.join(run_dir,
                                                                                                "status.json"))

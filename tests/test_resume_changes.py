@@ -232,6 +232,19 @@ def test_model_dataset_and_global_batch_keep_their_refusals(copy, capsys, overri
     assert snapshot(copy) == before
 
 
+def test_an_older_checkpoint_with_changes_is_refused_while_newer_ones_stay(copy, capsys):
+    """step-8 would stay, from the old settings, for a later resume=auto to pick up (a save at step 8 keeps a
+    valid checkpoint it finds there): refused, nothing changed; the same resume in another folder is the way."""
+    before = snapshot(copy)
+    code, _, err = train_in_process(capsys, *ARGS, "train.max_steps=8", "optim.lr=0.5",
+                                    f"checkpoint.resume={copy}/checkpoints/step-4",
+                                    f"output_dir={copy}")
+    line = one_error_line(code, err)
+    assert f"cannot resume {copy}/checkpoints/step-4 with another optim.lr: the folder's newer step-8 would stay" in line
+    assert f"checkpoint.resume={copy}/checkpoints/step-4 output_dir=<new folder>" in line
+    assert snapshot(copy) == before
+
+
 def test_a_length_that_ends_before_the_checkpoint_is_refused(copy, capsys):
     code, _, err = train_in_process(capsys, *ARGS, "train.max_steps=4", f"output_dir={copy}")
     line = one_error_line(code, err)
