@@ -45,6 +45,20 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
         raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has "
                         f"{ours} (batch_size x processes x grad_accum_steps); keep it equal")
     diff = config_diff(saved["config"], cfg.to_dict())
+    _refuse_what_cannot_change(path, diff)
+    newer = [os.path.basename(p) for p in _own_checkpoints(run_dir, path) if step_of(p) > step_of(path)]
+    if diff and newer:
+        raise UserError(f"cannot resume {path} with another {', '.join(diff)}: the folder's newer {', '.join(newer)} "
+                        f"would stay, from the old settings, for a later resume to pick up; resume the newest "
+                        f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
+                        f"output_dir=<new folder>)")
+    if not diff and _finished(run_dir, path):
+        raise AlreadyFinished(f"{run_dir} already finished (step {step_of(path)}); nothing to do; evaluate.py "
+                              f"--checkpoint {run_dir} to evaluate it again")
+
+
+def _refuse_what_cannot_change(path: str, diff: dict[str, tuple]) -> None:
+    """One line for the keys that are neither free nor APPLIED; model.name and data.dataset keep their own."""
     if "model.name" in diff:
         old, new = diff["model.name"]
         raise UserError(f"checkpoint {path} is for model {old}, this run is model {new}; resume with "
@@ -60,15 +74,6 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
         keep = " ".join(f"{k}={_text(old)}" for k, (old, _) in refused.items())
         raise UserError(f"cannot resume {path} with another {', '.join(refused)} ({changes}): the steps already "
                         f"trained would belong to another recipe; resume with {keep}, or {_FRESH}")
-    newer = [os.path.basename(p) for p in _own_checkpoints(run_dir, path) if step_of(p) > step_of(path)]
-    if diff and newer:
-        raise UserError(f"cannot resume {path} with another {', '.join(diff)}: the folder's newer {', '.join(newer)} "
-                        f"would stay, from the old settings, for a later resume to pick up; resume the newest "
-                        f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
-                        f"output_dir=<new folder>)")
-    if not diff and _finished(run_dir, path):
-        raise AlreadyFinished(f"{run_dir} already finished (step {step_of(path)}); nothing to do; evaluate.py "
-                              f"--checkpoint {run_dir} to evaluate it again")
 
 
 def resume(checkpoints: Checkpoints, path: str, cfg: Config, total_steps: int) -> tuple[TrainState, list[dict]]:
