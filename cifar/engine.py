@@ -1,9 +1,10 @@
 """The training loop on Accelerate: one CPU, one GPU or many, read top to bottom.
 
-train() is the recipe: start_run builds everything the loop needs (resumed from a checkpoint when there is one),
-then each epoch is optimizer steps over accumulation windows, each followed by the checkpointer's decision whether a
-save is due, then an evaluation and the epoch's row; the end is a summary. Everything reported goes through
-run.report, one call per event.
+train() is the recipe: start_run builds everything the loop needs (resumed from a checkpoint when there is one, the
+config's changes applied or refused by cifar/resume.py), then each epoch is optimizer steps over accumulation
+windows, each followed by the checkpointer's decision whether a save is due, then an evaluation and the epoch's row;
+the end is a summary. Everything reported goes through run.report, one call per event. Diverged weights or losses
+are never saved (cifar/divergence.py).
 """
 from __future__ import annotations
 
