@@ -20,7 +20,7 @@ import os
 import yaml
 
 from . import log
-from .checkpoint import Checkpoints, TrainState, list_checkpoints, read_state, step_of
+from .checkpoint import Checkpoints, TrainState, list_checkpoints, read_state, step_of, verify
 from .config import Config, flatten, with_saved_defaults
 from .errors import AlreadyFinished, UserError
 
@@ -46,8 +46,7 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
                         f"{ours} (batch_size x processes x grad_accum_steps); keep it equal")
     diff = config_diff(saved["config"], cfg.to_dict())
     _refuse_what_cannot_change(path, diff)
-    newer = [os.path.basename(p) for p in _own_checkpoints(run_dir, path) if step_of(p) > step_of(path)]
-    if diff and newer:
+    if diff and (newer := _newer_valid(run_dir, path)):
         raise UserError(f"cannot resume {path} with another {', '.join(diff)}: the folder's newer {', '.join(newer)} "
                         f"would stay, from the old settings, for a later resume to pick up; resume the newest "
                         f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
@@ -108,6 +107,13 @@ def _own_checkpoints(run_dir: str, path: str) -> list[str]:
     """run_dir's checkpoints when `path` is one of them; [] when it comes from another folder."""
     folder = os.path.join(os.path.abspath(run_dir), "checkpoints")
     return list_checkpoints(folder) if os.path.dirname(os.path.abspath(path)) == folder else []
+
+
+def _newer_valid(run_dir: str, path: str) -> list[str]:
+    """The names of run_dir's checkpoints newer than `path` (one of them) that verify: a damaged one is never
+    resumed, and a save at its step replaces it."""
+    return [os.path.basename(p) for p in _own_checkpoints(run_dir, path)
+            if step_of(p) > step_of(path) and verify(p) is None]
 
 
 def _finished(run_dir: str, path: str) -> bool:
