@@ -13,12 +13,13 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 
 from . import log
-from .config import Config, flatten, with_saved_defaults
+from .config import Config
 from .errors import SaveFailed, UserError, warn, write_advice
-from .files import fsync_dir, load_weights, sha256, weights_bytes, write_durable
+from .files import (fsync_dir, load_tensors_only, load_weights, refused_global, sha256, weights_bytes,
+                    write_durable)
 from .run_folder import CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
 from .runtime import on_main
 
@@ -54,6 +56,8 @@ class TrainState:
     time_to_target: float | None = None      # training seconds when train.target_acc was first reached
     steps_to_target: int | None = None
     lr: float | None = None                  # group 0's lr in the last optimizer step (an epoch row reports it)
+    # keys changed on resume and applied from then on (cifar/resume.py): {"step", "key", "from", "to"} each
+    config_changes: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- files
@@ -150,7 +154,7 @@ def newest_valid(folder: str) -> str | None:
 def choose_resume(run_dir: str, policy) -> str | None:
     """The checkpoint a run in `run_dir` continues from, per checkpoint.resume; None to start fresh. Main process,
     with the run folder locked. Deletes nothing: a fresh start's caller moves earlier outputs aside."""
-    folder = os.path.join(run_dir, "checkpoints")
+    folder = os.path.join(run_dir, CHECKPOINTS)
     resume = policy.resume
     if resume == "never":
         if list_checkpoints(folder) and not policy.overwrite:
@@ -163,8 +167,8 @@ def choose_resume(run_dir: str, policy) -> str | None:
         log.debug(f"checkpoint.resume=auto: {f'resuming from {found}' if found else f'no checkpoint in {folder}'}")
         return found
     path = os.path.abspath(resume)
-    if os.path.isdir(os.path.join(path, "checkpoints")):      # a run folder: its newest valid checkpoint
-        found = newest_valid(os.path.join(path, "checkpoints"))
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):      # a run folder: its newest valid checkpoint
+        found = newest_valid(os.path.join(path, CHECKPOINTS))
         if found is None:
             raise UserError(f"no checkpoint in {path}/checkpoints; pass a step-<N> folder or "
                             f"checkpoint.resume=never")
@@ -287,36 +291,21 @@ class Checkpoints:
 
     # -- loading
 
-    def load(self, path: str, global_batch: int) -> TrainState:
-        """Restore the model, optimizer, scheduler, grad scaler and this rank's RNGs from `path` (every rank),
-        refusing a checkpoint trained with another global batch (its data position and schedule would not fit)."""
-        with open(os.path.join(path, "state.json")) as f:
-            saved = json.load(f)
-        theirs = saved["state"]["global_batch"]
-        if theirs != global_batch:
-            raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has "
-                            f"{global_batch} (batch_size x processes x grad_accum_steps); keep it equal")
-        theirs, ours = saved["config"]["model"]["name"], self.cfg.model.name
-        if theirs != ours:
-            raise UserError(f"checkpoint {path} is for model {theirs}, this run is model {ours}; resume with "
-                            f"model.name={theirs}, or start over with checkpoint.resume=never and another output_dir")
-        theirs, ours = with_saved_defaults(saved["config"])["data"]["dataset"], self.cfg.data.dataset
-        if theirs != ours:
-            raise UserError(f"checkpoint {path} was trained on data.dataset={theirs}, this run is data.dataset={ours}; "
-                            f"resume with data.dataset={theirs}, or start over with checkpoint.resume=never and "
-                            f"another output_dir")
+    def load(self, path: str) -> TrainState:
+        """Restore the model, optimizer, scheduler, grad scaler and this rank's RNGs from `path` (every rank). The
+        checkpoint was vetted against the config before (cifar/resume.py): what differs is applied, not refused
+        here. The optimizer's lr and weight decay follow the config, at the schedule's restored position."""
+        saved = read_state(path)
         load_weights(self.model, os.path.join(path, WEIGHTS), "resume with the config it was saved with")
-        changed = config_changes(saved["config"], self.cfg.to_dict())
-        if changed:   # every rank knows; the log shows it once (CIFAR_LOG_ALL_RANKS=1: from each)
-            warn(f"resuming {path} with a different config ({'; '.join(changed[:4])}); the checkpoint's optimizer "
-                 f"and schedule state are restored as saved")
-        training = torch.load(os.path.join(path, "training.pt"), map_location="cpu", weights_only=True)
+        training = read_training(path)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(training["optimizer"])
         except ValueError as e:      # another number or size of parameter groups
             raise UserError(f"checkpoint {path} has optimizer state for other parameter groups ({e}); resume with "
                             f"the optim and model settings it was saved with") from None
         self.scheduler.load_state_dict(training["scheduler"])
+        follow_config(self.optimizer, self.scheduler, configured)
         if self.scaler is not None and training["scaler"] is not None:
             self.scaler.load_state_dict(training["scaler"])
         if self.ema:
@@ -325,7 +314,6 @@ class Checkpoints:
         if rank < len(training["rng"]):
             set_rng_state(training["rng"][rank])
         return TrainState(**saved["state"])
-
 
     def _load_ema(self, path: str, updates: int | None) -> None:
         file = os.path.join(path, EMA_WEIGHTS)
@@ -336,17 +324,72 @@ class Checkpoints:
         self.ema.restore(load_file(file), updates)
 
 
-# Keys that may change between an interrupted run and its resumption without changing the training trajectory.
-_FREE_TO_CHANGE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
-                   "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs")
+def follow_config(optimizer, scheduler, configured: list[dict]) -> None:
+    """Put the config's base lr and weight decay of each parameter group (`configured`: the groups as built from
+    the config, before the checkpoint's replaced them) back over the restored ones, and set each group's lr to its
+    schedule's value at the restored position. With the config a checkpoint was saved with this changes nothing
+    (the same product the scheduler computed); with a changed optim.lr or schedule length, the real lr follows the
+    new one from here on, rather than the restored base lr."""
+    for group, wanted in zip(optimizer.param_groups, configured):
+        group["initial_lr"], group["weight_decay"] = wanted["initial_lr"], wanted["weight_decay"]
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """The keys whose values differ, a saved config's missing keys read as what its training used (SAVED_DEFAULTS:
-    a checkpoint from before data.normalize existed was normalised with the CIFAR statistics)."""
-    a, b = flatten(with_saved_defaults(saved), sep="."), flatten(current, sep=".")
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)]
+# ----------------------------------------------------------------------------- reading a checkpoint's files
+
+# What a state.json cannot do without: where the loop stands. Fields added later default when absent.
+_REQUIRED = ("epoch", "samples_in_epoch", "step", "global_batch")
+_FRESH = "start over with checkpoint.resume=never checkpoint.overwrite=true (or another output_dir)"
+_START_OVER = f"resume from another checkpoint with checkpoint.resume=<path to a step-N folder>, or {_FRESH}"
+
+
+def read_state(path: str) -> dict:
+    """A checkpoint's state.json ({"state", "test_acc", "config"}), refused in one line when it is not JSON, lacks
+    what the loop needs, or has state this version does not know (written by a newer one)."""
+    file = os.path.join(path, "state.json")
+    try:
+        with open(file, "rb") as f:
+            saved = json.loads(f.read())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} has no state.json; {_START_OVER}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}); {_START_OVER}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(
+            saved.get("config"), dict):
+        raise UserError(f"{file} lacks its 'state' or 'config' section; {_START_OVER}")
+    missing = [k for k in _REQUIRED if not isinstance(saved["state"].get(k), int)]
+    if missing:
+        raise UserError(f"{file} lacks {', '.join(missing)} (or they are not integers); {_START_OVER}")
+    unknown = sorted(saved["state"].keys() - {f.name for f in fields(TrainState)})
+    if unknown:
+        raise UserError(f"{file} holds state this version does not know ({', '.join(unknown)}): it was written by a "
+                        f"newer version of this code; resume it with that version, or {_FRESH}")
+    return saved
+
+
+def read_training(path: str) -> dict:
+    """A checkpoint's training.pt, loaded with weights_only=True only: a file that would need arbitrary unpickling
+    (which runs code the file chooses) is refused in one line, never loaded, and torch's advice to load it with
+    weights_only=False never reaches the user."""
+    file = os.path.join(path, "training.pt")
+    try:
+        training = load_tensors_only(file)
+    except pickle.UnpicklingError as e:
+        needed = refused_global(e)
+        holds = f" (it holds a {needed})" if needed else ""
+        raise UserError(f"{file} is refused: loading it would need arbitrary unpickling{holds}, which could run code "
+                        f"from the file; it was not written by this version of train.py; {_START_OVER}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{file} cannot be read ({type(e).__name__}); {_START_OVER}") from None
+    if not isinstance(training, dict):
+        raise UserError(f"{file} holds a {type(training).__name__}, not the training state; {_START_OVER}")
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in training]
+    if missing:
+        raise UserError(f"{file} lacks {', '.join(missing)}; {_START_OVER}")
+    return training
 
 
 def _saved_acc(path: str) -> float | None:

@@ -356,7 +356,19 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
         raise UserError(f"config key '{key}' must be {allowed}; got {shorten(value)}")
 
 
+# Every float key must be a number training can hold: float32's largest (an lr of 1e300, or 1e309 read as inf, would
+# be inf in the first update).
+_FLOAT_MAX = 3.4028234663852886e38
+# numpy's seeds (set_seed seeds numpy, Python and torch alike) are 0 .. 2**32 - 1
+_SEEDS = 2 ** 32
+
+
 def validate(cfg: Config) -> None:
+    for key, value in flatten(cfg.to_dict(), sep=".").items():
+        _require(not isinstance(value, float) or abs(value) <= _FLOAT_MAX, key,
+                 "a finite number of magnitude at most 3.4e38 (float32's largest)", value)
+    _require(0 <= cfg.seed < _SEEDS, "seed", f"in 0..{_SEEDS - 1} (for a random seed, pick one: seed=$RANDOM; the "
+             f"record then holds it)", cfg.seed)
     _require(cfg.model.name in MODELS, "model.name", "one of " + ", ".join(sorted(MODELS)), cfg.model.name)
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     m = cfg.model

@@ -1,9 +1,10 @@
 """The training loop on Accelerate: one CPU, one GPU or many, read top to bottom.
 
-train() is the recipe: start_run builds everything the loop needs (resumed from a checkpoint when there is one),
-then each epoch is optimizer steps over accumulation windows, each followed by the checkpointer's decision whether a
-save is due, then an evaluation and the epoch's row; the end is a summary. Everything reported goes through
-run.report, one call per event.
+train() is the recipe: start_run builds everything the loop needs (resumed from a checkpoint when there is one, the
+config's changes applied or refused by cifar/resume.py), then each epoch is optimizer steps over accumulation
+windows, each followed by the checkpointer's decision whether a save is due, then an evaluation and the epoch's row;
+the end is a summary. Everything reported goes through run.report, one call per event. Diverged weights or losses
+are never saved (cifar/divergence.py).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import Checkpoints, TrainState
+from .checkpoint import Checkpoints, TrainState, read_pointer
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
+from .divergence import check_loss, check_weights, fault_point
 from .ema import Ema, build_ema
 from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
@@ -28,6 +30,7 @@ from .optim import build_optimizer
 from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
 from .reporting import Reporter
+from .resume import resume, vet
 from .runtime import make_accelerator, on_main, shut_down
 from .schedule import build_scheduler
 from .signals import StopRequest
@@ -77,7 +80,11 @@ class Run:
 
 def train(cfg: Config) -> dict:
     stop = StopRequest().install()     # first: a signal during start-up is honoured at the first step
-    run = start_run(cfg, stop)
+    try:
+        run = start_run(cfg, stop)
+    except BaseException:              # refused (or nothing to do): the caller's own handlers come back
+        stop.uninstall()
+        raise
     state, t = run.state, cfg.train
     result, ema_row, graphs_before, wall_start = None, {}, compiled_graphs(), run.meters.window_start
     run.report.training(run.total_steps, state.step)
@@ -94,6 +101,7 @@ def train(cfg: Config) -> dict:
             run.meters.epoch, run.meters.epoch_start = StepStats.start(run.accelerator.device), time.perf_counter()
             if run.checkpoints.should_save(state.step, epoch_end=epoch):
                 save(run, result.accuracy if evaluated else None)
+        check_finite(run)                              # the final weights, before anything writes them
     except Stopped:
         raise
     except BaseException as e:
@@ -163,6 +171,7 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     if stepped:                                  # fp16 overflow skips a step: the schedule waits too
         run.scheduler.step()
     state.step += 1
+    fault_point(run.raw_model, state.step)       # the divergence tests' CIFAR_FAULT; nothing otherwise
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes
@@ -187,6 +196,7 @@ def evaluate_now(run: Run) -> EvalResult:
     result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta,
                       samples=16 if run.report.wants_samples else 0)
     state.eval_seconds += time.perf_counter() - start
+    check_loss(result.loss, "the test loss", state.step, latest_checkpoint(run))
     state.best_acc = max(state.best_acc or 0.0, result.accuracy)
     if t.target_acc is not None and state.time_to_target is None and result.accuracy >= t.target_acc:
         state.time_to_target, state.steps_to_target = run.meters.train_seconds, state.step
@@ -200,18 +210,33 @@ def evaluate_ema(run: Run) -> dict:
     state, start = run.state, time.perf_counter()
     result = evaluate(run.ema.module, run.test_batches, run.accelerator, tta=run.cfg.train.tta)
     state.eval_seconds += time.perf_counter() - start
+    check_loss(result.loss, "the moving average's test loss", state.step, latest_checkpoint(run))
     state.best_ema_acc = max(state.best_ema_acc or 0.0, result.accuracy)
     return {"test/ema_loss": result.loss, "test/ema_acc": result.accuracy}
 
 
 def save(run: Run, acc: float | None = None) -> str | None:
-    """A checkpoint of where the loop stands now (every rank calls this; the main process writes)."""
+    """A checkpoint of where the loop stands now (every rank calls this; the main process writes); never of
+    diverged weights."""
     state, meters = run.state, run.meters
+    check_finite(run)
     state.epoch_sums, state.log_sums = meters.epoch.totals(run.accelerator), meters.window.totals(run.accelerator)
     state.train_seconds = meters.train_seconds + (time.perf_counter() - meters.epoch_start)
     path = run.checkpoints.save(state, acc)
     run.report.checkpoint(path, state.step, acc)       # W&B model artifact (wandb.log_model), main process only
     return path
+
+
+def check_finite(run: Run) -> None:
+    """Diverged when the weights or their moving average are no longer finite numbers of a sane size."""
+    models = {"weight": run.raw_model, **({"moving-average weight": run.ema.module} if run.ema else {})}
+    check_weights(models, run.state.step, latest_checkpoint(run))
+
+
+def latest_checkpoint(run: Run) -> str | None:
+    """The newest checkpoint saved, which a rerun resumes from (None before any). Every rank reads the folder (each
+    loads its checkpoints on resume), so that each rank's error line names it."""
+    return read_pointer(run.checkpoints.folder, "latest")
 
 
 # ----------------------------------------------------------------------------- start and end
@@ -225,9 +250,12 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     set_resume(resume_command(output_dir, given=bool(cfg.output_dir)))   # every "resume" advice names the folder
     # Before any work: one writer per folder, and the checkpoint to resume from (refusing, rather than starting
-    # over, when there are checkpoints and none verifies). The main process decides; every rank loads it below.
+    # over, when there are checkpoints and none verifies, or when the config changed what it cannot change; a
+    # finished run with the same config stops here, AlreadyFinished). The main process decides; every rank loads
+    # it below.
     lock = RunLock(output_dir)
-    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock))
+    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock,
+                                                              vet=lambda path: vet(path, cfg, world, output_dir)))
     set_seed(cfg.seed)
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
@@ -249,12 +277,15 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
                               scheduler=scheduler, total_steps=total_steps, epochs=epochs, ema=ema)
 
     global_batch = cfg.data.batch_size * world * t.grad_accum_steps
-    state = TrainState(global_batch=global_batch, world_size=world)
+    state, changes = TrainState(global_batch=global_batch, world_size=world), []
     if resumed_from:
-        state = checkpoints.load(resumed_from, global_batch)
+        state, changes = resume(checkpoints, resumed_from, cfg, total_steps)
+        # a run that train.max_steps ended mid-epoch continues, when trained longer, at the next epoch's start (its
+        # checkpoint counts that epoch as done): the epochs still to go are counted from there
+        epochs = checkpoints.epochs = max(epochs, state.epoch + math.ceil((total_steps - state.step) / steps_per_epoch))
     report = Reporter(cfg, output_dir, main=main, run_info=run_info(cfg, accelerator),
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
-    state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from)
+    state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from, changes)
 
     # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time, and
     # invisible to the RNG: a dropout mask drawn here would shift every later draw, so that a resumed run's draws
@@ -298,7 +329,7 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": accelerator.num_processes, "mixed_precision": t.mixed_precision,
         "global_batch_size": state.global_batch, "device": accelerator.device.type,
-        "resumed_from": run.resumed_from, "wandb_run_id": state.wandb_run_id,
+        "resumed_from": run.resumed_from, "config_changes": state.config_changes, "wandb_run_id": state.wandb_run_id,
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": run.data_seconds,
         "compile_seconds": run.compile_seconds, "eval_seconds": state.eval_seconds,

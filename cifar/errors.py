@@ -122,13 +122,23 @@ def write_advice(err: int | None) -> str:
     return f"{fix}, then {_resume}" if _resume else f"{fix}, or write elsewhere (--output)"
 
 
+class Diverged(UserError):
+    """Training diverged (a non-finite loss, evaluation loss or weights): nothing of it was saved, the newest
+    checkpoint is the last good one. Exit 2 like any setting to fix (optim.lr, train.grad_clip): rerunning as it is
+    would diverge again, so batch scripts must not requeue it (they requeue 75 only)."""
+
+
+class AlreadyFinished(Exception):
+    """A rerun found its run finished with the same config: nothing to do, nothing written (one line, exit 0)."""
+
+
 class Stopped(Exception):
     """Training stopped early on a signal, after saving a checkpoint (or before it began, with nothing to save)."""
 
 
 def cli(main):
     """Wrap an entry point: logging set up; a UserError prints one line on stderr and exits 2 (74 for a disk
-    fault, 75 when stopped with a checkpoint)."""
+    fault, 75 when stopped with a checkpoint); a run already finished is one info line and exit 0."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -138,6 +148,9 @@ def cli(main):
             except ValueError as e:
                 raise UserError(str(e)) from None
             return main(*args, **kwargs)
+        except AlreadyFinished as e:
+            log.info(str(e))
+            return None
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)

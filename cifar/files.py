@@ -124,26 +124,38 @@ def load_fitting(model: torch.nn.Module, state: dict, path: str, fix: str) -> No
 _NOT_TORCH = (RuntimeError, EOFError, KeyError, ValueError, UnicodeDecodeError)
 
 
+def load_tensors_only(path: str):
+    """torch.load(path) with weights_only=True, on the CPU. torch's warnings on a foreign file are silenced (they
+    would precede the caller's one line); a file that needs more than tensors and plain containers raises
+    pickle.UnpicklingError, whose text (torch's, advising weights_only=False) must never reach the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refused_global(e: pickle.UnpicklingError) -> str | None:
+    """The class or function torch's weights-only unpickler refused to import, from its message: "Unsupported
+    global: GLOBAL x.y" when it could be allowed, "unsupported GLOBAL x.y whose module x is blocked" (os, ...)."""
+    needed = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+    return needed.group(1) if needed else None
+
+
 def read_state_dict(path: str) -> dict:
     """A bare PyTorch state_dict file (torch.save(net.state_dict(), PATH), as the tutorial saves it), read with
     weights_only=True only: unpickling arbitrary objects runs code the file chooses, so a file that needs it is
     refused, as is anything that is not a flat mapping of names to tensors. One line each, naming the file."""
     try:
-        with warnings.catch_warnings():     # torch's warnings on a foreign file would precede our one line
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors_only(path)
     except FileNotFoundError:
         raise UserError(f"{path} not found; pass a state_dict saved with torch.save(net.state_dict(), PATH), or a "
                         f"run folder written by train.py") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler names the first class or function the file would have to import: "Unsupported
-        # global: GLOBAL x.y" when it could be allowed, "unsupported GLOBAL x.y whose module x is blocked" (os, ...)
-        needed = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        needed = refused_global(e)
         if not needed:
             raise _not_torch(path, e) from None
-        raise UserError(f"{path} needs arbitrary unpickling to load (it holds a {needed.group(1)}, not only "
+        raise UserError(f"{path} needs arbitrary unpickling to load (it holds a {needed}, not only "
                         f"tensors), which could run code from the file, so it is refused: only weights are loaded "
                         f"(weights_only=True); save the network with torch.save(net.state_dict(), PATH)") from None
     except _NOT_TORCH as e:

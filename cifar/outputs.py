@@ -20,12 +20,15 @@ from .run_folder import (CHECKPOINTS, CONFIG, EMA_WEIGHTS, METRICS, OUTPUTS, STA
                          remove_leftovers)
 
 
-def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock) -> str | None:
-    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh). The temporary files a killed
-    writer left are removed (no other writer can be running now). A fresh start, or one from another folder's
-    checkpoint, first moves this folder's earlier outputs into previous-<time>/."""
+def claim_run_dir(run_dir: str, policy: CheckpointConfig, lock: RunLock, vet=None) -> str | None:
+    """Lock the run folder, then pick the checkpoint to resume from (None: start fresh) and have vet(checkpoint)
+    refuse it while nothing is written yet. The temporary files a killed writer left are removed (no other writer
+    can be running now). A fresh start, or one from another folder's checkpoint, first moves this folder's earlier
+    outputs into previous-<time>/."""
     lock.acquire()
     resume = choose_resume(run_dir, policy)
+    if resume is not None and vet is not None:
+        vet(resume)
     lock.record()
     removed = remove_leftovers(run_dir)
     if removed:
@@ -90,6 +93,13 @@ def _write(path: str, data: bytes) -> None:
         write_atomic(path, data)
 
 
+def _before_resume(line: bytes, resume_step: int) -> bool:
+    """Whether a metrics.jsonl line was written before the checkpoint at resume_step: its step is no later, and it
+    is not the config_changes row of an earlier resumption from that same checkpoint (this one writes its own)."""
+    step = _row_step(line)
+    return step is not None and (step < resume_step or step == resume_step and "config_changes" not in json.loads(line))
+
+
 def to_json(obj) -> str:
     return json.dumps(_clean(obj), allow_nan=False)
 
@@ -105,7 +115,7 @@ class RunWriter:
         if resume_step is not None and os.path.exists(path):
             with open(path, "rb") as f:
                 lines = f.readlines()
-            kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= resume_step]
+            kept = [line for line in lines if _before_resume(line, resume_step)]
             if kept != lines:
                 _write(path, b"".join(kept))
         self._metrics = open(path, "a")

@@ -25,8 +25,10 @@ class Reporter:
         self.cfg, self.output_dir, self.run_info, self.wandb_run_id = cfg, output_dir, run_info, wandb_run_id
         self.tracker = Tracker(wandb_run_id)
 
-    def started(self, step: int, epoch: int, total_steps: int, world: int, resumed_from: str | None) -> str | None:
-        """The run begins (or resumes at `step`); returns the W&B run id to keep in checkpoints."""
+    def started(self, step: int, epoch: int, total_steps: int, world: int, resumed_from: str | None,
+                config_changes: list[dict] = ()) -> str | None:
+        """The run begins (or resumes at `step`, with `config_changes` applied from there: a metrics.jsonl row at that
+        step names each, old and new value); returns the W&B run id to keep in checkpoints."""
         self.console.config(self.cfg.to_yaml(), self.output_dir)
         if resumed_from:
             self.console.print(f"resuming from {resumed_from} (step {step}, epoch {epoch})")
@@ -35,6 +37,9 @@ class Reporter:
                                resumed_from=resumed_from)
         self.tracker = Tracker.start(self.cfg, output_dir=self.output_dir, enabled=self.writer is not None,
                                      run_id=self.wandb_run_id, extra=self.run_info)
+        if config_changes:
+            self._log({"step": step, "config_changes": {c["key"]: {"from": c["from"], "to": c["to"]}
+                                                        for c in config_changes}})
         return self.tracker.run_id
 
     @property

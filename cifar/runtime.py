@@ -10,7 +10,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
                                broadcast_object_list)
 
 from .config import Config
-from .errors import UserError
+from .errors import AlreadyFinished, UserError
 from .perf import keep_freed_memory
 
 
@@ -45,12 +45,13 @@ def compile_mode(mode: str, world: int) -> str:
 
 
 def on_main(accelerator: Accelerator, fn):
-    """Run fn on the main process only and hand every rank its result, or the same UserError (or SaveFailed)."""
+    """Run fn on the main process only and hand every rank its result, or the same UserError (or SaveFailed, or
+    AlreadyFinished)."""
     box = [None]
     if accelerator.is_main_process:
         try:
             box[0] = ("ok", fn())
-        except UserError as e:
+        except (UserError, AlreadyFinished) as e:
             box[0] = ("error", e)
     if accelerator.num_processes > 1:
         broadcast_object_list(box, from_process=0)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from .errors import Diverged
 
 
 @dataclass
@@ -37,7 +37,7 @@ class StepStats:
                              torch.tensor(float(self.samples), device=self.loss_sum.device, dtype=torch.float64)])
         loss_sum, correct, samples = accelerator.reduce(local, "sum").tolist()
         if not math.isfinite(loss_sum):
-            raise UserError(f"training diverged: the loss became {loss_sum}; lower optim.lr or set train.grad_clip "
+            raise Diverged(f"training diverged: the loss became {loss_sum}; lower optim.lr or set train.grad_clip "
                             f"(the last good checkpoint is kept)")
         return [loss_sum, int(correct), int(samples)]
 

@@ -243,14 +243,20 @@ def test_sigint_single_process_exits_resumable_and_resumes(tmp_path, long_refere
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Two good steps, each checkpointed; then resumed with optim.lr=1e30 (applied from step 3): the loss turns NaN,
+    and the row at step 16 stops the run. (With 1e30 from step 1 nothing is ever saved: step 1's weights are
+    already beyond what a checkpoint may hold, cifar/divergence.py.)"""
     out = tmp_path / "run"
-    proc = run("train.py", "--config", "configs/debug.yaml", "optim.lr=1e30", "schedule.warmup_steps=0",
-               "schedule.name=constant", "checkpoint.every_steps=1", f"output_dir={out}", check=False)
+    args = ["--config", "configs/debug.yaml", "schedule.warmup_steps=0", "schedule.name=constant",
+            f"output_dir={out}"]
+    run("train.py", *args, "train.max_steps=2", "checkpoint.every_steps=1")
+    proc = run("train.py", *args, "optim.lr=1e30", "train.max_steps=64", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training diverged") and "Traceback" not in proc.stderr
+    assert "the loss became nan" in lines[-1]
     good = steps_of(out)
-    assert good and all(verify(str(out / "checkpoints" / f"step-{s}")) is None for s in good)
+    assert good == [1, 2] and all(verify(str(out / "checkpoints" / f"step-{s}")) is None for s in good)
     newest = load_file(str(out / "checkpoints" / f"step-{good[-1]}" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in newest.values())
 
@@ -385,10 +391,10 @@ def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path):
 def test_a_checkpoint_from_before_data_normalize_reads_it_as_cifar():
     """Such runs were normalised with the CIFAR statistics: resuming with data.normalize=cifar changes nothing, and
     without it the change is named as what it is (cifar -> tutorial), not None -> tutorial."""
-    from cifar.checkpoint import config_changes
     from cifar.config import load_config
+    from cifar.resume import config_diff
 
     old = load_config("configs/debug.yaml").to_dict()
     del old["data"]["normalize"]
-    assert config_changes(old, load_config("configs/debug.yaml", ["data.normalize=cifar"]).to_dict()) == []
-    assert config_changes(old, load_config("configs/debug.yaml").to_dict()) == ["data.normalize: cifar -> tutorial"]
+    assert config_diff(old, load_config("configs/debug.yaml", ["data.normalize=cifar"]).to_dict()) == {}
+    assert config_diff(old, load_config("configs/debug.yaml").to_dict()) == {"data.normalize": ("cifar", "tutorial")}

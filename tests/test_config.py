@@ -83,6 +83,13 @@ def test_override_values_are_yaml():
     ("train.compile_mode=turbo", "train.compile_mode"),
     ("model.whiten_bias_epochs=3", "model.whiten_bias_epochs"),      # the debug recipe's net has no whitening
     ("optim=3", "optim"),
+    ("optim.lr=1e300", "optim.lr"),                  # finite in Python, inf in the float32 update
+    ("optim.lr=1e309", "optim.lr"),                  # YAML reads a string, float() makes it inf
+    ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("train.grad_clip=.nan", "train.grad_clip"),
+    ("train.target_acc=-.inf", "train.target_acc"),
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -196,3 +203,17 @@ def test_print_config_with_a_bad_override_is_one_line_exit_2(tmp_path):
 def test_ema_settings_are_checked(override, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, line", [
+    ("optim.lr=1e309", "error: config key 'optim.lr' must be a finite number of magnitude at most 3.4e38 (float32's "
+                       "largest); got inf"),
+    ("seed=-1", "error: config key 'seed' must be in 0..4294967295 (for a random seed, pick one: seed=$RANDOM; the "
+                "record then holds it); got -1"),
+])
+def test_an_overflowing_float_or_a_seed_out_of_range_is_one_line_exit_2(tmp_path, override, line):
+    """Every float key is a finite float32 (1e300 or 1e309 would be inf in the first update); seeds are numpy's,
+    0 .. 2**32 - 1 (-1, often meaning "random", is refused: the record must hold the seed really used)."""
+    proc = run("train.py", "--print-config", override, check=False, cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == line + "\n"
+    assert load_config(None, ["seed=4294967295"]).seed == 2 ** 32 - 1
