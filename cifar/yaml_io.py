@@ -25,7 +25,11 @@ def safe_load(text_or_stream: str | IO[str], where: str, limit: int = FILE_CHARS
     """yaml.safe_load within the limits above; `where` names the source in a refusal ("config file X",
     "override optim.lr"). A stream is read no further than `limit` characters. Syntax errors stay yaml.YAMLError,
     for the caller to word."""
-    text = text_or_stream if isinstance(text_or_stream, str) else text_or_stream.read(limit + 1)
+    try:
+        text = text_or_stream if isinstance(text_or_stream, str) else text_or_stream.read(limit + 1)
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not a text (YAML) file: it holds bytes that are not UTF-8; pass a YAML "
+                        f"file") from None
     if len(text) > limit:
         raise UserError(f"{where} is longer than {limit:,} characters, the limit for YAML read here; "
                         f"{'shorten it' if isinstance(text_or_stream, str) else 'pass a smaller file'}")

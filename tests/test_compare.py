@@ -206,6 +206,34 @@ def test_missing_keys_and_empty_runs(tmp_path, capsys):
                     ["b", "0.3", "", "", "", "", "", "killed"], ["c", "-", "", "", "", "", "", "killed"]]
 
 
+def test_a_binary_config_and_wrong_typed_rows_are_one_line_or_shown_never_a_traceback(tmp_path, capsys):
+    """What compare reads is hostile too: a config.yaml of random bytes is one line naming it, exit 2; metric rows and
+    a summary.json whose values have the wrong types are left out of the figures, not a crash."""
+    good, binary, typed = (tmp_path / n for n in ("good", "binary", "typed"))
+    for folder, seed in ((good, 0), (typed, 1)):
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"{{name: debug, seed: {seed}}}\n")
+    (good / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "epoch": 0, "test/acc": 50.0 + i,
+                                                             "train/loss": 1.0 / i}) + "\n" for i in (1, 2)))
+    (typed / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in (
+        {"step": "x", "test/acc": "abc"}, {"step": 3, "epoch": "e", "test/acc": "abc", "train/loss": [1]},
+        {"step": 4, "test/acc": None, "train/loss": {"a": 1}})) + "\n")
+    (typed / "summary.json").write_text(json.dumps({"best_test_acc": "high", "final_test_acc": [1],
+                                                    "train_seconds": "x"}))
+    binary.mkdir()
+    (binary / "config.yaml").write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(SystemExit) as e:
+        main([str(good), str(binary), "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert str(binary / "config.yaml") in err and "not a text (YAML) file" in err
+    assert not (tmp_path / "x.png").exists()
+    for fmt in ("table", "md", "csv", "json"):
+        main([str(good), str(typed), "--each-run", "--format", fmt, "--output", str(tmp_path / f"{fmt}.png")])
+        out = capsys.readouterr().out
+        assert "good" in out and "typed" in out and (tmp_path / f"{fmt}.png").is_file()
+
+
 # ----------------------------------------------------------------------------- formats and statuses
 
 @pytest.mark.parametrize("fmt", ["md", "csv"])  # json, and the PNG's line on stderr: test_the_columns_are_exactly...
