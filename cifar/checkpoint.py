@@ -31,7 +31,7 @@ from .config import Config
 from .errors import SaveFailed, UserError, warn, write_advice
 from .files import (fsync_dir, load_tensors_only, load_weights, refused_global, sha256, weights_bytes,
                     write_durable)
-from .run_folder import CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
+from .run_folder import BEST, CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
 from .runtime import on_main
 
 MANIFEST = "manifest.json"
@@ -265,7 +265,7 @@ class Checkpoints:
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(self.folder)
-        _write_pointer(self.folder, "latest", name)
+        _write_pointer(self.folder, LATEST, name)
         self._prune()
         log.debug(f"saved checkpoint {final} ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB, verified "
                   f"by SHA-256 on resume); kept: {', '.join(os.path.basename(p) for p in list_checkpoints(self.folder))}")
@@ -281,7 +281,7 @@ class Checkpoints:
         best = [p for _, _, p in sorted(scored, reverse=True)[: self.policy.keep_best]]
         keep.update(best)
         if best:
-            _write_pointer(self.folder, "best", os.path.basename(best[0]))
+            _write_pointer(self.folder, BEST, os.path.basename(best[0]))
         for path in done:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)

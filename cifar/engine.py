@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import Checkpoints, TrainState, read_pointer
+from .checkpoint import Checkpoints, TrainState
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
 from .divergence import check_loss, check_weights, fault_point
@@ -31,6 +31,7 @@ from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
 from .reporting import Reporter
 from .resume import resume, vet
+from .run_folder import LATEST, read_pointer
 from .runtime import make_accelerator, on_main, shut_down
 from .schedule import build_scheduler
 from .signals import StopRequest
@@ -236,7 +237,7 @@ def check_finite(run: Run) -> None:
 def latest_checkpoint(run: Run) -> str | None:
     """The newest checkpoint saved, which a rerun resumes from (None before any). Every rank reads the folder (each
     loads its checkpoints on resume), so that each rank's error line names it."""
-    return read_pointer(run.checkpoints.folder, "latest")
+    return read_pointer(run.checkpoints.folder, LATEST)
 
 
 # ----------------------------------------------------------------------------- start and end
