@@ -47,7 +47,7 @@ def _kept(latest: str | None) -> str:
 _FAULTS = {"poison-weights": math.inf, "inflate-weights": 1e30}
 
 
-def fault_point(model: torch.nn.Module, step: int) -> None:
+def blow_up_fault(model: torch.nn.Module, step: int) -> None:
     """For the divergence tests: CIFAR_FAULT=poison-weights:<step> (or inflate-weights:<step>) blows the weights up
     right after optimizer step <step>, so that the real detection path is what the tests exercise."""
     name, _, at = os.environ.get("CIFAR_FAULT", "").partition(":")

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from .checkpoint import Checkpoints, TrainState
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
-from .divergence import check_loss, check_weights, fault_point
+from .divergence import blow_up_fault, check_loss, check_weights
 from .ema import Ema, build_ema
 from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
@@ -172,7 +172,7 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     if stepped:                                  # fp16 overflow skips a step: the schedule waits too
         run.scheduler.step()
     state.step += 1
-    fault_point(run.raw_model, state.step)       # the divergence tests' CIFAR_FAULT; nothing otherwise
+    blow_up_fault(run.raw_model, state.step)     # the divergence tests' CIFAR_FAULT; nothing otherwise
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes

@@ -308,6 +308,26 @@ def test_a_training_pt_that_needs_unpickling_is_refused_without_torchs_advice(co
     assert read_json(copy / "status.json")["state"] == "finished" and read_json(copy / "summary.json")["steps"] == 8
 
 
+def test_optimizer_state_for_other_parameter_groups_is_one_line(copy, capsys):
+    """A training.pt whose optimizer state holds another number of parameter groups than the config builds (a
+    hand-edited checkpoint, or one from a version that grouped parameters differently): one line naming the file
+    and the fix, never torch's ValueError; nothing of the run folder changes."""
+    checkpoint = copy / "checkpoints" / "step-8"
+    training = torch.load(checkpoint / "training.pt", weights_only=True)
+    groups = training["optimizer"]["param_groups"]
+    training["optimizer"]["param_groups"] = groups + [dict(groups[0], params=[])]
+    buffer = io.BytesIO()
+    torch.save(training, buffer)
+    rewrite(checkpoint, "training.pt", buffer.getvalue())
+    before = snapshot(copy)
+    code, _, err = train_in_process(capsys, *ARGS, "train.max_steps=16", f"output_dir={copy}")
+    line = one_error_line(code, err)
+    assert f"checkpoint {checkpoint} has optimizer state for other parameter groups" in line
+    assert "resume with the optim and model settings it was saved with" in line and "Traceback" not in err
+    after = snapshot(copy)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
 # ----------------------------------------------------------------------------- divergence
 
 def all_finite(path) -> bool:
