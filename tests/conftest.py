@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from safetensors.torch import load_file
 from cifar.data import CIFAR100_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The debug recipe's 192-step run as the checkpoint, end-to-end and docs tests compare against it: one shared baseline
+DEBUG = ("--config", "configs/debug.yaml", "checkpoint.every_steps=8", "train.log_every_steps=4")
 
 
 def write_cifar(root: str, n_train: int, n_test: int, seed: int = 0) -> str:
@@ -76,6 +81,8 @@ def env(**extra) -> dict:
 
 def command(script: str, args, procs: int = 1) -> list[str]:
     """The command line a user would type: python script ..., or accelerate launch (DDP on gloo) for procs > 1."""
+    if script == "train.py":
+        _refuse_in_the_fast_tier("starts a training process")
     path = os.path.join(ROOT, script)
     if procs == 1:
         return [sys.executable, path, *args]
@@ -146,3 +153,86 @@ def lock_held_by_child(folder):
         os.waitpid(pid, 0)
         for fd in (*ready, *done):
             os.close(fd)
+
+
+# --- The suite's budget --------------------------------------------------------------------------------------------
+# Every test fits in BUDGET seconds of wall time (setup, including the module fixtures it is the first to need, plus
+# its call), or says why not with @pytest.mark.budget(seconds=N, reason="..."). CIFAR_TEST_BUDGET=<seconds> moves
+# the default (0 turns the check off, e.g. on a machine busy with other work); CI runs with the default.
+BUDGET = float(os.environ.get("CIFAR_TEST_BUDGET", "60"))
+_current: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current["item"] = item
+    yield
+    _current.pop("item", None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "setup":
+        item.stash[_setup_time] = call.duration
+        return
+    if call.when != "call" or not report.passed or BUDGET <= 0:
+        return
+    marker = item.get_closest_marker("budget")
+    if marker is not None and not marker.kwargs.get("reason"):
+        report.outcome, report.longrepr = "failed", "@pytest.mark.budget needs reason=: say why this test is slow"
+        return
+    limit = marker.kwargs.get("seconds", BUDGET) if marker is not None else BUDGET
+    took = item.stash.get(_setup_time, 0.0) + call.duration
+    if took > limit:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {took:.1f} s (setup {item.stash.get(_setup_time, 0.0):.1f} s), over "
+                           f"its {limit:.0f} s budget: make it cheaper, or mark it "
+                           f"@pytest.mark.budget(seconds=N, reason=...)")
+
+
+_setup_time = pytest.StashKey[float]()
+
+
+def _refuse_in_the_fast_tier(what: str) -> None:
+    """The fast tier (-m "not slow") is the edit-test loop: no test in it pays for a training process."""
+    item = _current.get("item")
+    if item is not None and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} {what} but is in the fast tier: call train.main in this process, use a shared "
+                    f"baseline from a slow test, or mark it @pytest.mark.slow", pytrace=False)
+
+
+# --- Shared baselines ----------------------------------------------------------------------------------------------
+# A reference run that several tests (in several files) compare against is trained once per session, whichever
+# xdist worker needs it first; the others wait on its lock file and reuse the folder. Treat it as read-only: copy it
+# (shutil.copytree) before changing anything in it.
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):       # each worker has its own basetemp; their parent is the session's
+        base = base.parent
+    shared = base / "baselines"
+    shared.mkdir(exist_ok=True)
+
+    def get(*args: str, procs: int = 1, **env_extra: str) -> Path:
+        """The run folder of `train.py *args output_dir=<folder>` (procs processes, extra environment), trained once
+        per session. "{dir}" in an environment value is a private folder of this baseline's (a HOME, a WANDB_DIR).
+        What the run printed is beside the folder: <folder>.stdout and <folder>.stderr."""
+        key = hashlib.sha256(json.dumps([procs, args, sorted(env_extra.items())]).encode()).hexdigest()[:16]
+        folder, done = shared / key, shared / f"{key}.done"
+        with open(shared / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                private = shared / f"{key}.env"
+                for path in (folder, private):          # a worker that died mid-run left them: train again
+                    shutil.rmtree(path, ignore_errors=True)
+                private.mkdir()
+                extra = {k: v.replace("{dir}", str(private)) for k, v in env_extra.items()}
+                proc = run("train.py", *args, f"output_dir={folder}", procs=procs, **extra)
+                Path(f"{folder}.stdout").write_text(proc.stdout)
+                Path(f"{folder}.stderr").write_text(proc.stderr)
+                done.write_text(json.dumps({"args": list(args), "procs": procs}))
+        return folder
+
+    return get
