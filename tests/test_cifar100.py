@@ -198,27 +198,29 @@ def test_data_and_weights_of_the_other_dataset_are_one_line_each(tmp_path, capsy
     assert not os.path.exists(os.path.join(run100, "cifar_net.pth"))
 
 
-@pytest.mark.slow
-def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path):
+def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path, capsys, monkeypatch):
+    """train.py and evaluate.py's code in this process (their command lines are tested elsewhere)."""
     names = [f"{c}_x" for c in CIFAR100_CLASSES]            # the meta file's names are the ones reported
     root = write_cifar100(str(tmp_path / "data"), n_train=200, n_test=100, classes=names)
     out = tmp_path / "run"
-    run("train.py", "--config", "configs/debug.yaml", "data.source=files", "data.dataset=cifar100",
-        f"data.root={root}", "data.download=false", "train.epochs=1", f"output_dir={out}")
+    train_here("--config", "configs/debug.yaml", "data.source=files", "data.dataset=cifar100", f"data.root={root}",
+               "data.download=false", "train.epochs=1", f"output_dir={out}")
     summary = read_json(out / "summary.json")
     assert list(summary["per_class_acc"]) == names
-    proc = run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "eval"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    capsys.readouterr()
+    evaluate_run(str(out), [], "none", str(tmp_path / "eval"))
+    stdout = capsys.readouterr().out
     evaluated = read_json(tmp_path / "eval" / "eval.json")
     assert evaluated["count"] == 100 and evaluated["dataset"] == "cifar100"
     assert list(evaluated["per_class"]) == names and np.asarray(evaluated["confusion"]).shape == (100, 100)
-    assert "Accuracy of the network on the 100 test images" in proc.stdout
-    assert "The best 10 of 100 classes" in proc.stdout and "The worst 10 of 100 classes" in proc.stdout
-    assert len([line for line in proc.stdout.splitlines() if line.startswith("Accuracy of")]) == 21
+    assert "Accuracy of the network on the 100 test images" in stdout
+    assert "The best 10 of 100 classes" in stdout and "The worst 10 of 100 classes" in stdout
+    assert len([line for line in stdout.splitlines() if line.startswith("Accuracy of")]) == 21
     with Image.open(tmp_path / "eval" / "confusion.png") as png:
         assert png.size[0] >= 1500
     # resuming it as CIFAR-10 (synthetic, so that the data is there) is refused before any step
-    resumed = run("train.py", "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}", check=False)
-    line = one_line_error(resumed)
+    line = refused_here(capsys, train_here, "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}")
     assert "was trained on data.dataset=cifar100, this run is data.dataset=cifar10" in line
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import (DOUBLE_BATCH, ROOT, command, env, max_diff, read_json, read_jsonl, run, train_here,
                       weights)
+from dump_device_batches import batches_of
 
 from cifar.evaluate_run import evaluate_run
 
@@ -133,14 +134,10 @@ def test_dataloader_path_completes_the_uneven_last_global_batch_from_the_epochs_
 
     Checked that it fails: in a scratch copy, the training DataLoader built with drop_last=True (the device path's
     rule) made the epochs 5 batches long and the test failed."""
-    dumps = {}
-    for name, procs, batch in (("one", 1, 16), ("two", 2, 8)):
-        folder = tmp_path / name
-        folder.mkdir()
-        run("tests/dump_device_batches.py", str(folder), "data.loader=dataloader", "data.num_workers=0",
-            "data.limit_train=84", f"data.batch_size={batch}", procs=procs)
-        dumps[name] = [torch.load(folder / f"rank{r}.pt") for r in range(procs)]
-    (one,), (two0, two1) = dumps["one"], dumps["two"]
+    loader = ["data.loader=dataloader", "data.num_workers=0", "data.limit_train=84"]
+    one = batches_of([*loader, "data.batch_size=16"])                   # one process: this one
+    run("tests/dump_device_batches.py", str(tmp_path), *loader, "data.batch_size=8", procs=2)
+    two0, two1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for epoch in (0, 3):
         assert len(one[epoch]) == len(two0[epoch]) == len(two1[epoch]) == 6
         assert [len(y) for _, y in one[epoch]] == [16] * 5 + [4]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, max_diff, read_json, read_jsonl, run, train_here, weights
+from dump_device_batches import batches_of
 
 from cifar.config import DataConfig, OptimConfig, ScheduleConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
@@ -33,11 +34,10 @@ def no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-def dump(tmp_path, name, procs, *overrides):
-    folder = tmp_path / name
-    folder.mkdir()
-    run("tests/dump_device_batches.py", str(folder), "data.limit_train=96", *overrides, procs=procs)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(procs)]
+def two_ranks(tmp_path, *overrides):
+    """Each rank's training batches in a 2-process run (tests/dump_device_batches.py under accelerate launch)."""
+    run("tests/dump_device_batches.py", str(tmp_path), *overrides, procs=2)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
 def fingerprint(images, labels):
@@ -47,8 +47,8 @@ def fingerprint(images, labels):
 
 @pytest.mark.slow
 def test_device_batches_are_the_same_set_per_global_step_for_1_and_2_processes(tmp_path):
-    (one,) = dump(tmp_path, "one", 1, "data.batch_size=16")
-    two = dump(tmp_path, "two", 2, "data.batch_size=8")
+    one = batches_of(["data.limit_train=96", "data.batch_size=16"])          # one process: this one
+    two = two_ranks(tmp_path, "data.limit_train=96", "data.batch_size=8")
     for epoch in (0, 3):
         assert len(one[epoch]) == len(two[0][epoch]) == len(two[1][epoch]) == 6
         for k, (x, y) in enumerate(one[epoch]):
