@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -262,8 +263,17 @@ def train_here(*args: str) -> None:
 
 
 # The 1-process / 2-process double-batch pair that test_equivalence and test_ema both compare, trained once per
-# session through `baseline` (add data.batch_size=12, or data.batch_size=6 with procs=2): 84 images, global batch
-# 12, so 7 steps an epoch evenly split between 2 ranks; a moving average kept beside the weights.
+# session: 84 images, global batch 12, so 7 steps an epoch evenly split between 2 ranks; a moving average kept
+# beside the weights.
 DOUBLE_BATCH = ("--config", "configs/tutorial.yaml", "data.source=synthetic", "data.limit_train=84",
                 "data.limit_test=37", "data.augment=true", "data.num_workers=0", "optim.lr=0.05", "train.epochs=2",
                 "train.log_every_steps=1", "train.ema.decay=0.7")
+
+
+def double_batch_pair(baseline) -> tuple[Path, Path]:
+    """The run folders of DOUBLE_BATCH with batch 12 on 1 process and batch 6 on each of 2, trained at the same
+    time by whichever test needs them first (3 processes on CI's 2 cores: less wall time than one after the other)."""
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=12")
+        two = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=6", procs=2)
+        return one.result(), two.result()

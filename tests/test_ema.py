@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from cifar.checkpoint import verify
 from cifar.errors import cli
 from cifar.evaluate_run import evaluate_run
-from conftest import DOUBLE_BATCH, max_diff, read_json, read_jsonl, run, train_here, weights
+from conftest import double_batch_pair, max_diff, read_json, read_jsonl, run, train_here, weights
 
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
         "train.ema.decay=0.8", "train.ema.every_steps=2", "checkpoint.every_steps=4"]
@@ -72,8 +72,7 @@ def test_kill_and_resume_ends_with_the_uninterrupted_average_bitwise(uninterrupt
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_double_batch(baseline):
     # the session's pair that test_equivalence compares too: batch 12 on 1 process, 6 on each of 2, train.ema on
-    one = baseline(*DOUBLE_BATCH, "data.batch_size=12")
-    two = baseline(*DOUBLE_BATCH, "data.batch_size=6", procs=2)
+    one, two = double_batch_pair(baseline)
     assert max_diff(ema(one), ema(two)) <= 1e-5
     one, two = (read_json(d / "summary.json") for d in (one, two))
     assert one["final_ema_test_acc"] == two["final_ema_test_acc"]

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (DOUBLE_BATCH, ROOT, command, env, max_diff, read_json, read_jsonl, run, train_here,
+from conftest import (ROOT, command, double_batch_pair, env, max_diff, read_json, read_jsonl, run, train_here,
                       weights)
 from dump_device_batches import batches_of
 
@@ -16,7 +16,7 @@ COMMON = ["--config", "configs/tutorial.yaml", "data.augment=true", "data.num_wo
 @pytest.fixture
 def pair(baseline):
     """The session's 1-process run with batch 12 and 2-process run with batch 6 (conftest.DOUBLE_BATCH)."""
-    return baseline(*DOUBLE_BATCH, "data.batch_size=12"), baseline(*DOUBLE_BATCH, "data.batch_size=6", procs=2)
+    return double_batch_pair(baseline)
 
 
 @pytest.mark.slow
