@@ -35,7 +35,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path):
+def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     rows = [r for r in read_jsonl(uninterrupted / "metrics.jsonl") if "epoch_time" in r]
     assert all("test/ema_acc" in r and "test/ema_loss" in r for r in rows)
     summary = read_json(uninterrupted / "summary.json")
@@ -50,9 +51,10 @@ def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path):
     assert kept and all((p / "model-ema.safetensors").is_file() and verify(str(p)) is None for p in kept)
     manifest = json.load(open(kept[-1] / "manifest.json"))
     assert "model-ema.safetensors" in manifest["files"]                  # its SHA-256 is checked on resume
-    # evaluate.py --pick ema scores exactly what training logged for the average
-    proc = run("evaluate.py", "--checkpoint", str(uninterrupted), "--pick", "ema", "--output", str(tmp_path / "e"))
-    assert "the moving average of the weights" in proc.stdout
+    # evaluate.py --pick ema (its code, in this process) scores exactly what training logged for the average
+    capsys.readouterr()
+    evaluate_run(str(uninterrupted), [], "none", str(tmp_path / "e"), pick="ema")
+    assert "the moving average of the weights" in capsys.readouterr().out
     report = json.load(open(tmp_path / "e" / "eval.json"))
     assert report["weights"] == "ema" and report["accuracy"] == rows[-1]["test/ema_acc"]
 
