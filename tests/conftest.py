@@ -11,10 +11,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cifar.data import CIFAR100_CLASSES
@@ -236,3 +238,42 @@ def baseline(tmp_path_factory):
         return folder
 
     return get
+
+
+# --- Training in this process --------------------------------------------------------------------------------------
+sys.path.insert(0, ROOT)
+import train as _train  # noqa: E402  (the entry point, for tests whose claim is not about a process boundary)
+
+
+def train_here(*args: str) -> None:
+    """train.py's main with these arguments, in this process: the fast tier's training. As run() has it, W&B is off
+    and torch has one thread (on a busy machine, torch's default of one per core spends most of a small model's step
+    waiting for the others). A refusal is a SystemExit with its one line on stderr, as from the command line."""
+    saved, threads = os.environ.get("WANDB_MODE"), torch.get_num_threads()
+    os.environ["WANDB_MODE"] = "disabled"
+    torch.set_num_threads(1)
+    try:
+        _train.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop("WANDB_MODE")
+        else:
+            os.environ["WANDB_MODE"] = saved
+
+
+# The 1-process / 2-process double-batch pair that test_equivalence and test_ema both compare, trained once per
+# session: 84 images, global batch 12, so 7 steps an epoch evenly split between 2 ranks; a moving average kept
+# beside the weights.
+DOUBLE_BATCH = ("--config", "configs/tutorial.yaml", "data.source=synthetic", "data.limit_train=84",
+                "data.limit_test=37", "data.augment=true", "data.num_workers=0", "optim.lr=0.05", "train.epochs=2",
+                "train.log_every_steps=1", "train.ema.decay=0.7")
+
+
+def double_batch_pair(baseline) -> tuple[Path, Path]:
+    """The run folders of DOUBLE_BATCH with batch 12 on 1 process and batch 6 on each of 2, trained at the same
+    time by whichever test needs them first (3 processes on CI's 2 cores: less wall time than one after the other)."""
+    with ThreadPoolExecutor(2) as pool:
+        one = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=12")
+        two = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=6", procs=2)
+        return one.result(), two.result()

@@ -6,35 +6,23 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, command, env, read_json, run, write_cifar, write_cifar100
+from conftest import ROOT, read_json, run, train_here, write_cifar, write_cifar100
 from PIL import Image
 from safetensors.torch import save_file
 
 from cifar.config import DataConfig, config_from_dict, load_config
 from cifar.data import (CIFAR100_CLASSES, CIFAR100_MD5, CIFAR100_URL, CLASSES, class_names, load_split, prepare,
                         synthetic_split)
-from cifar.errors import UserError
-from cifar.evaluate_run import per_class_report
+from cifar.errors import UserError, cli
+from cifar.evaluate_run import evaluate_run, per_class_report
+from cifar.export import main as export_main
 from cifar.models import MODELS, build_model
 from cifar.plots import confusion_png, predictions_figure
 from cifar.predict import predict_images
-
-
-def together(*calls):
-    """Several single-process CLI runs at once ((script, args) each; a module as -m name): each mostly waits on its
-    imports."""
-    procs = [subprocess.Popen([sys.executable, *args] if script == "-m" else command(script, args), cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for script, args in calls]
-    done = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
 
 
 def one_line_error(proc) -> str:
@@ -168,7 +156,17 @@ def fake_run(folder, overrides, net):
     return folder
 
 
-def test_data_and_weights_of_the_other_dataset_are_one_line_each(tmp_path):
+def refused_here(capsys, call, *args) -> str:
+    """An entry point's refusal, in this process: exit 2 and one `error:` line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        call(*args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    return one_line_error(subprocess.CompletedProcess(args, 2, "", err))
+
+
+def test_data_and_weights_of_the_other_dataset_are_one_line_each(tmp_path, capsys, monkeypatch):
     """Labels outside 0..99; a CIFAR-10 folder given as CIFAR-100 and the reverse; a CIFAR-100 run evaluated as
     CIFAR-10; a bare .pth with a 100-class head evaluated as CIFAR-10; a CIFAR-100 run exported for the tutorial."""
     c10 = write_cifar(str(tmp_path / "c10"), n_train=20, n_test=10)
@@ -179,14 +177,16 @@ def test_data_and_weights_of_the_other_dataset_are_one_line_each(tmp_path):
     pth = str(tmp_path / "net100.pth")
     torch.save(build_model("tutorial_net", 100).state_dict(), pth)
     train = ["--config", "configs/tutorial.yaml", "data.num_workers=0", "data.download=false", "train.epochs=1"]
-    procs = together(
-        ("train.py", [*train, "data.dataset=cifar100", f"data.root={bad}", f"output_dir={tmp_path}/o1"]),
-        ("train.py", [*train, "data.dataset=cifar100", f"data.root={c10}", f"output_dir={tmp_path}/o2"]),
-        ("train.py", [*train, f"data.root={c100}", f"output_dir={tmp_path}/o3"]),
-        ("evaluate.py", ["--checkpoint", run100, "data.dataset=cifar10", f"data.root={c10}"]),
-        ("evaluate.py", ["--checkpoint", pth, f"data.root={c10}"]),
-        ("-m", ["-m", "cifar.export", "--checkpoint", run100, "--format", "tutorial"]))
-    labels, c10_as_100, c100_as_10, run_as_10, pth_as_10, export = map(one_line_error, procs)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    labels = refused_here(capsys, train_here, *train, "data.dataset=cifar100", f"data.root={bad}",
+                          f"output_dir={tmp_path}/o1")
+    c10_as_100 = refused_here(capsys, train_here, *train, "data.dataset=cifar100", f"data.root={c10}",
+                              f"output_dir={tmp_path}/o2")
+    c100_as_10 = refused_here(capsys, train_here, *train, f"data.root={c100}", f"output_dir={tmp_path}/o3")
+    evaluate = cli(evaluate_run)                               # evaluate.py --checkpoint ... [overrides]
+    run_as_10 = refused_here(capsys, evaluate, run100, ["data.dataset=cifar10", f"data.root={c10}"], "none", None)
+    pth_as_10 = refused_here(capsys, evaluate, pth, [f"data.root={c10}"], "none", None)
+    export = refused_here(capsys, export_main, ["--checkpoint", run100, "--format", "tutorial"])
     assert "labels outside 0..99" in labels and "the data is not CIFAR-100" in labels
     assert ("data.dataset=cifar100 asks for CIFAR-100" in c10_as_100 and "CIFAR-10 files" in c10_as_100
             and "set data.dataset=cifar10" in c10_as_100)
@@ -198,27 +198,29 @@ def test_data_and_weights_of_the_other_dataset_are_one_line_each(tmp_path):
     assert not os.path.exists(os.path.join(run100, "cifar_net.pth"))
 
 
-@pytest.mark.slow
-def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path):
+def test_a_debug_run_on_cifar100_pickles_trains_and_evaluates(tmp_path, capsys, monkeypatch):
+    """train.py and evaluate.py's code in this process (their command lines are tested elsewhere)."""
     names = [f"{c}_x" for c in CIFAR100_CLASSES]            # the meta file's names are the ones reported
     root = write_cifar100(str(tmp_path / "data"), n_train=200, n_test=100, classes=names)
     out = tmp_path / "run"
-    run("train.py", "--config", "configs/debug.yaml", "data.source=files", "data.dataset=cifar100",
-        f"data.root={root}", "data.download=false", "train.epochs=1", f"output_dir={out}")
+    train_here("--config", "configs/debug.yaml", "data.source=files", "data.dataset=cifar100", f"data.root={root}",
+               "data.download=false", "train.epochs=1", f"output_dir={out}")
     summary = read_json(out / "summary.json")
     assert list(summary["per_class_acc"]) == names
-    proc = run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "eval"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    capsys.readouterr()
+    evaluate_run(str(out), [], "none", str(tmp_path / "eval"))
+    stdout = capsys.readouterr().out
     evaluated = read_json(tmp_path / "eval" / "eval.json")
     assert evaluated["count"] == 100 and evaluated["dataset"] == "cifar100"
     assert list(evaluated["per_class"]) == names and np.asarray(evaluated["confusion"]).shape == (100, 100)
-    assert "Accuracy of the network on the 100 test images" in proc.stdout
-    assert "The best 10 of 100 classes" in proc.stdout and "The worst 10 of 100 classes" in proc.stdout
-    assert len([line for line in proc.stdout.splitlines() if line.startswith("Accuracy of")]) == 21
+    assert "Accuracy of the network on the 100 test images" in stdout
+    assert "The best 10 of 100 classes" in stdout and "The worst 10 of 100 classes" in stdout
+    assert len([line for line in stdout.splitlines() if line.startswith("Accuracy of")]) == 21
     with Image.open(tmp_path / "eval" / "confusion.png") as png:
         assert png.size[0] >= 1500
     # resuming it as CIFAR-10 (synthetic, so that the data is there) is refused before any step
-    resumed = run("train.py", "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}", check=False)
-    line = one_line_error(resumed)
+    line = refused_here(capsys, train_here, "--config", "configs/debug.yaml", "train.epochs=2", f"output_dir={out}")
     assert "was trained on data.dataset=cifar100, this run is data.dataset=cifar10" in line
 
 

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cifar.checkpoint import verify
-from conftest import max_diff, read_json, read_jsonl, run, weights
+from cifar.errors import cli
+from cifar.evaluate_run import evaluate_run
+from conftest import double_batch_pair, max_diff, read_json, read_jsonl, run, train_here, weights
 
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
         "train.ema.decay=0.8", "train.ema.every_steps=2", "checkpoint.every_steps=4"]
@@ -33,7 +35,8 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path):
+def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     rows = [r for r in read_jsonl(uninterrupted / "metrics.jsonl") if "epoch_time" in r]
     assert all("test/ema_acc" in r and "test/ema_loss" in r for r in rows)
     summary = read_json(uninterrupted / "summary.json")
@@ -48,9 +51,10 @@ def test_the_average_is_evaluated_saved_and_labelled(uninterrupted, tmp_path):
     assert kept and all((p / "model-ema.safetensors").is_file() and verify(str(p)) is None for p in kept)
     manifest = json.load(open(kept[-1] / "manifest.json"))
     assert "model-ema.safetensors" in manifest["files"]                  # its SHA-256 is checked on resume
-    # evaluate.py --pick ema scores exactly what training logged for the average
-    proc = run("evaluate.py", "--checkpoint", str(uninterrupted), "--pick", "ema", "--output", str(tmp_path / "e"))
-    assert "the moving average of the weights" in proc.stdout
+    # evaluate.py --pick ema (its code, in this process) scores exactly what training logged for the average
+    capsys.readouterr()
+    evaluate_run(str(uninterrupted), [], "none", str(tmp_path / "e"), pick="ema")
+    assert "the moving average of the weights" in capsys.readouterr().out
     report = json.load(open(tmp_path / "e" / "eval.json"))
     assert report["weights"] == "ema" and report["accuracy"] == rows[-1]["test/ema_acc"]
 
@@ -68,13 +72,11 @@ def test_kill_and_resume_ends_with_the_uninterrupted_average_bitwise(uninterrupt
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_double_batch(tmp_path, cifar_root):
-    common = ["--config", "configs/tutorial.yaml", f"data.root={cifar_root}", "data.augment=true",
-              "data.num_workers=0", "optim.lr=0.05", "train.epochs=2", "train.ema.decay=0.7"]
-    run("train.py", *common, "data.batch_size=12", f"output_dir={tmp_path}/one")
-    run("train.py", *common, "data.batch_size=6", f"output_dir={tmp_path}/two", procs=2)
-    assert max_diff(ema(tmp_path / "one"), ema(tmp_path / "two")) <= 1e-5
-    one, two = (read_json(tmp_path / d / "summary.json") for d in ("one", "two"))
+def test_two_processes_equal_one_process_with_the_double_batch(baseline):
+    # the session's pair that test_equivalence compares too: batch 12 on 1 process, 6 on each of 2, train.ema on
+    one, two = double_batch_pair(baseline)
+    assert max_diff(ema(one), ema(two)) <= 1e-5
+    one, two = (read_json(d / "summary.json") for d in (one, two))
     assert one["final_ema_test_acc"] == two["final_ema_test_acc"]
 
 
@@ -90,8 +92,12 @@ def test_resuming_a_checkpoint_without_an_average_starts_one(tmp_path):
         assert f.metadata()["ema_updates"] == "6"      # steps 6, 8, ..., 16 after the resume at step 4
 
 
-def test_no_average_to_pick_is_one_line(tmp_path):
+def test_no_average_to_pick_is_one_line(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    run("train.py", *[a for a in TINY if not a.startswith("train.ema")], "train.epochs=1", f"output_dir={out}")
-    proc = run("evaluate.py", "--checkpoint", str(out), "--pick", "ema", check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "trained without train.ema" in proc.stderr
+    train_here(*[a for a in TINY if not a.startswith("train.ema")], "train.epochs=1", f"output_dir={out}")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli(evaluate_run)(str(out), [], "none", None, pick="ema")     # evaluate.py --checkpoint <out> --pick ema
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.count("\n") == 1 and "trained without train.ema" in stderr

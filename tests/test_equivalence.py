@@ -1,70 +1,99 @@
 """The distributed and accumulation claims: the same data and the same update, whatever the layout."""
-import os
 import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, command, env, max_diff, read_json, read_jsonl, run, weights
+from conftest import (ROOT, command, double_batch_pair, env, max_diff, read_json, read_jsonl, run, train_here,
+                      weights)
+from dump_device_batches import batches_of
+
+from cifar.evaluate_run import evaluate_run
 
 COMMON = ["--config", "configs/tutorial.yaml", "data.augment=true", "data.num_workers=0", "optim.lr=0.05",
           "train.epochs=2", "train.log_every_steps=1"]
 
 
+@pytest.fixture
+def pair(baseline):
+    """The session's 1-process run with batch 12 and 2-process run with batch 6 (conftest.DOUBLE_BATCH)."""
+    return double_batch_pair(baseline)
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_double_batch(tmp_path, cifar_root):
+def test_two_processes_equal_one_process_with_double_batch(pair):
     # 84 images, global batch 12: 7 steps per epoch, evenly split between the two ranks.
-    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=12", f"output_dir={tmp_path}/one")
-    two = run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=6", f"output_dir={tmp_path}/two",
-              procs=2)
-    assert read_json(tmp_path / "two" / "summary.json")["world_size"] == 2
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
+    one, two = pair
+    assert read_json(two / "summary.json")["world_size"] == 2
+    assert max_diff(weights(one), weights(two)) <= 1e-5
     # the logged losses are global means, so they agree too
-    l1 = [r["train/loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "train/loss" in r]
-    l2 = [r["train/loss"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "train/loss" in r]
+    l1 = [r["train/loss"] for r in read_jsonl(one / "metrics.jsonl") if "train/loss" in r]
+    l2 = [r["train/loss"] for r in read_jsonl(two / "metrics.jsonl") if "train/loss" in r]
     assert l1 == pytest.approx(l2, abs=1e-5)
     # and only the main process wrote the run folder's log (one row per step, not two)
     assert len(l2) == 14
     # other ranks are silent: the config and the summary are printed once
-    assert two.stdout.count("run folder:") == 1 and two.stdout.count("final_test_acc") == 1
+    stdout = (two.parent / f"{two.name}.stdout").read_text()
+    assert stdout.count("run folder:") == 1 and stdout.count("final_test_acc") == 1
 
 
-@pytest.mark.slow
 def test_accumulation_matches_double_batch_with_partial_last_window(tmp_path, cifar_root):
     # 84 images, micro-batch 8: 11 micro-batches per epoch (the last holds 4), windows of 2 -> the last window is
     # one short micro-batch. Batch 16: 6 steps, the last of 4 images. Same samples per step, same weights.
-    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=16", f"output_dir={tmp_path}/big")
-    run("train.py", *COMMON, f"data.root={cifar_root}", "data.batch_size=8", "train.grad_accum_steps=2",
-              f"output_dir={tmp_path}/acc")
+    train_here(*COMMON, f"data.root={cifar_root}", "data.batch_size=16", f"output_dir={tmp_path}/big")
+    train_here(*COMMON, f"data.root={cifar_root}", "data.batch_size=8", "train.grad_accum_steps=2",
+               f"output_dir={tmp_path}/acc")
     assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "acc")) <= 1e-5
     steps = [r["step"] for r in read_jsonl(tmp_path / "acc" / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 13))
 
 
+def test_accumulation_on_the_device_path_matches_the_whole_batch(tmp_path):
+    """The fast recipe's loader (DeviceBatches, data.loader=device) under train.grad_accum_steps: 84 images as 10
+    micro-batches of 8 (the last 4 images dropped) in 5 windows of 2, against 5 batches of 16 (the same 4 dropped).
+    Window k holds exactly the images of batch k, augmented alike, so the weights (fp32, within 1e-5) and the logged
+    losses agree.
+
+    Checked that it fails: in a scratch copy, train_step dividing each micro-batch's loss by its own size instead
+    of the window's made the weights differ by 0.1."""
+    args = [*COMMON, "data.source=synthetic", "data.limit_train=84", "data.limit_test=32", "data.loader=device"]
+    train_here(*args, "data.batch_size=16", f"output_dir={tmp_path}/big")
+    train_here(*args, "data.batch_size=8", "train.grad_accum_steps=2", f"output_dir={tmp_path}/acc")
+    assert max_diff(weights(tmp_path / "big"), weights(tmp_path / "acc")) <= 1e-5
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), abs=1e-5)
+    assert len(losses(tmp_path / "acc")) == 10                # 2 epochs of 84 // 16 = 5 windows of 2 x 8 images
+
+
 @pytest.mark.slow
-def test_eval_counts_every_image_once_under_two_processes(tmp_path, cifar_root):
-    run("train.py", *COMMON, f"data.root={cifar_root}", "train.epochs=1", "data.batch_size=16",
-        f"output_dir={tmp_path}/r")
+def test_eval_counts_every_image_once_under_two_processes(pair, tmp_path, monkeypatch):
+    _, trained = pair                                  # trained by 2 processes, itself evaluated there
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     # 37 test images with per-process batch 5: uneven across ranks and within the last batch
-    run("evaluate.py", "--checkpoint", str(tmp_path / "r"), "--output", str(tmp_path / "e1"), "data.eval_batch_size=5")
-    run("evaluate.py", "--checkpoint", str(tmp_path / "r"), "--output", str(tmp_path / "e2"), "data.eval_batch_size=5",
+    evaluate_run(str(trained), ["data.eval_batch_size=5"], "none", str(tmp_path / "e1"))
+    run("evaluate.py", "--checkpoint", str(trained), "--output", str(tmp_path / "e2"), "data.eval_batch_size=5",
         procs=2)
-    e1, e2 = read_json(tmp_path / "e1" / "eval.json"), read_json(tmp_path / "e2" / "eval.json")
+    e1 = read_json(tmp_path / "e1" / "eval.json")
+    e2 = read_json(tmp_path / "e2" / "eval.json")
     assert e2["world_size"] == 2 and e1["world_size"] == 1
     assert e1["count"] == e2["count"] == 37
     assert sum(map(sum, e2["confusion"])) == 37
     assert e1["confusion"] == e2["confusion"]
     assert e1["accuracy"] == pytest.approx(e2["accuracy"])
     assert e1["loss"] == pytest.approx(e2["loss"], rel=1e-6)
-    # the 2-process training run's own final evaluation agrees as well
-    assert os.path.exists(tmp_path / "e2" / "confusion.png")
+    # the 2-process training run's own final evaluation (batches of 256, in the run's processes) agrees as well
+    summary = read_json(trained / "summary.json")
+    assert summary["world_size"] == 2
+    assert summary["final_test_acc"] == pytest.approx(e1["accuracy"])
+    assert summary["final_test_loss"] == pytest.approx(e1["loss"], rel=1e-6)
+    assert summary["per_class_acc"] == pytest.approx(e1["per_class"])
+    assert (tmp_path / "e2" / "confusion.png").is_file()
 
 
-def run_both(one: list, two: list):
-    """A 1-process and a 2-process run started together (3 processes on the 2 cores CI has: ~20% less wall time
-    than one after the other)."""
+def run_both(one: list, two: list, script: str = "train.py", **two_env):
+    """A 1-process train.py run and a 2-process run of `script` started together (3 processes on the 2 cores CI
+    has: ~20% less wall time than one after the other)."""
     reference = subprocess.Popen(command("train.py", one), cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
-    run("train.py", *two, procs=2)
+    run(script, *two, procs=2, **two_env)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-3000:]
 
@@ -105,14 +134,10 @@ def test_dataloader_path_completes_the_uneven_last_global_batch_from_the_epochs_
 
     Checked that it fails: in a scratch copy, the training DataLoader built with drop_last=True (the device path's
     rule) made the epochs 5 batches long and the test failed."""
-    dumps = {}
-    for name, procs, batch in (("one", 1, 16), ("two", 2, 8)):
-        folder = tmp_path / name
-        folder.mkdir()
-        run("tests/dump_device_batches.py", str(folder), "data.loader=dataloader", "data.num_workers=0",
-            "data.limit_train=84", f"data.batch_size={batch}", procs=procs)
-        dumps[name] = [torch.load(folder / f"rank{r}.pt") for r in range(procs)]
-    (one,), (two0, two1) = dumps["one"], dumps["two"]
+    loader = ["data.loader=dataloader", "data.num_workers=0", "data.limit_train=84"]
+    one = batches_of([*loader, "data.batch_size=16"])                   # one process: this one
+    run("tests/dump_device_batches.py", str(tmp_path), *loader, "data.batch_size=8", procs=2)
+    two0, two1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for epoch in (0, 3):
         assert len(one[epoch]) == len(two0[epoch]) == len(two1[epoch]) == 6
         assert [len(y) for _, y in one[epoch]] == [16] * 5 + [4]
@@ -134,17 +159,28 @@ def test_accumulation_with_a_short_last_window_two_processes_equal_one_process_w
     """84 images, 2 processes x micro-batch 6 x grad_accum_steps 2 (global 24) against 1 process x batch 24: each
     epoch is 7 global micro-batches of 12, so 3 full windows and a last one of a single micro-batch (12 images, 6 on
     each rank); the 1-process run's last batch holds the same 12 images. Same weights (fp32, within 1e-5), 4 steps
-    an epoch.
+    an epoch. The 2-process run is train.py with DDP's all-reduces recorded (tests/allreduce_train.py): gradients
+    cross the ranks once per optimizer step, in the backward pass of its window's last micro-batch, and never in
+    an earlier one's.
 
     Checked that it fails: in a scratch copy, train_step dividing the window's loss by 2 x the micro-batch size (a
     fixed window) instead of the images the window holds halved the short window's gradient and the weights
-    differed by 0.03."""
+    differed by 0.03; and train_step without no_sync made every micro-batch all-reduce."""
     args = [*COMMON, f"data.root={cifar_root}"]
+    (tmp_path / "allreduce").mkdir()
     run_both([*args, "data.batch_size=24", f"output_dir={tmp_path}/one"],
-             [*args, "data.batch_size=6", "train.grad_accum_steps=2", f"output_dir={tmp_path}/two"])
+             [*args, "data.batch_size=6", "train.grad_accum_steps=2", f"output_dir={tmp_path}/two"],
+             script="tests/allreduce_train.py", ALLREDUCE_LOG=str(tmp_path / "allreduce"))
     summary = read_json(tmp_path / "two" / "summary.json")
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 24
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
     steps = [r["step"] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "train/loss" in r]
     assert steps == list(range(1, 9))
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    for rank in (0, 1):
+        log = read_json(tmp_path / "allreduce" / f"rank{rank}.json")
+        assert log["windows"] == [2, 2, 2, 1] * 2
+        by_step = {step: [micro for s, micro in log["calls"] if s == step] for step in range(1, 9)}
+        buckets = len(by_step[1])
+        assert buckets >= 1 and set(map(len, by_step.values())) == {buckets}      # the same buckets every step
+        assert all(set(micro) == {log["windows"][step - 1]} for step, micro in by_step.items())
