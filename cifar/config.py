@@ -18,7 +18,7 @@ import yaml
 
 from . import yaml_io
 from .errors import UserError, shorten
-from .models import FORMS, MODELS, check_name
+from .models import MODELS, check_name
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
 
@@ -193,7 +193,7 @@ SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}, "model":
 
 def registry_choices() -> dict[str, list[str]]:
     """The names the keys whose values a registry holds (cifar/registry.py) take now, for `--help`."""
-    return {"model.name": [*MODELS, *FORMS], "optim.name": list(OPTIMIZERS), "schedule.name": list(SCHEDULES)}
+    return {registry.key: registry.names() for registry in (MODELS, OPTIMIZERS, SCHEDULES)}
 
 
 def with_saved_defaults(saved: dict) -> dict:
@@ -386,8 +386,8 @@ def validate(cfg: Config) -> None:
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     m = cfg.model
     check_name(m.name, m.cifar_stem)
-    _require(o.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS.choices()}", o.name)
-    _require(s.name in SCHEDULES, "schedule.name", f"one of {SCHEDULES.choices()}", s.name)
+    OPTIMIZERS.check(o.name)
+    SCHEDULES.check(s.name)
     _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
              "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)

@@ -136,7 +136,7 @@ def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
         check_dataset(model, state, weights, cfg)
         load_fitting(model, state, weights,
                      f"it holds a network of another shape than model.name={cfg.model.name}; for another of this "
-                     f"project's networks pass model.name=NAME ({MODELS.choices()})")
+                     f"project's networks pass model.name=NAME ({', '.join(MODELS)})")
         return cfg, model, weights
     config_path, weights = find_run_files(checkpoint, pick)
     cfg = load_saved_config(config_path, overrides)

@@ -4,104 +4,88 @@ torchvision classification model as torchvision:<name>, a timm model as timm:<na
 pip install -e ".[timm]"), or a network of one's own as <module>:<callable> (docs/extending.md)."""
 from __future__ import annotations
 
-import importlib
-import os
 import re
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError, shorten
-from .registry import Registry
+from .errors import UserError
+from .registry import Registry, spelled
 
 NUM_CLASSES = 10          # CIFAR-10's: the default head
-MODELS = Registry("model", "model.name")
-register = MODELS.register        # @register("name"): how models were registered before the registry had a class
+MODELS = Registry("model", "model.name", forms=("torchvision:<name>", "timm:<name>"))
+register = MODELS.register        # @register("name"), as models were registered before every component had one
 
-# model.name's other forms, beside the registry's names: what `--help` and the refusal of an unknown name list
-FORMS = ("torchvision:<name>", "timm:<name>", "<module>:<callable>")
-# model.cifar_stem's families: torchvision's ResNets, whose ImageNet stem (7x7 stride-2 conv, 3x3 max-pool) would
-# shrink a 32x32 image to 8x8 before the first block. Every one names that stem conv1 and maxpool.
-CIFAR_STEM_FAMILIES = re.compile(r"resnet\d+|resnext\d+_\d+x\d+d|wide_resnet\d+_\d+")
-# torchvision builders that need more than their defaults to train on 32x32 images and give logits: no auxiliary
-# heads (they return a tuple in training), and ViT's position embeddings sized for the image
+# model.cifar_stem's family: torchvision's ResNets, whose ImageNet stem (7x7 stride-2 conv, 3x3 max-pool) shrinks a
+# 32x32 image to 8x8 before the first block. Each of them names that stem conv1 and maxpool.
+CIFAR_STEM_FAMILY = re.compile(r"resnet\d+|resnext\d+_\d+x\d+d|wide_resnet\d+_\d+")
+# torchvision builders that need more than their defaults to give logits in training: no auxiliary heads (with
+# them, training returns a tuple)
 TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 TORCHVISION_REFUSED = {"inception_v3": "needs images of at least 75x75 pixels"}
-_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def build_model(name: str, num_classes: int = NUM_CLASSES, cifar_stem: bool = False) -> nn.Module:
     """The network model.name names, its head sized num_classes, initialised from the global torch RNG."""
     check_name(name, cifar_stem)
-    source, _, rest = name.partition(":")
-    if not rest:
-        return MODELS[name](num_classes=num_classes)
+    source, _, arch = name.partition(":")
     if source == "torchvision":
-        return torchvision_model(rest, num_classes, cifar_stem)
+        return torchvision_model(arch, num_classes, cifar_stem)
     if source == "timm":
-        return _timm().create_model(rest, pretrained=False, num_classes=num_classes)
-    model = _user_callable(name)(num_classes=num_classes)
+        return _timm(name).create_model(arch, pretrained=False, num_classes=num_classes)
+    model = MODELS[name](num_classes=num_classes)
     if not isinstance(model, nn.Module):
-        raise UserError(f"model.name={name}: {rest}(num_classes={num_classes}) returned a {type(model).__name__}, "
-                        f"not a torch.nn.Module; make it return the network")
+        raise UserError(f"model.name={spelled(name)}: called with num_classes={num_classes}, it returned a "
+                        f"{type(model).__name__}, not a torch.nn.Module; make it return the network")
     return model
 
 
 def model_from_config(cfg, num_classes: int) -> nn.Module:
-    """build_model for a ModelConfig (cfg)."""
+    """build_model for the model config section (cfg: a ModelConfig)."""
     return build_model(cfg.name, num_classes, cifar_stem=cfg.cifar_stem)
 
 
 def check_name(name: str, cifar_stem: bool = False) -> None:
-    """Refuse, in one line, a model.name that names nothing buildable (config validation calls this before any work
-    starts): an unknown registry name, a torchvision or timm model that does not exist, timm not installed, a module
-    or attribute that cannot be found, or model.cifar_stem on a network it does not fit."""
-    source, colon, rest = name.partition(":")
-    if not colon:
-        if name not in MODELS:
-            raise UserError(f"config key 'model.name' must be one of {MODELS.choices()}, {', '.join(FORMS)}; got "
-                            f"{shorten(name)}")
-    elif source == "torchvision":
-        check_torchvision(rest, cifar_stem)
-    elif source == "timm":
-        timm = _timm(name)
-        if not timm.is_model(rest):
-            raise UserError(f"model.name={shorten(name)}: timm has no model {shorten(rest)}; timm.list_models() "
+    """Refuse, in one line, a model.name that names nothing buildable (config validation calls this, before any
+    work starts): an unknown name, a torchvision or timm model that does not exist, timm not installed, a module or
+    attribute that cannot be found, or model.cifar_stem on a network it does not fit."""
+    source, colon, arch = name.partition(":")
+    if source == "torchvision":
+        check_torchvision(arch, cifar_stem)
+        return
+    if source == "timm":
+        if not _timm(name).is_model(arch):
+            raise UserError(f"model.name={spelled(name)}: timm has no model {spelled(arch)}; timm.list_models() "
                             f"lists them")
     else:
-        _user_callable(name)
-    if cifar_stem and source != "torchvision":
-        raise UserError(f"model.cifar_stem=true fits torchvision's ResNets (torchvision:resnet18, ...); "
-                        f"model.name={shorten(name)} has its own stem: set model.cifar_stem=false")
-
-
-def torchvision_names() -> list[str]:
-    import torchvision.models   # here, not at the top: a second of start-up that only torchvision:<name> needs
-    return torchvision.models.list_models(module=torchvision.models)
+        MODELS.check(name)
+    if cifar_stem:
+        raise UserError(f"model.cifar_stem=true fits torchvision's ResNets (torchvision:resnet18, ...), not "
+                        f"model.name={spelled(name)}; set model.cifar_stem=false")
 
 
 def check_torchvision(arch: str, cifar_stem: bool) -> None:
-    if arch not in torchvision_names():
-        raise UserError(f"model.name=torchvision:{shorten(arch)}: torchvision.models has no classification model "
+    import torchvision.models   # here, not at the top: a second of start-up that only torchvision:<name> needs
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"model.name=torchvision:{spelled(arch)}: torchvision.models has no classification model "
                         f"of that name; torchvision.models.list_models(module=torchvision.models) lists them")
     if arch in TORCHVISION_REFUSED:
-        raise UserError(f"model.name=torchvision:{arch} {TORCHVISION_REFUSED[arch]}, and CIFAR's are 32x32; pick "
+        raise UserError(f"model.name=torchvision:{arch} {TORCHVISION_REFUSED[arch]}, and CIFAR's are 32x32; choose "
                         f"another network")
-    if cifar_stem and not CIFAR_STEM_FAMILIES.fullmatch(arch):
+    if cifar_stem and not CIFAR_STEM_FAMILY.fullmatch(arch):
         raise UserError(f"model.cifar_stem=true fits torchvision's ResNet family (resnet*, resnext*, "
                         f"wide_resnet*), not torchvision:{arch}; set model.cifar_stem=false")
 
 
 def torchvision_model(arch: str, num_classes: int, cifar_stem: bool) -> nn.Module:
     """torchvision.models' <arch>, untrained, with num_classes outputs. cifar_stem: a ResNet's 7x7 stride-2 conv
-    and max-pool become a 3x3 stride-1 conv and no pool, so that the last stage sees 4x4 maps of a 32x32 image
-    rather than 1x1 ones (the CIFAR ResNets' stem, as in resnet18 here)."""
+    and max-pool become a 3x3 stride-1 conv and no pool, so that its last stage sees 4x4 maps of a 32x32 image
+    rather than 1x1 ones (the CIFAR ResNets' stem, as resnet18's here)."""
     import torchvision.models
     kwargs = dict(TORCHVISION_KWARGS.get(arch, {}))
     if arch.startswith("vit_"):
-        kwargs["image_size"] = 32
+        kwargs["image_size"] = 32       # position embeddings for a 32x32 image's patches
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
@@ -109,41 +93,13 @@ def torchvision_model(arch: str, num_classes: int, cifar_stem: bool) -> nn.Modul
     return model
 
 
-def _timm(name: str = "timm:..."):
+def _timm(name: str):
     try:
         import timm   # an optional extra: only timm:<name> needs it
     except ImportError:
-        raise UserError(f"model.name={shorten(name)} needs timm, an optional extra: pip install -e \".[timm]\"") \
+        raise UserError(f"model.name={spelled(name)} needs timm, an optional extra: pip install -e \".[timm]\"") \
             from None
     return timm
-
-
-def _user_callable(name: str):
-    """<module>:<callable> (the callable may be dotted: module:Class.build), imported the way Python imports: from
-    the Python path, which has the working directory on it (a user's file beside where they run train.py)."""
-    module_name, _, attr = name.rpartition(":")
-    if not (_DOTTED.fullmatch(module_name) and _DOTTED.fullmatch(attr)):
-        raise UserError(f"config key 'model.name' must be one of {MODELS.choices()}, {', '.join(FORMS)}; got "
-                        f"{shorten(name)}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())      # `python path/to/train.py` puts only the script's folder on it
-    try:
-        target = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not module_name.startswith(e.name):
-            raise                       # the user's module is there; something it imports is not: its traceback
-        raise UserError(f"model.name={shorten(name)}: no module {module_name} on the Python path (the working "
-                        f"directory {os.getcwd()} or PYTHONPATH); run from the folder holding {module_name}.py or "
-                        f"add its folder to PYTHONPATH") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise UserError(f"model.name={shorten(name)}: module {module_name} ({getattr(target, '__file__', '?')}) "
-                            f"has no attribute {attr}; name a function or class in it that takes num_classes")
-        target = getattr(target, part)
-    if not callable(target):
-        raise UserError(f"model.name={shorten(name)}: {module_name}.{attr} is a {type(target).__name__}, not a "
-                        f"callable; name a function or class that takes num_classes and returns an nn.Module")
-    return target
 
 
 def head(model: nn.Module) -> tuple[str | None, int | None]:

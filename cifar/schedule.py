@@ -52,7 +52,7 @@ def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> floa
     Warmup rises linearly to 1 over `warmup_steps` (or, when 0, over the schedule's own warmup fraction of the
     steps); then the schedule's shape, reaching its end at step total_steps - 1.
     """
-    if warmup_steps == 0 and (fraction := SCHEDULES.meta[name].get("warmup")):
+    if warmup_steps == 0 and (fraction := SCHEDULES.meta.get(name, {}).get("warmup")):
         warmup_steps = max(1, int(total_steps * fraction))
     warmup_steps = min(warmup_steps, total_steps - 1)
     if step < warmup_steps:
