@@ -16,6 +16,7 @@ from conftest import ROOT, read_json, read_jsonl, run, weights, write_cifar
 
 from cifar import compare, compare_output, tracking
 from cifar.config import load_config
+from cifar.evaluation import EvalResult
 from cifar.models import TutorialNet
 from cifar.resume import config_diff
 
@@ -86,13 +87,16 @@ def test_top5_is_a_hand_count_of_the_saved_models_logits_everywhere_it_is_report
     assert (report["top_k"], report["accuracy_top5"], report["accuracy"]) == (5, top5, top1)
     assert [r["eval/acc_top5"] for r in rows if "eval/acc_top5" in r] == [top5]
     assert summaries[-1]["eval/acc_top5"] == top5
-    # k is the config's: evaluate.py's override counts another k, and null counts none
+    # k is the config's: evaluate.py's override counts another k
     evaluate(["--checkpoint", str(out), "train.top_k=3", "--output", str(tmp_path / "k3")])
     report = read_json(tmp_path / "k3" / "eval.json")
     assert report["accuracy_top3"] == top3 and "accuracy_top5" not in report
-    evaluate(["--checkpoint", str(out), "train.top_k=null", "--output", str(tmp_path / "off")])
-    report = read_json(tmp_path / "off" / "eval.json")
-    assert report["top_k"] is None and not [key for key in report if key.startswith("accuracy_top")]
+
+
+def test_top_k_null_counts_none():
+    result = EvalResult(loss=1.0, accuracy=50.0, per_class={}, confusion=[], count=2)
+    assert "test/acc" in result.as_row() and not [k for k in result.as_row() if "top" in k]
+    assert EvalResult(1.0, 50.0, {}, [], 2, top_k=3, top_k_accuracy=100.0).as_row("eval/")["eval/acc_top3"] == 100.0
 
 
 def test_top_k_is_validated_and_a_run_from_before_it_resumes_unchanged():
