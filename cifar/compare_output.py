@@ -59,12 +59,10 @@ def record(row, view) -> tuple[dict, dict]:
     outcomes = [run.outcome(metric) for run in row.runs]
     if not view.by_seed:
         (o,), run = outcomes, row.runs[0]
-        raw.update(best=o["best"], final=o["final"], steps=o["steps"], time=o["time"],
-                   images_per_sec=o["images_per_sec"], status=run.status_text())
-        text.update({f"best {metric}": cell(o["best"], form), f"final {metric}": cell(o["final"], form)})
-        for other in view.also:
-            raw[other] = run.outcome(other)["final"]
-            text[f"final {other}"] = cell(raw[other], "{:.2f}")
+        raw.update(best=o["best"], final=o["final"], **{other: run.outcome(other)["final"] for other in view.also})
+        raw.update(steps=o["steps"], time=o["time"], images_per_sec=o["images_per_sec"], status=run.status_text())
+        text.update({f"best {metric}": cell(o["best"], form), f"final {metric}": cell(o["final"], form),
+                     **{f"final {other}": cell(raw[other], "{:.2f}") for other in view.also}})
         text.update({"steps": cell(o["steps"]), "time": cell(o["time"], "{:.1f}s"),
                      "img/s": cell(o["images_per_sec"], "{:.0f}"), "status": run.status_text()})
         return raw, text

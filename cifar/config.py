@@ -26,7 +26,7 @@ from .schedule import SCHEDULES
 @dataclass
 class ModelConfig:
     # a name in cifar/models.py's registry, torchvision:<name> (any torchvision.models classifier), timm:<name>
-    # (pip install -e ".[timm]") or <module>:<callable> (your own network: docs/extending.md)
+    # (pip install -e ".[timm]"), or <module>:<callable>: your own (docs/extending.md)
     name: str = "tutorial_net"
     # torchvision's ResNets (resnet*, resnext*, wide_resnet*): a 3x3 stride-1 stem conv and no max-pool instead of
     # the ImageNet stem (7x7 stride-2 conv and max-pool), which would shrink a 32x32 image to 8x8 at once
@@ -63,7 +63,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"                        # muon: Muon on conv filters, Nesterov SGD on the rest (cifar/optim.py)
+    # muon: Muon on conv filters, Nesterov SGD on the rest; or <module>:<callable>: your own (docs/extending.md)
+    name: str = "sgd"
     lr: float = 0.001                        # muon: the conv filters' lr
     momentum: float = 0.9                    # muon: of the SGD part
     nesterov: bool = False                   # Nesterov momentum (sgd, muon)
@@ -75,7 +76,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"                   # the lr over the optimizer steps (cifar/schedule.py)
+    # the lr over the optimizer steps; or <module>:<callable>: your own (docs/extending.md)
+    name: str = "constant"
     warmup_steps: int = 0                    # optimizer steps
 
 
@@ -191,9 +193,12 @@ def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
 # Every run before model.cifar_stem existed had its network's own stem.
 SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}, "model": {"cifar_stem": False}}
 
+
 def registry_choices() -> dict[str, list[str]]:
-    """The names the keys whose values a registry holds (cifar/registry.py) take now, for `--help`."""
-    return {registry.key: registry.names() for registry in (MODELS, OPTIMIZERS, SCHEDULES)}
+    """The names registered now (a user's @register too) for the keys a registry holds (cifar/registry.py), and
+    the other forms its module resolves (torchvision:<name>): `--help` lists them. <module>:<callable>, which every
+    registry takes, is in each key's comment."""
+    return {registry.key: [*registry, *registry.forms] for registry in (MODELS, OPTIMIZERS, SCHEDULES)}
 
 
 def with_saved_defaults(saved: dict) -> dict:

@@ -164,10 +164,11 @@ def test_help_lists_what_each_registry_holds(capsys):
     with pytest.raises(SystemExit):
         train(["--help"])
     out = capsys.readouterr().out
-    assert "model.name (tutorial_net | resnet18 | fastnet | torchvision:<name> | timm:<name> | <module>:<callable>, " \
-           "default tutorial_net)" in out
-    assert "optim.name (sgd | adamw | muon | <module>:<callable>, default sgd)" in out
-    assert "schedule.name (constant | cosine | onecycle | linear | <module>:<callable>, default constant)" in out
+    assert "model.name (tutorial_net | resnet18 | fastnet | torchvision:<name> | timm:<name>, default " \
+           "tutorial_net)" in out
+    assert "optim.name (sgd | adamw | muon, default sgd)" in out
+    assert "schedule.name (constant | cosine | onecycle | linear, default constant)" in out
+    assert out.count("<module>:<callable>: your own (docs/extending.md)") == 3
     assert "model.cifar_stem (bool, default false)" in out
 
 
@@ -185,7 +186,7 @@ def test_a_registered_builder_is_a_name_in_config_help_and_training(monkeypatch,
     assert isinstance(optimizer, torch.optim.RMSprop) and optimizer.param_groups[0]["lr"] == 0.5
     with pytest.raises(SystemExit):
         train(["--help"])
-    assert "optim.name (sgd | adamw | muon | rmsprop | <module>:<callable>" in capsys.readouterr().out
+    assert "optim.name (sgd | adamw | muon | rmsprop, default sgd)" in capsys.readouterr().out
 
 
 def test_a_name_registered_twice_is_refused_and_a_colon_is_not_a_name():
