@@ -221,7 +221,8 @@ def test_the_docs_example_is_the_tested_file(tmp_path, monkeypatch):
     (shown,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "def small_cnn" in b]
     with open(EXAMPLE) as f:
         assert shown == f.read()
-    (command,) = [line for line in re.findall(r"```bash\n(.*?)```", page, re.S)[0].splitlines() if "train.py" in line]
+    block = re.findall(r"```bash\n(.*?)```", page, re.S)[0].replace("\\\n", " ")
+    (command,) = [line for line in block.splitlines() if "train.py" in line]
     args = command.split()[2:]
     assert args[:2] == ["--config", "configs/debug.yaml"]
     monkeypatch.chdir(ROOT)
