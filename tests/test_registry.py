@@ -2,6 +2,7 @@
 timm model, or one's own <module>:<callable>; each trains, evaluates and resumes in this process, and every name
 that builds nothing is one line, exit 2, before any work."""
 import importlib.util
+import json
 import math
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
+from PIL import Image
 from conftest import ROOT, read_json, read_jsonl, weights
 
 from cifar.config import load_config
@@ -116,6 +118,12 @@ def test_a_users_module_callable_trains_evaluates_and_resumes(tmp_path, user_mod
     model = trains_evaluates_and_resumes(out, f"model.name={user_module}:build")
     assert model["name"] == "tiny_user_net:build"
     assert set(weights(out)) == {"1.weight", "1.bias"}                   # the user's network, not one of ours
+    # predict.py rebuilds it from config.yaml too
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    capsys.readouterr()                                  # what training and evaluate.py printed
+    entry("predict.py")(["--checkpoint", str(out), str(tmp_path / "red.png"), "--json"])
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["model"] == "tiny_user_net:build" and len(predicted["predictions"][0]["top"]) == 3
     # a resume with another model is refused in one line, naming both
     err = one_line_exit_2(capsys, train, *RUN, "model.name=tutorial_net", f"output_dir={out}", "train.max_steps=4")
     assert "tiny_user_net:build" in err and "tutorial_net" in err
