@@ -325,7 +325,7 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
     return {
         "name": cfg.name, "output_dir": run.output_dir, "steps": state.step, "epochs": run.epochs,
         "final_test_acc": result.accuracy, "best_test_acc": state.best_acc, "final_test_loss": result.loss,
-        **({f"final_test_acc_top{result.top_k}": result.top_k_accuracy} if result.top_k else {}), "top_k": t.top_k,
+        **result.top_k_entry("final_test_acc"), "top_k": t.top_k,
         "final_ema_test_acc": ema_row.get("test/ema_acc"), "best_ema_test_acc": state.best_ema_acc,
         "per_class_acc": result.per_class, "wall_seconds": wall_seconds,
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),

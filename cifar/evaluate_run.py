@@ -182,7 +182,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
               "world_size": accelerator.num_processes,
               "model": cfg.model.name, "normalize": cfg.data.normalize, "dataset": cfg.data.dataset,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count, "top_k": result.top_k,
-              **({f"accuracy_top{result.top_k}": result.top_k_accuracy} if result.top_k else {}),
+              **result.top_k_entry("accuracy"),
               "per_class": result.per_class, "confusion": result.confusion,
               # the images predictions.png shows: the main process's first ones, test images 0, w, 2w, ... of its
               # shard (w processes), so that a single image's prediction can be checked against predict.py
@@ -212,7 +212,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
         tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
         tracker.log_eval(step or 0, result.confusion, images, labels, preds, classes=classes)
         tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss,
-                         **({f"{prefix}acc_top{result.top_k}": result.top_k_accuracy} if result.top_k else {})})
+                         **result.top_k_entry(f"{prefix}acc")})
         tracker.finish(0)
     shut_down(accelerator)
     return report

@@ -21,10 +21,12 @@ class EvalResult:
     top_k_accuracy: float | None = None   # percent of images whose label is among the k highest logits
 
     def as_row(self, prefix: str = "test/") -> dict:
-        row = {f"{prefix}loss": self.loss, f"{prefix}acc": self.accuracy}
-        if self.top_k is not None:
-            row[f"{prefix}acc_top{self.top_k}"] = self.top_k_accuracy
-        return {**row, f"{prefix}per_class": self.per_class, f"{prefix}count": self.count}
+        return {f"{prefix}loss": self.loss, f"{prefix}acc": self.accuracy, **self.top_k_entry(f"{prefix}acc"),
+                f"{prefix}per_class": self.per_class, f"{prefix}count": self.count}
+
+    def top_k_entry(self, name: str) -> dict:
+        """{name_top5: the top-5 accuracy} wherever the top-1 one is `name`; {} when top-k was not counted."""
+        return {f"{name}_top{self.top_k}": self.top_k_accuracy} if self.top_k else {}
 
 
 def predict(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
