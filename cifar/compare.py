@@ -37,7 +37,7 @@ import os
 import re
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -171,6 +171,7 @@ class View:
     shared: dict
     differing: list[str]
     rows: list[Row]
+    also: list[str] = field(default_factory=list)   # metrics shown beside --metric, their final value (top-k)
 
     @property
     def plotted(self) -> list[str]:
@@ -228,7 +229,15 @@ def build(args: argparse.Namespace) -> View:
     by_seed = args.by_seed or (not args.each_run and any(len(g) > 1 for g in seed_groups(runs)))
     shared, differing = split_settings(runs, by_seed)
     rows = make_rows(runs, loaded, by_seed, differing, args.metric)
-    return View(args.metric, by_seed, shared, differing, sort_rows(rows, args.sort, args.metric) if args.sort else rows)
+    return View(args.metric, by_seed, shared, differing, sort_rows(rows, args.sort, args.metric) if args.sort else rows,
+                also=top_k_metrics(runs, args.metric))
+
+
+def top_k_metrics(runs: list[Run], metric: str) -> list[str]:
+    """The top-k accuracies (test/acc_top5) any run logged, --metric aside: a column each. Runs from before
+    train.top_k show "-" there."""
+    logged = {k for run in runs for row in run.epochs() for k in row if re.fullmatch(r"test/acc_top\d+", k)}
+    return sorted(logged - {metric}, key=lambda k: int(k.rpartition("top")[2]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

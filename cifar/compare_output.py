@@ -59,17 +59,20 @@ def record(row, view) -> tuple[dict, dict]:
     outcomes = [run.outcome(metric) for run in row.runs]
     if not view.by_seed:
         (o,), run = outcomes, row.runs[0]
-        raw.update(best=o["best"], final=o["final"], steps=o["steps"], time=o["time"],
-                   images_per_sec=o["images_per_sec"], status=run.status_text())
+        raw.update(best=o["best"], final=o["final"], **{other: run.outcome(other)["final"] for other in view.also})
+        raw.update(steps=o["steps"], time=o["time"], images_per_sec=o["images_per_sec"], status=run.status_text())
         text.update({f"best {metric}": cell(o["best"], form), f"final {metric}": cell(o["final"], form),
-                     "steps": cell(o["steps"]), "time": cell(o["time"], "{:.1f}s"),
+                     **{f"final {other}": cell(raw[other], "{:.2f}") for other in view.also}})
+        text.update({"steps": cell(o["steps"]), "time": cell(o["time"], "{:.1f}s"),
                      "img/s": cell(o["images_per_sec"], "{:.0f}"), "status": run.status_text()})
         return raw, text
     raw.update(n=len(row.runs), seeds=row.seeds())
     text.update(n=str(len(row.runs)), seeds=" ".join(show(s) for s in row.seeds()))
+    also = [(other, f"final {other}", "{:.2f}", "") for other in view.also]
     for key, header, fmt, unit in (("best", f"best {metric}", form, ""), ("final", f"final {metric}", form, ""),
-                                   ("time", "time", "{:.1f}", "s")):
-        mean, std = mean_std([o[key] for o in outcomes if o[key] is not None])  # the runs that have a value
+                                   *also, ("time", "time", "{:.1f}", "s")):
+        values = [run.outcome(key)["final"] if key in view.also else o[key] for o, run in zip(outcomes, row.runs)]
+        mean, std = mean_std([v for v in values if v is not None])  # the runs that have a value
         raw[key], raw[f"{key}_std"] = mean, std
         text[header] = "-" if mean is None else fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None
                                                                     else "") + unit

@@ -18,12 +18,19 @@ import yaml
 
 from . import yaml_io
 from .errors import UserError, shorten
-from .models import MODELS  # the registry decides which model names exist
+from .models import MODELS, check_name
+from .optim import OPTIMIZERS
+from .schedule import SCHEDULES
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tutorial_net"              # tutorial_net | resnet18 | fastnet (the registry in cifar/models.py)
+    # a name in cifar/models.py's registry, torchvision:<name> (any torchvision.models classifier), timm:<name>
+    # (pip install -e ".[timm]"), or <module>:<callable>: your own (docs/extending.md)
+    name: str = "tutorial_net"
+    # torchvision's ResNets (resnet*, resnext*, wide_resnet*): a 3x3 stride-1 stem conv and no max-pool instead of
+    # the ImageNet stem (7x7 stride-2 conv and max-pool), which would shrink a 32x32 image to 8x8 at once
+    cifar_stem: bool = False
     # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
     # it after: the backward pass then stops at the first block (3.8% of a step's FLOPs). null: train it throughout.
     whiten_bias_epochs: Optional[int] = None
@@ -56,7 +63,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw", "muon"] = "sgd"   # muon: Muon on conv filters, Nesterov SGD on the rest
+    # muon: Muon on conv filters, Nesterov SGD on the rest; or <module>:<callable>: your own (docs/extending.md)
+    name: str = "sgd"
     lr: float = 0.001                        # muon: the conv filters' lr
     momentum: float = 0.9                    # muon: of the SGD part
     nesterov: bool = False                   # Nesterov momentum (sgd, muon)
@@ -68,7 +76,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "cosine", "onecycle", "linear"] = "constant"   # the lr over the optimizer steps
+    # the lr over the optimizer steps; or <module>:<callable>: your own (docs/extending.md)
+    name: str = "constant"
     warmup_steps: int = 0                    # optimizer steps
 
 
@@ -92,6 +101,8 @@ class TrainConfig:
     log_every_steps: int = 50                # a metrics.jsonl / W&B row every N optimizer steps
     tta: Literal["none", "flip", "flip_translate"] = "none"   # test-time augmentation of the evaluations
     target_acc: Optional[float] = None       # summary.json reports the time and step it is first reached
+    # every evaluation also counts top-k accuracy (test/acc_top5: the label among the k highest logits); null: off
+    top_k: Optional[int] = 5
     compile: bool = False                    # torch.compile the model (warm-up timed apart from training)
     # torch.compile's mode; reduce-overhead records CUDA graphs (one launch per forward/backward: small nets on a
     # fast GPU are otherwise bound by kernel launches). Several processes compile with default (see engine).
@@ -179,7 +190,15 @@ def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
 # with the CIFAR statistics, while the default is now the tutorial's.
 # Every run before data.dataset existed was CIFAR-10 (its default too, said here so that a change of default would
 # not change what old runs were).
-SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}}
+# Every run before model.cifar_stem existed had its network's own stem.
+SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}, "model": {"cifar_stem": False}}
+
+
+def registry_choices() -> dict[str, list[str]]:
+    """The names registered now (a user's @register too) for the keys a registry holds (cifar/registry.py), and
+    the other forms its module resolves (torchvision:<name>): `--help` lists them. <module>:<callable>, which every
+    registry takes, is in each key's comment."""
+    return {registry.key: [*registry, *registry.forms] for registry in (MODELS, OPTIMIZERS, SCHEDULES)}
 
 
 def with_saved_defaults(saved: dict) -> dict:
@@ -369,9 +388,11 @@ def validate(cfg: Config) -> None:
                  "a finite number of magnitude at most 3.4e38 (float32's largest)", value)
     _require(0 <= cfg.seed < _SEEDS, "seed", f"in 0..{_SEEDS - 1} (for a random seed, pick one: seed=$RANDOM; the "
              f"record then holds it)", cfg.seed)
-    _require(cfg.model.name in MODELS, "model.name", "one of " + ", ".join(sorted(MODELS)), cfg.model.name)
     d, o, s, t = cfg.data, cfg.optim, cfg.schedule, cfg.train
     m = cfg.model
+    check_name(m.name, m.cifar_stem)
+    OPTIMIZERS.check(o.name)
+    SCHEDULES.check(s.name)
     _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
              "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
@@ -399,6 +420,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", t.label_smoothing)
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", ">= 1", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(t.top_k is None or t.top_k >= 1, "train.top_k", ">= 1 (5: top-5 accuracy) or null", t.top_k)
     _require(t.ema.decay is None or 0 < t.ema.decay < 1, "train.ema.decay", "in (0, 1), or null (off)", t.ema.decay)
     _require(t.ema.every_steps >= 1, "train.ema.every_steps", ">= 1", t.ema.every_steps)
     c = cfg.checkpoint

@@ -66,15 +66,16 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def keys(cls=C.Config, prefix: str = "") -> list[Key]:
+    """Every key; one whose values a registry holds lists the names registered now (a user's own included)."""
     hints, comments, out = typing.get_type_hints(cls), field_comments(cls), []
-    defaults = cls()
+    defaults, registered = cls(), C.registry_choices()
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
+        tp, name = hints[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            out += keys(tp, f"{prefix}{f.name}.")
+            out += keys(tp, f"{name}.")
         else:
-            out.append(Key(prefix + f.name, type_name(tp), yaml_value(getattr(defaults, f.name)),
-                           comments.get(f.name, "")))
+            kind = " | ".join(registered[name]) if name in registered else type_name(tp)
+            out.append(Key(name, kind, yaml_value(getattr(defaults, f.name)), comments.get(f.name, "")))
     return out
 
 

@@ -25,7 +25,7 @@ from .ema import Ema, build_ema
 from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
 from .lock import RunLock
-from .models import build_model, expiring_parameters, train_only_until
+from .models import expiring_parameters, model_from_config, train_only_until
 from .optim import build_optimizer
 from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
@@ -113,7 +113,7 @@ def train(cfg: Config) -> dict:
     # compiling inside the loop counts as training time: a graph variant the warm-up missed shows here
     graphs_in_training = compiled_graphs() - graphs_before if t.compile else None
     if result is None:                                   # resumed a run that had already finished training
-        result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta)
+        result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta, top_k=t.top_k)
         state.best_acc = max(state.best_acc or 0.0, result.accuracy)
         ema_row = evaluate_ema(run)
     summary = summarize(run, result, time.perf_counter() - wall_start, graphs_in_training, ema_row)
@@ -195,7 +195,7 @@ def evaluate_now(run: Run) -> EvalResult:
     state, t = run.state, run.cfg.train
     start = time.perf_counter()
     result = evaluate(run.model, run.test_batches, run.accelerator, tta=t.tta,
-                      samples=16 if run.report.wants_samples else 0)
+                      samples=16 if run.report.wants_samples else 0, top_k=t.top_k)
     state.eval_seconds += time.perf_counter() - start
     check_loss(result.loss, "the test loss", state.step, latest_checkpoint(run))
     state.best_acc = max(state.best_acc or 0.0, result.accuracy)
@@ -261,7 +261,7 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     data_seconds = time.perf_counter() - data_start
-    model = build_model(cfg.model.name, num_classes(cfg.data))
+    model = model_from_config(cfg.model, num_classes(cfg.data))
     if hasattr(model, "init_from_data"):          # e.g. FastNet's whitening filters
         model.init_from_data(train_batches.first_images(5000).cpu())
     if t.channels_last:
@@ -325,6 +325,7 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
     return {
         "name": cfg.name, "output_dir": run.output_dir, "steps": state.step, "epochs": run.epochs,
         "final_test_acc": result.accuracy, "best_test_acc": state.best_acc, "final_test_loss": result.loss,
+        **result.top_k_entry("final_test_acc"), "top_k": t.top_k,
         "final_ema_test_acc": ema_row.get("test/ema_acc"), "best_ema_test_acc": state.best_ema_acc,
         "per_class_acc": result.per_class, "wall_seconds": wall_seconds,
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),

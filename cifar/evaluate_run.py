@@ -14,7 +14,7 @@ from .data import DATASETS, build_batches, dataset_info, num_classes
 from .errors import UserError
 from .evaluation import evaluate
 from .files import load_fitting, read_state_dict, write_atomic
-from .models import MODELS, build_model, head
+from .models import MODELS, head, model_from_config
 from .outputs import to_json
 from .plots import confusion_png, predictions_png
 from .run_folder import (BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EMA_WEIGHTS, EVAL, LATEST, PREDICTIONS_PNG, SUMMARY,
@@ -131,17 +131,17 @@ def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
     if is_state_dict_file(checkpoint):
         weights = os.path.abspath(checkpoint)
         cfg = load_config(None, overrides)
-        model = build_model(cfg.model.name, num_classes(cfg.data))
+        model = model_from_config(cfg.model, num_classes(cfg.data))
         state = read_state_dict(weights)
         check_dataset(model, state, weights, cfg)
         load_fitting(model, state, weights,
                      f"it holds a network of another shape than model.name={cfg.model.name}; for another of this "
-                     f"project's networks pass model.name=NAME ({', '.join(sorted(MODELS))})")
+                     f"project's networks pass model.name=NAME ({', '.join(MODELS)})")
         return cfg, model, weights
     config_path, weights = find_run_files(checkpoint, pick)
     cfg = load_saved_config(config_path, overrides)
     check_saved_dataset(config_path, load_saved_config(config_path), cfg)
-    model = build_model(cfg.model.name, num_classes(cfg.data))
+    model = model_from_config(cfg.model, num_classes(cfg.data))
     load_run_weights(model, weights, cfg)
     return cfg, model, weights
 
@@ -174,14 +174,15 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     accelerator = make_accelerator(cfg)
     _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
     model = accelerator.prepare(model)
-    result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview)
+    result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview, top_k=cfg.train.top_k)
     run_id, step = (None, None) if bare else trained_run(weights)
     images, labels, preds = result.samples or (None, [], [])   # None: no test image on this rank
     ema = os.path.basename(weights) == EMA_WEIGHTS
     report = {"checkpoint": weights, "weights": "ema" if ema else "trained", "step": step, "tta": tta,
               "world_size": accelerator.num_processes,
               "model": cfg.model.name, "normalize": cfg.data.normalize, "dataset": cfg.data.dataset,
-              "accuracy": result.accuracy, "loss": result.loss, "count": result.count,
+              "accuracy": result.accuracy, "loss": result.loss, "count": result.count, "top_k": result.top_k,
+              **result.top_k_entry("accuracy"),
               "per_class": result.per_class, "confusion": result.confusion,
               # the images predictions.png shows: the main process's first ones, test images 0, w, 2w, ... of its
               # shard (w processes), so that a single image's prediction can be checked against predict.py
@@ -210,7 +211,8 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
         prefix = "eval/" if tta == "none" else f"eval_{tta}/"
         tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
         tracker.log_eval(step or 0, result.confusion, images, labels, preds, classes=classes)
-        tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss})
+        tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss,
+                         **result.top_k_entry(f"{prefix}acc")})
         tracker.finish(0)
     shut_down(accelerator)
     return report

@@ -1,35 +1,114 @@
-"""Networks, chosen by name. Add one with @register("name") on a function that takes num_classes (the dataset's,
-the size of the head) and returns an nn.Module."""
+"""Networks, chosen by model.name: the registry's own (tutorial_net, resnet18, fastnet; add one with
+@MODELS.register("name") on a callable that takes num_classes, the size of the head, and returns an nn.Module), any
+torchvision classification model as torchvision:<name>, a timm model as timm:<name> (the optional extra
+pip install -e ".[timm]"), or a network of one's own as <module>:<callable> (docs/extending.md)."""
 from __future__ import annotations
 
-from typing import Callable
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .registry import Registry, spelled
 
 NUM_CLASSES = 10          # CIFAR-10's: the default head
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model", "model.name", forms=("torchvision:<name>", "timm:<name>"))
+register = MODELS.register        # @register("name"), as models were registered before every component had one
+
+# model.cifar_stem's family: torchvision's ResNets, whose ImageNet stem (7x7 stride-2 conv, 3x3 max-pool) shrinks a
+# 32x32 image to 8x8 before the first block. Each of them names that stem conv1 and maxpool.
+CIFAR_STEM_FAMILY = re.compile(r"resnet\d+|resnext\d+_\d+x\d+d|wide_resnet\d+_\d+")
+# torchvision builders that need more than their defaults to give logits in training: no auxiliary heads (with
+# them, training returns a tuple)
+TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+TORCHVISION_REFUSED = {"inception_v3": "needs images of at least 75x75 pixels"}
 
 
-def register(name: str):
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
+def build_model(name: str, num_classes: int = NUM_CLASSES, cifar_stem: bool = False) -> nn.Module:
+    """The network model.name names, its head sized num_classes, initialised from the global torch RNG."""
+    check_name(name, cifar_stem)
+    source, _, arch = name.partition(":")
+    if source == "torchvision":
+        return torchvision_model(arch, num_classes, cifar_stem)
+    if source == "timm":
+        return _timm(name).create_model(arch, pretrained=False, num_classes=num_classes)
+    model = MODELS[name](num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name={spelled(name)}: called with num_classes={num_classes}, it returned a "
+                        f"{type(model).__name__}, not a torch.nn.Module; make it return the network")
+    return model
 
 
-def build_model(name: str, num_classes: int = NUM_CLASSES) -> nn.Module:
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes)
+def model_from_config(cfg, num_classes: int) -> nn.Module:
+    """build_model for the model config section (cfg: a ModelConfig)."""
+    return build_model(cfg.name, num_classes, cifar_stem=cfg.cifar_stem)
 
 
-def head(model: nn.Module) -> tuple[str, int]:
-    """(state_dict prefix, number of outputs) of the classifier: the model's last nn.Linear."""
-    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+def check_name(name: str, cifar_stem: bool = False) -> None:
+    """Refuse, in one line, a model.name that names nothing buildable (config validation calls this, before any
+    work starts): an unknown name, a torchvision or timm model that does not exist, timm not installed, a module or
+    attribute that cannot be found, or model.cifar_stem on a network it does not fit."""
+    source, colon, arch = name.partition(":")
+    if source == "torchvision":
+        check_torchvision(arch, cifar_stem)
+        return
+    if source == "timm":
+        if not _timm(name).is_model(arch):
+            raise UserError(f"model.name={spelled(name)}: timm has no model {spelled(arch)}; timm.list_models() "
+                            f"lists them")
+    else:
+        MODELS.check(name)
+    if cifar_stem:
+        raise UserError(f"model.cifar_stem=true fits torchvision's ResNets (torchvision:resnet18, ...), not "
+                        f"model.name={spelled(name)}; set model.cifar_stem=false")
+
+
+def check_torchvision(arch: str, cifar_stem: bool) -> None:
+    import torchvision.models   # here, not at the top: a second of start-up that only torchvision:<name> needs
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"model.name=torchvision:{spelled(arch)}: torchvision.models has no classification model "
+                        f"of that name; torchvision.models.list_models(module=torchvision.models) lists them")
+    if arch in TORCHVISION_REFUSED:
+        raise UserError(f"model.name=torchvision:{arch} {TORCHVISION_REFUSED[arch]}, and CIFAR's are 32x32; choose "
+                        f"another network")
+    if cifar_stem and not CIFAR_STEM_FAMILY.fullmatch(arch):
+        raise UserError(f"model.cifar_stem=true fits torchvision's ResNet family (resnet*, resnext*, "
+                        f"wide_resnet*), not torchvision:{arch}; set model.cifar_stem=false")
+
+
+def torchvision_model(arch: str, num_classes: int, cifar_stem: bool) -> nn.Module:
+    """torchvision.models' <arch>, untrained, with num_classes outputs. cifar_stem: a ResNet's 7x7 stride-2 conv
+    and max-pool become a 3x3 stride-1 conv and no pool, so that its last stage sees 4x4 maps of a 32x32 image
+    rather than 1x1 ones (the CIFAR ResNets' stem, as resnet18's here)."""
+    import torchvision.models
+    kwargs = dict(TORCHVISION_KWARGS.get(arch, {}))
+    if arch.startswith("vit_"):
+        kwargs["image_size"] = 32       # position embeddings for a 32x32 image's patches
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _timm(name: str):
+    try:
+        import timm   # an optional extra: only timm:<name> needs it
+    except ImportError:
+        raise UserError(f"model.name={spelled(name)} needs timm, an optional extra: pip install -e \".[timm]\"") \
+            from None
+    return timm
+
+
+def head(model: nn.Module) -> tuple[str | None, int | None]:
+    """(state_dict prefix, number of outputs) of the classifier: the model's last nn.Linear; (None, None) for a
+    network without one (torchvision's squeezenet ends in a conv)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None, None
+    name, layer = linears[-1]
     return name, layer.out_features
 
 

@@ -1,35 +1,51 @@
-"""Optimizers by name: sgd, adamw, and muon (Muon on conv filters, Nesterov SGD on everything else)."""
+"""Optimizers by optim.name, from the OPTIMIZERS registry: sgd, adamw, and muon (Muon on conv filters, Nesterov
+SGD on everything else). Add one with @OPTIMIZERS.register("name") on a builder(groups, cfg) -> torch.optim.Optimizer:
+groups are the parameter groups to hand to the optimizer as they are, cfg the optim config section."""
 from __future__ import annotations
 
 import torch
 
-from .config import OptimConfig
+from .registry import Registry
+
+OPTIMIZERS = Registry("optimizer", "optim.name")
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module,
+def build_optimizer(cfg, model: torch.nn.Module,
                     expiring: dict[torch.nn.Parameter, int] | None = None) -> torch.optim.Optimizer:
-    """expiring: parameters trained only until an optimizer step; each gets a group of its own (the hyperparameters
-    of the group it would have joined) marked `until_step`, which the LR schedule takes to 0 by that step."""
+    """The optimizer cfg (the OptimConfig) names, over the model's trainable parameters. expiring: parameters
+    trained only until an optimizer step; each gets a group of its own (the hyperparameters of the group it would
+    have joined) marked `until_step`, which the LR schedule takes to 0 by that step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=params)]
-    if cfg.name == "muon":
-        filters = [p for p in params if p.ndim == 4]
-        matrices = [p for p in params if p.ndim == 2]
-        vectors = [p for p in params if p.ndim < 2]
-        bias_lr, head_lr = cfg.bias_lr or cfg.lr, cfg.head_lr or cfg.lr
+    return OPTIMIZERS[cfg.name](split_expiring([dict(params=params)], expiring or {}), cfg)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("muon")
+def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """Each group split three ways: conv filters (Muon), vectors such as biases and norms (bias_lr) and 2-D
+    weights such as the classifier (head_lr)."""
+    bias_lr, head_lr = cfg.bias_lr or cfg.lr, cfg.head_lr or cfg.lr
+    split = []
+    for group in groups:
+        params = group["params"]
         # weight decay per step is the same for every group whatever its lr: torch multiplies it by the lr
-        groups = [dict(params=filters, lr=cfg.lr, muon=True, momentum=cfg.muon_momentum, weight_decay=0.0),
-                  dict(params=vectors, lr=bias_lr, weight_decay=cfg.weight_decay / bias_lr),
-                  dict(params=matrices, lr=head_lr, weight_decay=cfg.weight_decay / head_lr)]
-    groups = split_expiring(groups, expiring or {})
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "muon":
-        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    raise ValueError(f"unknown optimizer {cfg.name}")  # config validation makes this unreachable
+        split += [{**group, "params": [p for p in params if p.ndim == 4], "lr": cfg.lr, "muon": True,
+                   "momentum": cfg.muon_momentum, "weight_decay": 0.0},
+                  {**group, "params": [p for p in params if p.ndim < 2], "lr": bias_lr,
+                   "weight_decay": cfg.weight_decay / bias_lr},
+                  {**group, "params": [p for p in params if p.ndim == 2], "lr": head_lr,
+                   "weight_decay": cfg.weight_decay / head_lr}]
+    return Muon([g for g in split if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def split_expiring(groups: list[dict], expiring: dict[torch.nn.Parameter, int]) -> list[dict]:

@@ -26,7 +26,7 @@ from .run_folder import CHECKPOINTS, FINISHED, read_status, read_summary
 
 # Keys (and prefixes) that may change without changing what is trained: where the run writes, reads and logs.
 FREE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
-        "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs")
+        "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs", "train.top_k")
 # Keys (and prefixes) applied from the resume step on. data.batch_size and train.grad_accum_steps only split the same
 # global batch differently (another number of processes): a changed global batch is refused before this list counts.
 APPLIED = ("optim.lr", "optim.bias_lr", "optim.head_lr", "optim.weight_decay", "train.epochs", "train.max_steps",
