@@ -236,3 +236,37 @@ def baseline(tmp_path_factory):
         return folder
 
     return get
+
+
+# --- A shared sweep ------------------------------------------------------------------------------------------------
+# A real sweep (`python -m cifar.sweep FILE --runs-dir DIR`) that several files read, run once per session like a
+# baseline: test_sweep's reruns and resumes compare against it, test_compare's seed groups are made of its runs.
+@pytest.fixture(scope="session")
+def shared_sweep(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    shared = base / "baselines"
+    shared.mkdir(exist_ok=True)
+
+    def get(text: str, file: str) -> tuple[str, Path, subprocess.CompletedProcess]:
+        """(the sweep file, its --runs-dir, the finished sweep's CompletedProcess) for the sweep file `text`, named
+        `file`. Read-only."""
+        key = "sweep-" + hashlib.sha256(json.dumps([text, file]).encode()).hexdigest()[:16]
+        folder, done = shared / key, shared / f"{key}.done"
+        path, runs_dir = folder / file, folder / "runs"
+        with open(shared / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)    # a worker that died mid-sweep left it: run again
+                folder.mkdir()
+                path.write_text(text)
+                proc = subprocess.run([sys.executable, "-m", "cifar.sweep", str(path), "--runs-dir", str(runs_dir)],
+                                      capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT,
+                                      stdin=subprocess.DEVNULL)
+                assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr, "args": proc.args}))
+        record = json.loads(done.read_text())
+        return str(path), runs_dir, subprocess.CompletedProcess(record["args"], 0, record["stdout"], record["stderr"])
+
+    return get

@@ -49,26 +49,34 @@ def wandb_debug(baseline):
     return baseline(*DEBUG, TAGS, **wandb_env(Path("{dir}")))
 
 
-def start_paused(tmp_path, out, *args, procs=1, **extra):
-    """train.py on the debug recipe with W&B offline, held after its save at step PAUSE_AT; returns the process
-    (in its own session) once it is held there, and the path of its stderr."""
-    err = tmp_path / f"{out.name}.stderr"
-    proc = subprocess.Popen(command("train.py", [*DEBUG, *args, f"output_dir={out}"], procs), cwd=ROOT,
-                            env=env(**wandb_env(tmp_path, CIFAR_FAULT=f"pause-after-save:{PAUSE_AT}", **extra)),
-                            stdout=subprocess.DEVNULL, stderr=open(err, "w"), start_new_session=True)
-    while "paused until SIGUSR2" not in err.read_text():
-        assert proc.poll() is None, f"train.py exited {proc.returncode} before its pause\n{err.read_text()[-3000:]}"
-        time.sleep(0.05)
-    return proc, err
+@pytest.fixture
+def start_paused(tmp_path):
+    """start_paused(out): train.py on the debug recipe with W&B offline, held after its save at step PAUSE_AT;
+    returns the process (in its own session) once it is held there, and the path of its stderr. A process still
+    there when the test ends (it failed) is killed with everything it started."""
+    started = []
 
+    def start(out):
+        err = tmp_path / f"{out.name}.stderr"
+        with open(err, "w") as f:
+            proc = subprocess.Popen(command("train.py", [*DEBUG, f"output_dir={out}"]), cwd=ROOT,
+                                    env=env(**wandb_env(tmp_path, CIFAR_FAULT=f"pause-after-save:{PAUSE_AT}")),
+                                    stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+        started.append(proc)
+        while "paused until SIGUSR2" not in err.read_text():
+            assert proc.poll() is None, f"train.py exited {proc.returncode} before its pause\n{err.read_text()[-3000:]}"
+            time.sleep(0.05)
+        return proc, err
 
-def finish(proc, err, timeout=180) -> str:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
+    yield start
+    for proc in started:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def finish(proc, err, timeout=180) -> str:
+    proc.wait(timeout=timeout)
     return err.read_text()
 
 
@@ -127,11 +135,11 @@ def test_two_processes_write_exactly_one_run_and_only_rank_0_imports_wandb(tmp_p
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline):
+def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, start_paused):
     """SIGTERM while held after the save at step 64: exit 75; the resume logs into a run with the same id, and the
     two runs' curves together are every logged step once; the weights are those of the uninterrupted run."""
     out = tmp_path / "r"
-    proc, err = start_paused(tmp_path, out)
+    proc, err = start_paused(out)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGUSR2)
     finish(proc, err)
@@ -150,12 +158,12 @@ def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline):
 
 
 @pytest.mark.slow
-def test_a_crash_of_the_wandb_backend_warns_once_and_training_goes_on(tmp_path, baseline):
+def test_a_crash_of_the_wandb_backend_warns_once_and_training_goes_on(tmp_path, baseline, start_paused):
     """wandb-core, W&B's backend process, SIGKILLed mid-run (while training is held after its save at step 64):
     one `warning: W&B` line and nothing else (no exit-time traceback), exit 0, metrics.jsonl and summary.json
     complete, and the weights of the run without W&B, bit for bit."""
     out = tmp_path / "r"
-    proc, err = start_paused(tmp_path, out)
+    proc, err = start_paused(out)
     (core,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "wandb-core"]
     core.kill()
     while core.is_running() and core.status() != psutil.STATUS_ZOMBIE:   # train.py, held, reaps it only later
