@@ -32,10 +32,11 @@ CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides 
 # Far more steps than any test waits for (about 64 steps/s on one core): a restart that must still be training when
 # signalled, where no hold can be placed (CIFAR_FAULT holds at one step, and a restart has the first run's environment)
 LONG_RUN = ["configs/debug.yaml", "train.epochs=200", "checkpoint.every_steps=20"]
-HELD_RUN = ["configs/debug.yaml", "checkpoint.every_steps=20"]    # 192 steps, held at 20 with HOLD
+HELD_RUN = ["configs/debug.yaml", "checkpoint.every_steps=20"]    # 192 steps, held at 40 with HOLD
 # A job that must surely be mid-run when a signal comes is held there instead: train.py's main process stops after
-# its save at step 20 (cifar/checkpoint.py) until SIGUSR2, which the test sends once the signal has been received.
-HOLD = {"CIFAR_FAULT": "pause-after-save:20"}
+# its save at step HELD_AT (cifar/checkpoint.py) until SIGUSR2, which the test sends once the signal has arrived.
+HELD_AT = 40   # a save every 8 (the debug baseline's) or 20 steps (the other jobs') is one at step 40
+HOLD = {"CIFAR_FAULT": f"pause-after-save:{HELD_AT}"}
 
 
 def must_run_here() -> bool:
@@ -155,7 +156,7 @@ def held_trainer(job) -> psutil.Process:
 
 
 def wait_held(cluster, job, out) -> None:
-    """Wait until the job's train.py is held after its save at step 20 (HOLD)."""
+    """Wait until the job's train.py is held after its save at step HELD_AT (HOLD)."""
     wait_for_line(cluster, job, out, "paused until SIGUSR2")
 
 
@@ -211,8 +212,8 @@ def test_train_sbatch_runs_to_completion(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline):
-    """USR1 to the batch shell (what `--signal=B:USR1@N` sends) while the job is held after its save at step 20 ->
-    exit 75 -> requeue -> resume from step 20, finish; the final weights equal those of the same command run without
+    """USR1 to the batch shell (what `--signal=B:USR1@N` sends) while the job is held after its save at step 40 ->
+    checkpoint at step 41, exit 75 -> requeue -> resume from step 41, finish; the final weights equal those of the same command run without
     interruption (the debug baseline)."""
     job, out = submit(cluster, tmp_path, "slurm/train.sbatch", list(DEBUG[1:]), **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
@@ -224,7 +225,9 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline)
     assert info["Restarts"] == "1", log[-4000:]
     assert "SIGUSR1 received" in log and "requeueing (restart 1" in log, log[-4000:]
     assert "restart 1 of this job: resuming" in log and "training finished" in log, log[-4000:]
-    assert re.search(r"^resuming from \S+/step-20 \(step 20,", log, re.M), log[-4000:]
+    stopped = re.search(r"^stopped: SIGUSR1 at step (\d+); checkpoint (\S+);", log, re.M)
+    assert stopped and int(stopped[1]) == HELD_AT + 1, log[-4000:]      # at the step boundary after the hold
+    assert f"resuming from {stopped[2]} (step {stopped[1]}," in log, log[-4000:]
     assert log.count("starting in") == 1, "the output file should hold both runs of the job, the first once"
     assert (run / "summary.json").exists()
     resumed = weights(run)
@@ -236,10 +239,10 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline)
 @pytest.mark.slow
 def test_multinode_two_machines_rendezvous_and_resume_after_preemption(cluster, tmp_path):
     """Two "machines" (two srun tasks on the one node) x 1 process: c10d rendezvous, world size 2. Preempted while
-    rank 0 is held after its save at step 20: the batch shell passes USR1 to srun, srun to each machine's task, each
+    rank 0 is held after its save at step 40: the batch shell passes USR1 to srun, srun to each machine's task, each
     task to its training process; the launchers report 75; the job requeues, both machines rendezvous again and
     finish."""
-    job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", ["configs/debug.yaml", "train.epochs=1",
+    job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", ["configs/debug.yaml", "train.epochs=2",
                                                                     "checkpoint.every_steps=20"],
                       sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2", **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
@@ -350,7 +353,7 @@ def test_time_limit_saves_and_requeues(cluster, tmp_path):
     time-limit test, 0-30 s later. (An end even one second later could meet that test first, which then sends only
     the USR1 warning: the preemption path, tested above.) At the limit SLURM sends the warning (USR1, not sent yet)
     and SIGTERM in the same second, as to any job whose warning came too late: the log shows both. The job waits
-    for its limit held after its save at step 20, so it is surely mid-run when the limit comes."""
+    for its limit held after its save at step 40, so it is surely mid-run when the limit comes."""
     job, out = submit(cluster, tmp_path, "slurm/train.sbatch", HELD_RUN, **HOLD)
     wait_held(cluster, job, out)
     for _ in range(5):   # EndTime=now: a time already past is refused, so try again when the second turns
