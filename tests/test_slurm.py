@@ -364,6 +364,9 @@ def test_time_limit_saves_and_requeues(cluster, tmp_path):
     try:
         release(cluster, job, out)      # on whichever of the limit's USR1 and SIGTERM reaches train.py first
         wait_restarted(cluster, job, 1, timeout=75, running=False)
+        stopped = re.search(r"^stopped: SIG\w+ at step (\d+); checkpoint (\S+);", read(out), re.M)
+        assert stopped, read(out)[-4000:]
+        assert verify(stopped[2]) is None      # now: the restart, run to its end, prunes it
         # the restart would keep the lowered 1-minute limit, and so get the USR1 warning at slurmctld's next check
         proc = cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
         assert proc.returncode == 0, proc.stderr
@@ -374,9 +377,6 @@ def test_time_limit_saves_and_requeues(cluster, tmp_path):
     assert f"JOB {job} ON {cluster.host} CANCELLED AT" in log and "DUE TO TIME LIMIT" in log, log[-4000:]
     assert "SIGTERM received" in log, log[-4000:]
     assert "stopped with a checkpoint: requeueing (restart 1 of at most 10)" in log, log[-4000:]
-    stopped = re.search(r"^stopped: SIG\w+ at step (\d+); checkpoint (\S+);", log, re.M)
-    assert stopped, log[-4000:]
-    assert verify(stopped[2]) is None
     assert "restart 1 of this job: resuming" in log and f"resuming from {stopped[2]} (step {stopped[1]}," in log, \
         log[-4000:]
     assert info["Restarts"] == "1" and "training finished" in log, log[-4000:]    # the restart runs to the end

@@ -136,7 +136,8 @@ def test_two_processes_write_exactly_one_run_and_only_rank_0_imports_wandb(tmp_p
 
 @pytest.mark.slow
 def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, start_paused):
-    """SIGTERM while held after the save at step 64: exit 75; the resume logs into a run with the same id, and the
+    """SIGTERM while held after the save at step 64: a checkpoint at step 65, exit 75; the resume logs into a run
+    with the same id, and the
     two runs' curves together are every logged step once; the weights are those of the uninterrupted run."""
     out = tmp_path / "r"
     proc, err = start_paused(out)
@@ -145,7 +146,7 @@ def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, s
     finish(proc, err)
     assert proc.returncode == 75, err.read_text()[-3000:]
     stopped = read_json(out / "status.json")["step"]
-    assert stopped == PAUSE_AT
+    assert stopped == PAUSE_AT + 1                    # the step boundary after the hold
     run("train.py", *DEBUG, f"output_dir={out}", **wandb_env(tmp_path))
     first, second = runs_in(out)
     id1, id2 = leet(first, summary=True)["run_id"], leet(second, summary=True)["run_id"]
