@@ -138,8 +138,10 @@ def wait_for_line(cluster, job, out, text, timeout=120) -> str:
     return log
 
 
-def held_trainer(job) -> psutil.Process:
-    """The job's train.py main process (rank 0 or the only one; not a launcher), found by its SLURM_JOB_ID."""
+def held_trainer(cluster, job) -> psutil.Process:
+    """The job's train.py main process (rank 0 or the only one; not a launcher), found by its SLURM_JOB_ID (an array
+    task's own job id)."""
+    job = cluster.job(job).get("JobId", job)
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmdline = p.info["cmdline"] or []
@@ -155,16 +157,16 @@ def held_trainer(job) -> psutil.Process:
     return found[0]
 
 
-def wait_held(cluster, job, out) -> None:
+def wait_held(cluster, job, out, timeout=150) -> None:
     """Wait until the job's train.py is held after its save at step HELD_AT (HOLD)."""
-    wait_for_line(cluster, job, out, "paused until SIGUSR2")
+    wait_for_line(cluster, job, out, "paused until SIGUSR2", timeout)
 
 
 def release(cluster, job, out, received="") -> None:
     """Once the held train.py has received a stop signal (`received`, e.g. SIGUSR1; any when empty), let it go on
     (SIGUSR2): it stops at once, on that signal."""
     wait_for_line(cluster, job, out, f"{received} received: stopping")
-    held_trainer(job).send_signal(signal.SIGUSR2)
+    held_trainer(cluster, job).send_signal(signal.SIGUSR2)
 
 
 def preempt_held(cluster, job, out) -> None:
@@ -533,13 +535,17 @@ def test_usr1_to_one_array_task_requeues_that_task_alone(cluster, tmp_path):
     `scontrol requeue <array id>` would requeue every task of the array, finished ones too, so the script requeues
     <array id>_<task>."""
     sweep = write_sweep(tmp_path, fixed=["data.limit_train=1024", "data.limit_test=128", "train.epochs=4",
-                                         "checkpoint.every_steps=20"])   # 128 steps a run; USR1 comes after 20
-    job, out = submit_sweep(cluster, tmp_path, sweep, "0-3")
+                                         "checkpoint.every_steps=20"])   # 128 steps a run, each held at 40
+    job, out = submit_sweep(cluster, tmp_path, sweep, "0-3", **HOLD)
     run = tmp_path / "runs" / "tiny" / "03-optim.lr=0.05,seed=1"
-    wait_for_checkpoint(cluster, f"{job}_3", run, timeout=150)
+    for i in range(3):     # the others go on from their hold untouched, as they reach it (a core each, in turn)
+        wait_held(cluster, f"{job}_{i}", out.replace("%a", str(i)))
+        held_trainer(cluster, f"{job}_{i}").send_signal(signal.SIGUSR2)
+    wait_held(cluster, f"{job}_3", out.replace("%a", "3"))
     assert cluster.job(f"{job}_3")["JobId"] == job, "task 3, the last to start, should hold the array's id"
     proc = cluster.run(["scancel", "--batch", "--signal=USR1", f"{job}_3"])
     assert proc.returncode == 0, proc.stderr
+    release(cluster, f"{job}_3", out.replace("%a", "3"), "SIGUSR1")
     # the uninterrupted run, here, while task 3 waits to restart (a core is free)
     reference = local_sweep(sweep, "--runs-dir", str(tmp_path / "local"), "--index", "3")
     try:
@@ -550,6 +556,7 @@ def test_usr1_to_one_array_task_requeues_that_task_alone(cluster, tmp_path):
     assert [info["Restarts"] for info in infos] == ["0", "0", "0", "1"], log[-4000:]
     assert "SIGUSR1 received" in log and "requeueing (restart 1" in log, log[-4000:]
     assert "restart 1 of this job: resuming" in log and "training finished" in log, log[-4000:]
+    assert f"resuming from {run}/checkpoints/step-{HELD_AT + 1} (step {HELD_AT + 1}," in log, log[-4000:]
     assert log.count("starting in") == 1, "the task's output file should hold both its runs, the first once"
     for i in range(3):
         other = read(out.replace("%a", str(i)))

@@ -137,8 +137,8 @@ def test_two_processes_write_exactly_one_run_and_only_rank_0_imports_wandb(tmp_p
 @pytest.mark.slow
 def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, start_paused):
     """SIGTERM while held after the save at step 64: a checkpoint at step 65, exit 75; the resume logs into a run
-    with the same id, and the
-    two runs' curves together are every logged step once; the weights are those of the uninterrupted run."""
+    with the same id, the two runs' curves together are every logged step once, and the weights are those of the
+    uninterrupted run."""
     out = tmp_path / "r"
     proc, err = start_paused(out)
     proc.send_signal(signal.SIGTERM)
