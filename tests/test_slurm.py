@@ -215,8 +215,8 @@ def test_train_sbatch_runs_to_completion(cluster, tmp_path):
 @pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline):
     """USR1 to the batch shell (what `--signal=B:USR1@N` sends) while the job is held after its save at step 40 ->
-    checkpoint at step 41, exit 75 -> requeue -> resume from step 41, finish; the final weights equal those of the same command run without
-    interruption (the debug baseline)."""
+    checkpoint at step 41, exit 75 -> requeue -> resume from step 41, finish; the final weights equal those of the
+    same command run without interruption (the debug baseline)."""
     job, out = submit(cluster, tmp_path, "slurm/train.sbatch", list(DEBUG[1:]), **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
     preempt_held(cluster, job, out)
@@ -239,6 +239,8 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline)
 
 
 @pytest.mark.slow
+@pytest.mark.budget(seconds=100, reason="a 2-machine SLURM job run twice (preempted, requeued ~6 s later): two "
+                                        "c10d rendezvous of two launchers each")
 def test_multinode_two_machines_rendezvous_and_resume_after_preemption(cluster, tmp_path):
     """Two "machines" (two srun tasks on the one node) x 1 process: c10d rendezvous, world size 2. Preempted while
     rank 0 is held after its save at step 40: the batch shell passes USR1 to srun, srun to each machine's task, each
