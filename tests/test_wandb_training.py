@@ -1,8 +1,9 @@
 """W&B from real training runs (offline mode, read back with `wandb leet inspect`).
 
 The tests that only read a run back share one offline W&B run of the debug recipe (the `wandb_debug` baseline);
-the ones about a process boundary (a stop and resume, the backend killed mid-run, a second rank) train their own,
-held mid-run by the pause fault point (CIFAR_FAULT=pause-after-save:<step>) instead of racing a long run."""
+the ones about a process boundary (a stop and resume, the backend killed mid-run, a second rank) train their own.
+What must happen mid-run happens while the run is held there by the pause fault point
+(CIFAR_FAULT=pause-after-save:<step>), not in a race with a long run."""
 import glob
 import json
 import os
