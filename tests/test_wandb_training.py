@@ -183,6 +183,7 @@ def test_a_crash_of_the_wandb_backend_warns_once_and_training_goes_on(tmp_path, 
     assert same_weights(out, plain)
 
 
+@pytest.mark.slow
 def test_disabled_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "r"
     for key, value in wandb_env(tmp_path).items():
@@ -192,6 +193,7 @@ def test_disabled_writes_nothing(tmp_path, monkeypatch):
     assert not os.path.exists(out / "wandb") and not runs_in(out)
 
 
+@pytest.mark.slow
 def test_unusable_wandb_warns_once_and_training_completes(tmp_path, monkeypatch, caplog):
     """A file where W&B wants its folder: found before wandb is imported, so this runs in-process."""
     blocker = tmp_path / "not-a-dir"
