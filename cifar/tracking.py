@@ -17,6 +17,7 @@ artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -287,6 +288,11 @@ class Tracker:
             self._run_id = self._run.id
         self._run = None
         warn(f"W&B {where} failed, continuing without W&B: {self._describe(error)}")
+        if isinstance(error, ConnectionError) and self._wandb is not None:
+            # the backend process is gone (killed, crashed): tear down now, so that wandb's exit hook does not
+            # try to reach it again and print a traceback as the process exits
+            with contextlib.suppress(Exception):
+                self._wandb.teardown()
 
     @staticmethod
     def _describe(error: Exception) -> str:

@@ -209,13 +209,20 @@ def _refuse_in_the_fast_tier(what: str) -> None:
 # A reference run that several tests (in several files) compare against is trained once per session, whichever
 # xdist worker needs it first; the others wait on its lock file and reuse the folder. Treat it as read-only: copy it
 # (shutil.copytree) before changing anything in it.
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory):
+def shared_folder(tmp_path_factory) -> Path:
+    """The session's folder for what its xdist workers share (each worker has its own basetemp; their parent is the
+    session's)."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):       # each worker has its own basetemp; their parent is the session's
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
     shared = base / "baselines"
     shared.mkdir(exist_ok=True)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    shared = shared_folder(tmp_path_factory)
 
     def get(*args: str, procs: int = 1, **env_extra: str) -> Path:
         """The run folder of `train.py *args output_dir=<folder>` (procs processes, extra environment), trained once
@@ -277,3 +284,33 @@ def double_batch_pair(baseline) -> tuple[Path, Path]:
         one = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=12")
         two = pool.submit(baseline, *DOUBLE_BATCH, "data.batch_size=6", procs=2)
         return one.result(), two.result()
+
+
+# --- A shared sweep ------------------------------------------------------------------------------------------------
+# A real sweep (`python -m cifar.sweep FILE --runs-dir DIR`) that several files read, run once per session like a
+# baseline: test_sweep's reruns and resumes compare against it, test_compare's seed groups are made of its runs.
+@pytest.fixture(scope="session")
+def shared_sweep(tmp_path_factory):
+    shared = shared_folder(tmp_path_factory)
+
+    def get(text: str, file: str) -> tuple[str, Path, subprocess.CompletedProcess]:
+        """(the sweep file, its --runs-dir, the finished sweep's CompletedProcess) for the sweep file `text`, named
+        `file`. Read-only."""
+        key = "sweep-" + hashlib.sha256(json.dumps([text, file]).encode()).hexdigest()[:16]
+        folder, done = shared / key, shared / f"{key}.done"
+        path, runs_dir = folder / file, folder / "runs"
+        with open(shared / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)    # a worker that died mid-sweep left it: run again
+                folder.mkdir()
+                path.write_text(text)
+                proc = subprocess.run([sys.executable, "-m", "cifar.sweep", str(path), "--runs-dir", str(runs_dir)],
+                                      capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT,
+                                      stdin=subprocess.DEVNULL)
+                assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr, "args": proc.args}))
+        record = json.loads(done.read_text())
+        return str(path), runs_dir, subprocess.CompletedProcess(record["args"], 0, record["stdout"], record["stderr"])
+
+    return get

@@ -10,16 +10,19 @@ import shutil
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.collections import PolyCollection
 from PIL import Image
 
 from cifar import compare_output, compare_plot
 from cifar.compare import build, load_run, main, parse_args
-from conftest import ROOT, env, lock_held_by_child, read_json, read_jsonl, run
+from conftest import ROOT, env, lock_held_by_child, read_json, read_jsonl
+from test_sweep import as_yaml, sweep_doc
+
+from train import main as train_main
 
 RECIPES = {  # three small real runs, ~5 s each on one core; the last one is made to look killed
     "sgd-slow": ["optim.lr=0.01"],
@@ -30,15 +33,11 @@ RECIPES = {  # three small real runs, ~5 s each on one core; the last one is mad
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Trained in this process (compare reads run folders; how they were written is train.py's tests' business)."""
     root = tmp_path_factory.mktemp("runs")
-
-    def train(item):
-        name, overrides = item
-        run("train.py", "--config", "configs/debug.yaml", "data.limit_train=384", "data.limit_test=256",
-            "train.epochs=4", *overrides, f"output_dir={root / name}")
-
-    with ThreadPoolExecutor(len(RECIPES)) as pool:
-        list(pool.map(train, RECIPES.items()))
+    for name, overrides in RECIPES.items():
+        train_main(["--config", "configs/debug.yaml", "data.limit_train=384", "data.limit_test=256", "train.epochs=4",
+                    *overrides, f"output_dir={root / name}"])
     os.remove(root / "adamw-cut" / "summary.json")  # as a kill before the end leaves it: no summary, status running,
     (root / "adamw-cut" / "status.json").write_text(json.dumps({"state": "running", "step": 40}))  # nobody holding
     return [str(root / name) for name in RECIPES]
@@ -112,7 +111,8 @@ def test_resumed_and_cut_short_metrics(tmp_path):
 
 # ----------------------------------------------------------------------------- what differs, --sort, --where
 
-OUTCOME_KEYS = ["best", "final", "steps", "time", "images_per_sec", "status"]
+OUTCOME_KEYS = ["best", "final", "steps", "time", "images_per_sec", "status"]            # runs without top-k
+TOP5_OUTCOME_KEYS = ["best", "final", "test/acc_top5", "steps", "time", "images_per_sec", "status"]
 
 
 def view(*args):
@@ -135,7 +135,7 @@ def test_the_columns_are_exactly_the_settings_that_differ(runs, tmp_path, capsys
     data = json.loads(out)                                   # stdout holds the JSON and nothing else
     assert err == f"wrote {tmp_path / 'c.png'}\n"
     assert data["mode"] == "each-run" and data["metric"] == "test/acc"
-    assert [list(row) for row in data["rows"]] == [["run", "optim.name", "optim.lr", *OUTCOME_KEYS]] * 3
+    assert [list(row) for row in data["rows"]] == [["run", "optim.name", "optim.lr", *TOP5_OUTCOME_KEYS]] * 3
     assert [(r["run"], r["optim.name"], r["optim.lr"]) for r in data["rows"]] == [
         ("sgd-slow", "sgd", 0.01), ("sgd-fast", "sgd", 0.05), ("adamw-cut", "adamw", 0.003)]
     shared = data["shared"]
@@ -243,12 +243,13 @@ def test_formats_hold_only_their_output(runs, capsys, fmt):
     assert err == ""
     if fmt == "csv":
         rows = list(csv.reader(io.StringIO(out)))
-        assert rows[0] == ["run", "optim.name", "optim.lr", *OUTCOME_KEYS] and len(rows) == 4
+        assert rows[0] == ["run", "optim.name", "optim.lr", *TOP5_OUTCOME_KEYS] and len(rows) == 4
         assert {len(r) for r in rows} == {len(rows[0])} and float(rows[2][2]) == 0.05
     else:
         lines = out.splitlines()
         assert lines[0].startswith("shared: ") and "`model.name=tutorial_net`" in lines[0] and lines[1] == ""
-        assert lines[2] == "| run | optim.name | optim.lr | best test/acc | final test/acc | steps | time | img/s | status |"
+        assert lines[2] == ("| run | optim.name | optim.lr | best test/acc | final test/acc | final test/acc_top5 | steps "
+                            "| time | img/s | status |")
         assert len(lines) == 7 and all(line.startswith("|") and line.endswith("|") for line in lines[2:])
         assert lines[3].startswith("|---|---|---:|") and "sgd-fast" in lines[5] and "killed" in lines[6]
 
@@ -335,22 +336,22 @@ def test_colours_follow_the_run_not_the_order_sort_or_where(runs):
 # ----------------------------------------------------------------------------- seed groups (a sweep of real runs)
 
 SWEEP = [(lr, seed) for lr in (0.01, 0.05) for seed in (0, 1)] + [(0.05, 2)]   # the last one fails in epoch 2
+FAILED = "04-optim.lr=0.05,seed=2"
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """runs/<sweep>/00-optim.lr=..,seed=.. as a sweep writes them; lr=0.05 seed=2 made to fail in its 2nd epoch."""
+def sweep(shared_sweep, tmp_path_factory):
+    """runs/<sweep>/NN-optim.lr=..,seed=.. as a sweep writes them: test_sweep's 2 x 2 grid (run once per session),
+    and a fifth, lr=0.05 seed=2, that failed in its 2nd epoch: the lr=0.05 seed=1 run's folder relabelled seed=2
+    and cut back to its first epoch, with a failed status.json (compare reads the figures from the files)."""
+    _, runs_dir, _ = shared_sweep(as_yaml(sweep_doc()), "tiny.yaml")
     root = tmp_path_factory.mktemp("sweep") / "lr-sweep"
-
-    def train(item):
-        lr, seed = item
-        run("train.py", "--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128",
-            "train.epochs=2", "train.log_every_steps=4", f"optim.lr={lr}", f"seed={seed}",
-            f"output_dir={root / f'00-optim.lr={lr},seed={seed}'}")
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(train, SWEEP))
-    failed = root / "00-optim.lr=0.05,seed=2"
+    shutil.copytree(runs_dir / "tiny", root)
+    failed = root / FAILED
+    shutil.copytree(root / "03-optim.lr=0.05,seed=1", failed)
+    config = yaml.safe_load((failed / "config.yaml").read_text())
+    config["seed"] = 2
+    (failed / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     os.remove(failed / "summary.json")
     rows = read_jsonl(failed / "metrics.jsonl")
     (failed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 8))
@@ -359,7 +360,7 @@ def sweep(tmp_path_factory):
 
 
 def sweep_runs(root) -> list[str]:
-    return [str(root / f"00-optim.lr={lr},seed={seed}") for lr, seed in SWEEP]
+    return [str(root / f"{i:02d}-optim.lr={lr},seed={seed}") for i, (lr, seed) in enumerate(SWEEP)]
 
 
 @pytest.mark.slow
@@ -371,7 +372,7 @@ def test_seed_groups_mean_and_std(sweep, tmp_path, capsys):
     assert (low["optim.lr"], low["n"], low["seeds"], low["status"]) == (0.01, 2, [0, 1], "2 finished")
     assert (high["optim.lr"], high["n"], high["seeds"], high["status"]) == (0.05, 3, [0, 1, 2], "2 finished, 1 failed")
     summaries = [read_json(os.path.join(p, "summary.json")) for p in sweep_runs(sweep)[:4]]
-    epoch0 = [r for r in read_jsonl(sweep / "00-optim.lr=0.05,seed=2" / "metrics.jsonl") if "test/acc" in r]
+    epoch0 = [r for r in read_jsonl(sweep / FAILED / "metrics.jsonl") if "test/acc" in r]
     for row, runs_, extra in [(low, summaries[:2], None), (high, summaries[2:], epoch0[0])]:
         for key, summary_key, failed_key in [("best", "best_test_acc", "test/acc"),
                                              ("final", "final_test_acc", "test/acc"),
@@ -395,7 +396,7 @@ def test_by_seed_is_the_default_only_where_runs_differ_only_in_seed(sweep):
     assert one.by_seed and names(one) == ["debug"] and one.differing == []
     assert names(view(str(sweep), "--sort", "-optim.lr")) == ["optim.lr=0.05", "optim.lr=0.01"]
     assert names(view(*everything, "--each-run", "--where", "seed!=0", "--sort", "-seed")) == [
-        "00-optim.lr=0.05,seed=2", "00-optim.lr=0.01,seed=1", "00-optim.lr=0.05,seed=1"]
+        FAILED, "01-optim.lr=0.01,seed=1", "03-optim.lr=0.05,seed=1"]
 
 
 @pytest.mark.slow

@@ -13,22 +13,30 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
 from cifar.checkpoint import read_pointer, step_of, verify
-from conftest import ROOT, env, read_json, weights
+from conftest import DEBUG, ROOT, env, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
 from test_run_folder import hashes, hold_lock
 
 SCRIPTS = ["slurm/train.sbatch", "slurm/multinode.sbatch", "slurm/sweep.sbatch", "slurm/common.sh"]
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]   # overrides of the scripts' GPU headers
-# Far more steps than any test waits for (about 64 steps/s on one core): the job is still training when signalled.
+# Far more steps than any test waits for (about 64 steps/s on one core): a restart that must still be training when
+# signalled, where no hold can be placed (CIFAR_FAULT holds at one step, and a restart has the first run's environment)
 LONG_RUN = ["configs/debug.yaml", "train.epochs=200", "checkpoint.every_steps=20"]
+HELD_RUN = ["configs/debug.yaml", "checkpoint.every_steps=20"]    # 192 steps, held at 40 with HOLD
+# A job that must surely be mid-run when a signal comes is held there instead: train.py's main process stops after
+# its save at step HELD_AT (cifar/checkpoint.py) until SIGUSR2, which the test sends once the signal has arrived.
+HELD_AT = 40   # a save every 8 (the debug baseline's) or 20 steps (the other jobs') is one at step 40
+HOLD = {"CIFAR_FAULT": f"pause-after-save:{HELD_AT}"}
 
 
 def must_run_here() -> bool:
@@ -118,6 +126,57 @@ def wait_restarted(cluster, job, restarts: int, timeout=60, running=True) -> dic
                          f"{cluster.job_output(info)}")
 
 
+def wait_for_line(cluster, job, out, text, timeout=120) -> str:
+    """Wait, while the job is not over, until its output file holds `text`; returns the output."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := read(out) if os.path.exists(out) else ""):
+        info = cluster.job(job)
+        assert info.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"), \
+            f"job {job} is {info.get('JobState')}, yet {text!r} is not in its output\n{log[-4000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} in the output of job {job} after {timeout} s\n{log[-4000:]}"
+        time.sleep(0.1)
+    return log
+
+
+def held_trainer(cluster, job) -> psutil.Process:
+    """The job's train.py main process (rank 0 or the only one; not a launcher), found by its SLURM_JOB_ID (an array
+    task's own job id)."""
+    job = cluster.job(job).get("JobId", job)
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if not any(a.endswith("train.py") for a in cmdline) or "accelerate.commands.launch" in cmdline:
+            continue
+        try:
+            environ = p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if environ.get("SLURM_JOB_ID") == job and environ.get("RANK", "0") == "0":
+            found.append(p)
+    assert len(found) == 1, f"job {job}: train.py main processes {found}"
+    return found[0]
+
+
+def wait_held(cluster, job, out, timeout=150) -> None:
+    """Wait until the job's train.py is held after its save at step HELD_AT (HOLD)."""
+    wait_for_line(cluster, job, out, "paused until SIGUSR2", timeout)
+
+
+def release(cluster, job, out, received="") -> None:
+    """Once the held train.py has received a stop signal (`received`, e.g. SIGUSR1; any when empty), let it go on
+    (SIGUSR2): it stops at once, on that signal."""
+    wait_for_line(cluster, job, out, f"{received} received: stopping")
+    held_trainer(cluster, job).send_signal(signal.SIGUSR2)
+
+
+def preempt_held(cluster, job, out) -> None:
+    """USR1 to the batch shell only, as `--signal=B:USR1@N` does, while the job is held mid-run; then release it."""
+    wait_held(cluster, job, out)
+    proc = cluster.run(["scancel", "--batch", "--signal=USR1", job])
+    assert proc.returncode == 0, proc.stderr
+    release(cluster, job, out, "SIGUSR1")
+
+
 def assert_stopped_with_checkpoint(run, signal: str) -> int:
     """status.json says training stopped on `signal`, and checkpoints/latest names the step-N folder it saved, whose
     manifest verifies (every file's size and SHA-256). Returns N."""
@@ -154,66 +213,52 @@ def test_train_sbatch_runs_to_completion(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_multinode_two_machines_rendezvous(cluster, tmp_path):
-    """Two "machines" (two srun tasks on the one node) x 1 process: c10d rendezvous, world size 2."""
-    job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", ["configs/debug.yaml", "train.epochs=1"],
-                      sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2")
-    info = cluster.wait(job, {"COMPLETED"}, timeout=150)
+def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline):
+    """USR1 to the batch shell (what `--signal=B:USR1@N` sends) while the job is held after its save at step 40 ->
+    checkpoint at step 41, exit 75 -> requeue -> resume from step 41, finish; the final weights equal those of the
+    same command run without interruption (the debug baseline)."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", list(DEBUG[1:]), **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
-    assert (run / "summary.json").exists(), cluster.job_output(info)
-    assert read_json(run / "summary.json")["world_size"] == 2
-    log = read(out)
-    assert "--num_machines 2 --machine_rank 0" in log and "--rdzv_backend c10d" in log, log[-3000:]
-
-
-@pytest.mark.slow
-def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
-    """USR1 to the batch shell (what `--signal=B:USR1@N` sends) -> checkpoint, exit 75 -> requeue -> resume, finish;
-    the final weights equal those of the same command run without interruption."""
-    # 1536 steps: long enough that USR1 lands mid-run however idle the machine
-    args = ["configs/debug.yaml", "train.epochs=6", "checkpoint.every_steps=20", "data.limit_train=8192"]
-    reference = subprocess.Popen([sys.executable, "train.py", "--config", *args,
-                                  f"output_dir={tmp_path / 'reference'}"], cwd=ROOT, env=env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        job, out = submit(cluster, tmp_path, "slurm/train.sbatch", args)
-        run = tmp_path / "runs" / f"debug-job{job}"
-        preempt_after_checkpoint(cluster, job, run)
-        info = cluster.wait(job, {"COMPLETED"}, timeout=150)
-        ref_log, _ = reference.communicate(timeout=150)
-    finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
-    assert reference.returncode == 0, ref_log[-3000:]
+    preempt_held(cluster, job, out)
+    uninterrupted = weights(baseline(*DEBUG))       # trained here while the job waits to restart
+    info = cluster.wait(job, {"COMPLETED"}, timeout=150)
 
     log = read(out)
     assert info["Restarts"] == "1", log[-4000:]
     assert "SIGUSR1 received" in log and "requeueing (restart 1" in log, log[-4000:]
     assert "restart 1 of this job: resuming" in log and "training finished" in log, log[-4000:]
+    stopped = re.search(r"^stopped: SIGUSR1 at step (\d+); checkpoint (\S+);", log, re.M)
+    assert stopped and int(stopped[1]) == HELD_AT + 1, log[-4000:]      # at the step boundary after the hold
+    assert f"resuming from {stopped[2]} (step {stopped[1]}," in log, log[-4000:]
     assert log.count("starting in") == 1, "the output file should hold both runs of the job, the first once"
     assert (run / "summary.json").exists()
-    resumed, uninterrupted = weights(run), weights(tmp_path / "reference")
+    resumed = weights(run)
     assert resumed.keys() == uninterrupted.keys()
     different = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
     assert not different, f"weights differ after preemption + resume: {different}"
 
 
 @pytest.mark.slow
-def test_preempted_multinode_job_requeues_and_resumes(cluster, tmp_path):
-    """The same on two machines: the batch shell passes USR1 to srun, srun to each machine's task, each task to its
-    training process; the launchers report 75; the job requeues, both machines rendezvous again and finish."""
-    args = ["configs/debug.yaml", "train.epochs=4", "checkpoint.every_steps=20", "data.batch_size=16",
-            "data.limit_train=8192"]
-    job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", args,
-                      sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2")
+@pytest.mark.budget(seconds=100, reason="a 2-machine SLURM job run twice (preempted, requeued ~6 s later): two "
+                                        "c10d rendezvous of two launchers each")
+def test_multinode_two_machines_rendezvous_and_resume_after_preemption(cluster, tmp_path):
+    """Two "machines" (two srun tasks on the one node) x 1 process: c10d rendezvous, world size 2. Preempted while
+    rank 0 is held after its save at step 40: the batch shell passes USR1 to srun, srun to each machine's task, each
+    task to its training process; the launchers report 75; the job requeues, both machines rendezvous again and
+    finish."""
+    job, out = submit(cluster, tmp_path, "slurm/multinode.sbatch", ["configs/debug.yaml", "train.epochs=2",
+                                                                    "checkpoint.every_steps=20"],
+                      sbatch=["--nodes=1", "--ntasks-per-node=2"], MACHINES_PER_NODE="2", **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
-    preempt_after_checkpoint(cluster, job, run)
+    preempt_held(cluster, job, out)
     info = cluster.wait(job, {"COMPLETED"}, timeout=150)
+    assert (run / "summary.json").exists(), cluster.job_output(info)
+    assert read_json(run / "summary.json")["world_size"] == 2
     log = read(out)
+    assert "--num_machines 2 --machine_rank 0" in log and "--rdzv_backend c10d" in log, log[-3000:]
     assert info["Restarts"] == "1", log[-4000:]
     assert "training stopped with a checkpoint (status.json)" in log and "restart 1 of this job: resuming" in log, log[-4000:]
-    assert read_json(run / "summary.json")["world_size"] == 2
+    assert log.count("--num_machines 2 --machine_rank 0") == 2, log[-4000:]    # machine 0's launch, in both runs
 
 
 # ----------------------------------------------------------------------------- failure paths
@@ -266,9 +311,9 @@ def test_requeueing_stops_at_max_restarts(cluster, tmp_path):
     second preemption ends the job with the line saying it stopped after 1 restart and is not requeued. The job ends
     FAILED with exit 75 (resumable) and Restarts=1, and the run folder's latest checkpoint is the one that second stop
     saved, intact (manifest verifies), so `output_dir=<run>` continues it."""
-    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN, MAX_RESTARTS="1")
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN, MAX_RESTARTS="1", **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
-    preempt_after_checkpoint(cluster, job, run)
+    preempt_held(cluster, job, out)
     wait_restarted(cluster, job, 1)
     first_stop = newest_step(run)   # the first run saved this on USR1 before it requeued
     preempt_after_checkpoint(cluster, job, run, after_step=first_stop)   # once the restart has saved one of its own
@@ -286,11 +331,12 @@ def test_scancel_saves_and_does_not_requeue(cluster, tmp_path):
     """A plain `scancel` (SIGTERM to every process of the job, SIGKILL KillWait seconds later: 10 s on this cluster,
     30 s by SLURM's default): the batch shell and train.py get SIGTERM, training saves a checkpoint within the grace,
     the script sees the job being cancelled and says it is not requeued. The job ends CANCELLED with Restarts=0."""
-    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN)
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", HELD_RUN, **HOLD)
     run = tmp_path / "runs" / f"debug-job{job}"
-    wait_for_checkpoint(cluster, job, run)
+    wait_held(cluster, job, out)
     proc = cluster.run(["scancel", job])
     assert proc.returncode == 0, proc.stderr
+    release(cluster, job, out, "SIGTERM")
     info = cluster.wait(job, {"CANCELLED"}, timeout=60)
     log = read(out)
     assert info["Restarts"] == "0", log[-4000:]
@@ -310,36 +356,34 @@ def test_time_limit_saves_and_requeues(cluster, tmp_path):
     instead: `scontrol update EndTime=<now>` (which also sets TimeLimit), and the job ends at slurmctld's next
     time-limit test, 0-30 s later. (An end even one second later could meet that test first, which then sends only
     the USR1 warning: the preemption path, tested above.) At the limit SLURM sends the warning (USR1, not sent yet)
-    and SIGTERM in the same second, as to any job whose warning came too late: the log shows both."""
-    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", LONG_RUN)
-    run = tmp_path / "runs" / f"debug-job{job}"
-    wait_for_checkpoint(cluster, job, run)
+    and SIGTERM in the same second, as to any job whose warning came too late: the log shows both. The job waits
+    for its limit held after its save at step 40, so it is surely mid-run when the limit comes."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", HELD_RUN, **HOLD)
+    wait_held(cluster, job, out)
     for _ in range(5):   # EndTime=now: a time already past is refused, so try again when the second turns
         proc = cluster.run(["scontrol", "update", f"JobId={job}", f"EndTime={time.strftime('%Y-%m-%dT%H:%M:%S')}"])
         if proc.returncode == 0 or "Invalid time" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr
     try:
+        release(cluster, job, out)      # on whichever of the limit's USR1 and SIGTERM reaches train.py first
         wait_restarted(cluster, job, 1, timeout=75, running=False)
+        stopped = re.search(r"^stopped: SIG\w+ at step (\d+); checkpoint (\S+);", read(out), re.M)
+        assert stopped, read(out)[-4000:]
+        assert verify(stopped[2]) is None      # now: the restart, run to its end, prunes it
         # the restart would keep the lowered 1-minute limit, and so get the USR1 warning at slurmctld's next check
         proc = cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
         assert proc.returncode == 0, proc.stderr
-        wait_restarted(cluster, job, 1)
-        deadline = time.monotonic() + 60
-        while not re.search(r"^resuming from ", read(out), re.M) and time.monotonic() < deadline:   # train.py's
-            time.sleep(0.2)
+        info = cluster.wait(job, {"COMPLETED"}, timeout=150)
         log = read(out)
     finally:
-        cluster.run(["scancel", job])   # the resumed run would train on: the scancel test covers what follows
+        cluster.run(["scancel", job])   # a no-op once the job is over; else (a failure above) no job is left behind
     assert f"JOB {job} ON {cluster.host} CANCELLED AT" in log and "DUE TO TIME LIMIT" in log, log[-4000:]
     assert "SIGTERM received" in log, log[-4000:]
     assert "stopped with a checkpoint: requeueing (restart 1 of at most 10)" in log, log[-4000:]
-    stopped = re.search(r"^stopped: SIG\w+ at step (\d+); checkpoint (\S+);", log, re.M)
-    assert stopped, log[-4000:]
-    assert verify(stopped[2]) is None
     assert "restart 1 of this job: resuming" in log and f"resuming from {stopped[2]} (step {stopped[1]}," in log, \
         log[-4000:]
-    cluster.wait(job, {"CANCELLED"}, timeout=60)
+    assert info["Restarts"] == "1" and "training finished" in log, log[-4000:]    # the restart runs to the end
 
 
 @pytest.mark.slow
@@ -493,13 +537,17 @@ def test_usr1_to_one_array_task_requeues_that_task_alone(cluster, tmp_path):
     `scontrol requeue <array id>` would requeue every task of the array, finished ones too, so the script requeues
     <array id>_<task>."""
     sweep = write_sweep(tmp_path, fixed=["data.limit_train=1024", "data.limit_test=128", "train.epochs=4",
-                                         "checkpoint.every_steps=20"])   # 128 steps a run; USR1 comes after 20
-    job, out = submit_sweep(cluster, tmp_path, sweep, "0-3")
+                                         "checkpoint.every_steps=20"])   # 128 steps a run, each held at 40
+    job, out = submit_sweep(cluster, tmp_path, sweep, "0-3", **HOLD)
     run = tmp_path / "runs" / "tiny" / "03-optim.lr=0.05,seed=1"
-    wait_for_checkpoint(cluster, f"{job}_3", run, timeout=150)
+    for i in range(3):     # the others go on from their hold untouched, as they reach it (a core each, in turn)
+        wait_held(cluster, f"{job}_{i}", out.replace("%a", str(i)))
+        held_trainer(cluster, f"{job}_{i}").send_signal(signal.SIGUSR2)
+    wait_held(cluster, f"{job}_3", out.replace("%a", "3"))
     assert cluster.job(f"{job}_3")["JobId"] == job, "task 3, the last to start, should hold the array's id"
     proc = cluster.run(["scancel", "--batch", "--signal=USR1", f"{job}_3"])
     assert proc.returncode == 0, proc.stderr
+    release(cluster, f"{job}_3", out.replace("%a", "3"), "SIGUSR1")
     # the uninterrupted run, here, while task 3 waits to restart (a core is free)
     reference = local_sweep(sweep, "--runs-dir", str(tmp_path / "local"), "--index", "3")
     try:
@@ -510,6 +558,7 @@ def test_usr1_to_one_array_task_requeues_that_task_alone(cluster, tmp_path):
     assert [info["Restarts"] for info in infos] == ["0", "0", "0", "1"], log[-4000:]
     assert "SIGUSR1 received" in log and "requeueing (restart 1" in log, log[-4000:]
     assert "restart 1 of this job: resuming" in log and "training finished" in log, log[-4000:]
+    assert f"resuming from {run}/checkpoints/step-{HELD_AT + 1} (step {HELD_AT + 1}," in log, log[-4000:]
     assert log.count("starting in") == 1, "the task's output file should hold both its runs, the first once"
     for i in range(3):
         other = read(out.replace("%a", str(i)))

@@ -21,22 +21,33 @@ from cifar import sweep_plan as sp
 from cifar.config import load_config, parse_overrides
 from conftest import ROOT, env, lock_held_by_child, weights
 
+# 16 steps a run; logged every 4 so that test_compare's curves of these runs have points to average
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
-        "checkpoint.every_steps=2"]
+        "checkpoint.every_steps=2", "train.log_every_steps=4"]
 
 
 def sweep_file(folder, parameters=None, command=None, **top) -> str:
     """A sweep file as a user writes it (YAML block lists: `${args}` cannot sit in a [flow] list)."""
+    doc = sweep_doc(parameters, command, **top)
+    path = os.path.join(folder, f"{doc.get('name', 'sweep')}.yaml")
+    with open(path, "w") as f:
+        f.write(as_yaml(doc))
+    return path
+
+
+def as_yaml(doc: dict) -> str:
+    return yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False)
+
+
+def sweep_doc(parameters=None, command=None, **top) -> dict:
+    """The sweep file's content: by default a 2 x 2 grid (optim.lr x seed) on TINY."""
     doc = {"name": "tiny", "program": "train.py", "method": "grid",
            "command": command if command is not None else ["${env}", "${interpreter}", "${program}", *TINY,
                                                            "${args_no_hyphens}"],
            "parameters": parameters if parameters is not None else {"optim.lr": {"values": [0.01, 0.05]},
                                                                     "seed": {"values": [0, 1]}}}
     doc.update(top)
-    path = os.path.join(folder, f"{doc.get('name', 'sweep')}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, f, sort_keys=False)
-    return path
+    return doc
 
 
 def sweep_cli(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
@@ -210,14 +221,11 @@ def hashes(runs_dir) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A 2 x 2 grid on the debug recipe, run to the end one run after another."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    path = sweep_file(tmp)
-    proc = sweep_cli(path, "--runs-dir", tmp / "runs")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return path, tmp / "runs", proc
+@pytest.fixture
+def finished(shared_sweep):
+    """A 2 x 2 grid on the debug recipe, run to the end one run after another, once per session (test_compare's
+    seed groups are its runs too); read-only."""
+    return shared_sweep(as_yaml(sweep_doc()), "tiny.yaml")
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from cifar.config import Config, WandbConfig, load_config
-from cifar.tracking import Tracker, flatten, resolve_mode
+from cifar import tracking
+from cifar.tracking import Tracker, flatten, git_commit, resolve_mode
 from conftest import ROOT, env, free_port, logged_warnings
 
 DEBUG_LR = load_config(os.path.join(ROOT, "configs", "debug.yaml")).optim.lr   # what the debug runs' W&B config says
@@ -122,6 +123,7 @@ def test_config_is_nested_with_run_info(offline_run):
     assert info["world_size"] == 2 and info["global_batch_size"] == 64
     assert {"torch", "accelerate", "wandb", "python", "git_commit"} <= info.keys()
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
+    assert info["git_commit"] == head_of(ROOT) and len(info["git_commit"]) == 40   # the suite runs in a checkout
     (run,) = [r["run"] for r in leet(offline_run["run_dir"]) if r["type"] == "run"]
     assert run["run_group"] == "debug" and run["job_type"] == "train"  # default group: the recipe name
 
@@ -288,6 +290,20 @@ def test_resolve_mode():
 def test_flatten():
     row = {"step": 3, "test/per_class": {"cat": 1.0, "dog": {"x": 2}}, "grad_norm": None}
     assert flatten(row) == {"step": 3, "test/per_class/cat": 1.0, "test/per_class/dog/x": 2}
+
+
+def head_of(folder) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=30)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def test_git_commit_is_none_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    assert git_commit() == head_of(ROOT) and len(git_commit()) == 40
+    monkeypatch.setattr(tracking, "ROOT", str(tmp_path))      # code unpacked from an archive: no .git above it
+    assert head_of(tmp_path) is None and git_commit() is None
+    monkeypatch.setattr(tracking, "ROOT", ROOT)
+    monkeypatch.setenv("PATH", str(tmp_path))                  # a checkout, but no git program
+    assert git_commit() is None
 
 
 def test_disabled_tracker_is_inert_in_process():

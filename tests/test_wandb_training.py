@@ -1,14 +1,36 @@
-"""W&B from real training runs (offline mode, read back with `wandb leet inspect`)."""
-import glob
-import os
-import signal
+"""W&B from real training runs (offline mode, read back with `wandb leet inspect`).
 
+The tests that only read a run back share one offline W&B run of the debug recipe (the `wandb_debug` baseline);
+the ones about a process boundary (a stop and resume, the backend killed mid-run, a second rank) train their own.
+What must happen mid-run happens while the run is held there by the pause fault point
+(CIFAR_FAULT=pause-after-save:<step>), not in a race with a long run."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
 import pytest
-from conftest import read_json, run
-from test_checkpoint import launch, steps_of, wait_for
+import torch
+from conftest import DEBUG, ROOT, command, env, logged_warnings, read_json, read_jsonl, run, weights
 from test_tracking import DEBUG_LR, SENTINEL_KEY, files_under, history, leet
 
-RECIPE = ["--config", "configs/debug.yaml", "train.log_every_steps=16"]
+from train import main as train_main
+
+TAGS = "wandb.tags=[ci, debug]"
+PAUSE_AT = 64   # the end of the debug run's first epoch: a save and an evaluation behind it, 128 steps ahead
+RANKS_PROBE = """\
+import atexit, json, os, sys
+# Which processes imported wandb, written as each one exits: tests/test_wandb_training.py's rank probe
+rank = os.environ.get("RANK")
+if rank is not None:
+    atexit.register(lambda: open(os.path.join(os.environ["RANKS_PROBE_DIR"], f"rank{rank}.json"), "w").write(
+        json.dumps({"wandb": "wandb" in sys.modules, "pid": os.getpid()})))
+"""
 
 
 def wandb_env(tmp_path, **extra):
@@ -21,10 +43,57 @@ def runs_in(out):
     return sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*")))
 
 
+@pytest.fixture
+def wandb_debug(baseline):
+    """The debug run with W&B offline (tagged ci, debug), trained once per session, W&B's home in the baseline's
+    private folder; read-only."""
+    return baseline(*DEBUG, TAGS, **wandb_env(Path("{dir}")))
+
+
+@pytest.fixture
+def start_paused(tmp_path):
+    """start_paused(out): train.py on the debug recipe with W&B offline, held after its save at step PAUSE_AT;
+    returns the process (in its own session) once it is held there, and the path of its stderr. A process still
+    there when the test ends (it failed) is killed with everything it started."""
+    started = []
+
+    def start(out):
+        err = tmp_path / f"{out.name}.stderr"
+        with open(err, "w") as f:
+            proc = subprocess.Popen(command("train.py", [*DEBUG, f"output_dir={out}"]), cwd=ROOT,
+                                    env=env(**wandb_env(tmp_path, CIFAR_FAULT=f"pause-after-save:{PAUSE_AT}")),
+                                    stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+        started.append(proc)
+        while "paused until SIGUSR2" not in err.read_text():
+            assert proc.poll() is None, f"train.py exited {proc.returncode} before its pause\n{err.read_text()[-3000:]}"
+            time.sleep(0.05)
+        return proc, err
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finish(proc, err, timeout=180) -> str:
+    proc.wait(timeout=timeout)
+    return err.read_text()
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def untimed(rows):
+    """metrics.jsonl rows without the timing fields, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_time", "data_wait")} for r in rows]
+
+
 @pytest.mark.slow
-def test_debug_run_writes_one_readable_run(tmp_path):
-    out = tmp_path / "r"
-    run("train.py", *RECIPE, f"output_dir={out}", "wandb.tags=[ci, debug]", **wandb_env(tmp_path))
+def test_debug_run_writes_one_readable_run(wandb_debug):
+    out = wandb_debug
     (run_dir,) = runs_in(out)
     s = leet(run_dir, summary=True)
     assert s["config"]["optim"]["lr"] == DEBUG_LR and s["config"]["schedule"]["name"] == "cosine"
@@ -34,69 +103,115 @@ def test_debug_run_writes_one_readable_run(tmp_path):
     assert summary["wandb_run_id"] == s["run_id"]
     rows = history(run_dir)
     train = [r for r in rows if "train/loss" in r]
-    assert [r["global_step"] for r in train] == list(range(16, 193, 16))
+    assert [r["global_step"] for r in train] == list(range(4, 193, 4))
     assert all("lr" in r for r in train)
+    logged = {r["step"]: r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r}
+    assert {r["global_step"]: r["train/loss"] for r in train} == pytest.approx(logged)   # metrics.jsonl's curve
     test = [r for r in rows if "test/acc" in r]
     assert [r["global_step"] for r in test] == [64, 128, 192]
     assert any(k.startswith("test/samples") for r in rows for k in r)
     (meta,) = [r["run"] for r in leet(run_dir) if r["type"] == "run"]
     assert meta["run_group"] == "debug" and meta["job_type"] == "train" and sorted(meta["tags"]) == ["ci", "debug"]
-    for path in files_under(tmp_path):                     # the key appears in nothing the run wrote
+    assert "warning: W&B" not in (out.parent / f"{out.name}.stderr").read_text()
+    for path in [*files_under(out), *files_under(out.parent / f"{out.name}.env")]:   # the run, W&B's home
         with open(path, "rb") as f:
             assert SENTINEL_KEY.encode() not in f.read(), path
 
 
 @pytest.mark.slow
-def test_two_processes_write_exactly_one_run(tmp_path):
+def test_two_processes_write_exactly_one_run_and_only_rank_0_imports_wandb(tmp_path):
+    """A real 2-process run: one W&B run, and rank 1 never imports wandb (each rank records sys.modules as it
+    exits, through a sitecustomize on its PYTHONPATH)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(RANKS_PROBE)
     out = tmp_path / "r"
-    run("train.py", *RECIPE, "train.epochs=1", f"output_dir={out}", procs=2, **wandb_env(tmp_path))
+    run("train.py", *DEBUG, "train.epochs=1", f"output_dir={out}", procs=2,
+        **wandb_env(tmp_path, PYTHONPATH=f"{probe}{os.pathsep}{ROOT}", RANKS_PROBE_DIR=str(probe)))
     assert len(runs_in(out)) == 1
     assert not glob.glob(str(tmp_path / "**" / "offline-run-*"), recursive=True)[1:]
+    ranks = {name: json.loads((probe / name).read_text()) for name in ("rank0.json", "rank1.json")}
+    assert ranks["rank0.json"]["pid"] != ranks["rank1.json"]["pid"]
+    assert ranks["rank0.json"]["wandb"] is True and ranks["rank1.json"]["wandb"] is False
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path):
+def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, start_paused):
+    """SIGTERM while held after the save at step 64: a checkpoint at step 65, exit 75; the resume logs into a run
+    with the same id, the two runs' curves together are every logged step once, and the weights are those of the
+    uninterrupted run."""
     out = tmp_path / "r"
-    args = [*RECIPE, "data.limit_train=16384", "checkpoint.every_steps=16", f"output_dir={out}"]   # 1536 steps
-    proc = launch(args, **wandb_env(tmp_path))
-    wait_for(lambda: max(steps_of(out), default=0) >= 48, proc=proc)
-    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc, err = start_paused(out)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 75
+    proc.send_signal(signal.SIGUSR2)
+    finish(proc, err)
+    assert proc.returncode == 75, err.read_text()[-3000:]
     stopped = read_json(out / "status.json")["step"]
-    run("train.py", *args, **wandb_env(tmp_path))
+    assert stopped == PAUSE_AT + 1                    # the step boundary after the hold
+    run("train.py", *DEBUG, f"output_dir={out}", **wandb_env(tmp_path))
     first, second = runs_in(out)
     id1, id2 = leet(first, summary=True)["run_id"], leet(second, summary=True)["run_id"]
     assert id1 == id2
+    before = [r["global_step"] for r in history(first) if "train/loss" in r]
     steps = [r["global_step"] for r in history(second) if "train/loss" in r]
-    assert steps[0] > stopped - 16 and steps[0] == (stopped // 16 + 1) * 16 and steps[-1] == 1536
+    assert steps[0] > stopped - 4 and steps[0] == (stopped // 4 + 1) * 4 and steps[-1] == 192
+    assert before + steps == list(range(4, 193, 4))
+    assert same_weights(out, baseline(*DEBUG))
 
 
 @pytest.mark.slow
-def test_disabled_writes_nothing(tmp_path):
+def test_a_crash_of_the_wandb_backend_warns_once_and_training_goes_on(tmp_path, baseline, start_paused):
+    """wandb-core, W&B's backend process, SIGKILLed mid-run (while training is held after its save at step 64):
+    one `warning: W&B` line and nothing else (no exit-time traceback), exit 0, metrics.jsonl and summary.json
+    complete, and the weights of the run without W&B, bit for bit."""
     out = tmp_path / "r"
-    run("train.py", *RECIPE, "train.max_steps=4", "wandb.mode=disabled", f"output_dir={out}",
-        **wandb_env(tmp_path))
+    proc, err = start_paused(out)
+    (core,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "wandb-core"]
+    core.kill()
+    while core.is_running() and core.status() != psutil.STATUS_ZOMBIE:   # train.py, held, reaps it only later
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    stderr = finish(proc, err)
+    assert proc.returncode == 0, stderr[-3000:]
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning: W&B")]
+    assert len(warnings) == 1 and "Connection" in warnings[0], stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    plain = baseline(*DEBUG)
+    assert untimed(read_jsonl(out / "metrics.jsonl")) == untimed(read_jsonl(plain / "metrics.jsonl"))
+    assert read_json(out / "summary.json")["final_test_acc"] == read_json(plain / "summary.json")["final_test_acc"]
+    assert read_json(out / "status.json")["state"] == "finished"
+    assert same_weights(out, plain)
+
+
+@pytest.mark.slow
+def test_disabled_writes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    for key, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    train_main([*DEBUG, "train.max_steps=4", "wandb.mode=disabled", f"output_dir={out}"])
+    assert read_json(out / "status.json")["state"] == "finished"
     assert not os.path.exists(out / "wandb") and not runs_in(out)
 
 
 @pytest.mark.slow
-def test_unusable_wandb_warns_once_and_training_completes(tmp_path):
+def test_unusable_wandb_warns_once_and_training_completes(tmp_path, monkeypatch, caplog):
+    """A file where W&B wants its folder: found before wandb is imported, so this runs in-process."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where W&B wants a folder")
     out = tmp_path / "r"
-    proc = run("train.py", *RECIPE, "train.epochs=1", f"output_dir={out}", **wandb_env(tmp_path, WANDB_DIR=str(blocker)))
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: W&B")]
+    for key, value in wandb_env(tmp_path, WANDB_DIR=str(blocker)).items():
+        monkeypatch.setenv(key, value)
+    train_main([*DEBUG, "train.epochs=1", "train.log_every_steps=16", f"output_dir={out}"])
+    warnings = [line for line in logged_warnings(caplog).splitlines() if line.startswith("warning: W&B")]
     assert len(warnings) == 1
     assert read_json(out / "summary.json")["final_test_acc"] is not None
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines()]) == 5
 
 
 @pytest.mark.slow
-def test_evaluate_logs_an_eval_run_or_into_the_training_run(tmp_path):
+def test_evaluate_logs_an_eval_run_or_into_the_training_run(tmp_path, wandb_debug):
     out = tmp_path / "r"
-    run("train.py", *RECIPE, "train.epochs=1", f"output_dir={out}", **wandb_env(tmp_path))
+    shutil.copytree(wandb_debug, out)
     train_id = read_json(out / "summary.json")["wandb_run_id"]
     run("evaluate.py", "--checkpoint", str(out), "--output", str(tmp_path / "e1"), **wandb_env(tmp_path))
     (eval_run,) = runs_in(tmp_path / "e1")
