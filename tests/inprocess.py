@@ -11,6 +11,7 @@ import signal
 import pytest
 from conftest import ROOT
 
+from cifar import errors, log
 from cifar.signals import StopRequest
 
 _mains: dict = {}
@@ -27,29 +28,43 @@ def entry(script: str):
 
 
 @contextlib.contextmanager
-def signal_handlers_kept():
-    """train.main installs its stop handlers and leaves them when start-up fails: put the test process's back (and
-    forget the stale StopRequest, which signals.interruptible would consult)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+def as_a_process(**environ):
+    """Around an in-process call: the environment a subprocess of conftest.run gets (W&B off, unless `environ`
+    says otherwise) plus `environ`; and afterwards the test process as it was. train.main installs its stop handlers
+    and leaves them when start-up fails, says how to resume its run in every later write advice, and sets the log
+    level: put pytest's handlers back, forget the stale StopRequest (signals.interruptible consults it), the resume
+    advice and the level."""
+    environ = {"WANDB_MODE": "disabled", **environ}
+    saved_environ = {name: os.environ.get(name) for name in environ}
+    saved_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    level = log.LOGGER.level
+    os.environ.update(environ)
     try:
         yield
     finally:
-        for s, handler in saved.items():
+        for name, value in saved_environ.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for s, handler in saved_handlers.items():
             signal.signal(s, handler)
         StopRequest.active = None
+        errors.set_resume(None)
+        log.LOGGER.setLevel(level)
 
 
-def call(script: str, *argv):
-    """Run an entry point in-process to its end; what it returns (predict.py: its exit status)."""
-    with signal_handlers_kept():
+def call(script: str, *argv, **environ):
+    """Run an entry point in-process to its end, with `environ` set; what it returns (predict.py: its status)."""
+    with as_a_process(**environ):
         return entry(script)([str(a) for a in argv])
 
 
-def refusal(capsys, script: str, *argv, code: int = 2) -> str:
-    """Run an entry point in-process: it must exit `code` with exactly one line on stderr, `error: ...`, and
-    print nothing on stdout. Returns that line."""
+def refusal(capsys, script: str, *argv, code: int = 2, **environ) -> str:
+    """Run an entry point in-process (with `environ` set): it must exit `code` with exactly one line on stderr,
+    `error: ...`, and print nothing on stdout. Returns that line."""
     capsys.readouterr()                                  # what came before is not this call's
-    with pytest.raises(SystemExit) as exit_, signal_handlers_kept():
+    with pytest.raises(SystemExit) as exit_, as_a_process(**environ):
         entry(script)([str(a) for a in argv])
     out, err = capsys.readouterr()
     lines = err.splitlines()
