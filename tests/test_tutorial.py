@@ -18,7 +18,7 @@ from conftest import ROOT, env, logged_warnings, read_json, run, write_cifar
 from inprocess import call, refusal
 from PIL import Image
 from safetensors.torch import save_file
-from test_evaluate import one_line_error, run_together
+from test_evaluate import run_together
 from torchvision import transforms
 
 from cifar.config import load_config
