@@ -58,8 +58,8 @@ def one_error_line(capsys, call) -> str:
     with pytest.raises(SystemExit) as exit_:
         call()
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    lines = err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and err.endswith("\n") and lines[0].startswith("error: "), err
     return lines[0]
 
 
