@@ -9,6 +9,7 @@ import os
 import signal
 
 import pytest
+import torch
 from conftest import ROOT
 
 from cifar import errors, log
@@ -28,19 +29,33 @@ def entry(script: str):
 
 
 @contextlib.contextmanager
+def one_thread():
+    """Torch on one intra-op thread, as a subprocess runs it (conftest.env: OMP_NUM_THREADS=1): two xdist workers
+    each running torch's default of one thread per core, on two busy cores, made a small in-process training 6x
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def as_a_process(**environ):
     """Around an in-process call: the environment a subprocess of conftest.run gets (W&B off, unless `environ`
     says otherwise) plus `environ`; and afterwards the test process as it was. train.main installs its stop handlers
     and leaves them when start-up fails, says how to resume its run in every later write advice, and sets the log
     level: put pytest's handlers back, forget the stale StopRequest (signals.interruptible consults it), the resume
-    advice and the level."""
+    advice and the level. Torch runs one thread meanwhile, as in that subprocess (one_thread)."""
     environ = {"WANDB_MODE": "disabled", **environ}
     saved_environ = {name: os.environ.get(name) for name in environ}
     saved_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     level = log.LOGGER.level
     os.environ.update(environ)
     try:
-        yield
+        with one_thread():
+            yield
     finally:
         for name, value in saved_environ.items():
             if value is None:

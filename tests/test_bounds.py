@@ -29,6 +29,7 @@ from cifar.files import write_atomic
 from cifar.models import build_model
 from cifar.predict import predict_images
 from conftest import ROOT, env
+from inprocess import call
 from test_sweep import sweep_file
 
 
@@ -398,7 +399,6 @@ def test_the_device_check_counts_every_process():
 
 def test_the_dataloader_path_trains_on_a_partial_batch(tmp_path):
     """The DataLoader keeps the last partial batch: 3 images with data.batch_size=8 are one step, not a refusal."""
-    train = entry("train.py")
-    train(["--config", "configs/debug.yaml", "data.limit_train=3", "data.limit_test=8", "data.batch_size=8",
-           "train.epochs=1", f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"])
+    call("train.py", "--config", "configs/debug.yaml", "data.limit_train=3", "data.limit_test=8", "data.batch_size=8",
+         "train.epochs=1", f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled")
     assert json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 1

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from conftest import ROOT, env, logged_warnings, read_json, run, write_cifar
-from inprocess import call, refusal
+from inprocess import call, one_thread, refusal
 from PIL import Image
 from safetensors.torch import save_file
 from test_evaluate import run_together
@@ -110,11 +110,12 @@ def tutorial(tmp_path_factory):
     torch.manual_seed(0)
     net = Net()
     criterion, optimizer = nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(2):
-        for inputs, labels in loader:
-            optimizer.zero_grad()
-            criterion(net(inputs), labels).backward()
-            optimizer.step()
+    with one_thread():
+        for _ in range(2):
+            for inputs, labels in loader:
+                optimizer.zero_grad()
+                criterion(net(inputs), labels).backward()
+                optimizer.step()
     path = base / "cifar_net.pth"
     torch.save(net.state_dict(), path)
     return {"root": root, "pth": path, "net": net, "base": base}
