@@ -3,6 +3,7 @@ source comments included), so the list cannot drift from the code."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import textwrap
@@ -43,6 +44,7 @@ def yaml_value(value) -> str:
     return str(value)
 
 
+@functools.cache   # every entry point call builds its --help epilog; inspect parses the whole module per class
 def field_comments(cls) -> dict[str, str]:
     """A field's comment: the comment lines just above it (at its indentation), then the one at the end of its line
     and the lines continuing it (comment-only lines indented deeper)."""

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import run, write_cifar
+from conftest import read_json, write_cifar
+from inprocess import call, refusal
 from PIL import Image
 from torchvision import transforms
 
@@ -130,31 +131,46 @@ def test_download_extracts_an_archive_when_missing(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
-        run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", "data.num_workers=0",
-            "data.batch_size=20", "train.epochs=1", f"output_dir={tmp_path}/r", CIFAR10_URL=url,
-            CIFAR10_MD5=hashlib.md5(archive.read_bytes()).hexdigest())
+        call("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", "data.num_workers=0",
+             "data.batch_size=20", "train.epochs=1", f"output_dir={tmp_path}/r", CIFAR10_URL=url,
+             CIFAR10_MD5=hashlib.md5(archive.read_bytes()).hexdigest())
     finally:
         server.shutdown()
         server.server_close()
     assert (root / "cifar-10-batches-py" / "test_batch").exists()
+    # every file of the archive, extracted byte for byte, and nothing else
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    extracted = {f"cifar-10-batches-py/{name}": (root / "cifar-10-batches-py" / name).read_bytes()
+                 for name in os.listdir(root / "cifar-10-batches-py")}
+    assert len(members) == 7 and extracted.keys() == members.keys()
+    for name, data in members.items():
+        assert extracted[name] == data, name
+    assert (root / "cifar-10-python.tar.gz").read_bytes() == archive.read_bytes()       # the archive kept, whole
+    # the run trained on what was extracted: 40 images in batches of 20, tested on the 10
+    assert read_json(tmp_path / "r" / "summary.json")["steps"] == 2
     assert (tmp_path / "r" / "model.safetensors").exists()
     assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]   # no .part, no staging
 
 
-def test_failed_download_is_one_clear_line(tmp_path):
-    proc = run("train.py", "--config", "configs/tutorial.yaml", f"data.root={tmp_path}/d", f"output_dir={tmp_path}/r",
-               check=False, CIFAR10_URL=(tmp_path / "missing.tar.gz").as_uri())
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "downloading CIFAR-10" in lines[0] and str(tmp_path / "d") in lines[0]
+def test_failed_download_is_one_clear_line(tmp_path, capsys):
+    url = (tmp_path / "missing.tar.gz").as_uri()
+    line = refusal(capsys, "train.py", "--config", "configs/tutorial.yaml", f"data.root={tmp_path}/d",
+                   f"output_dir={tmp_path}/r", CIFAR10_URL=url)
+    # the problem (what failed, from where, into where, why), then the fix
+    assert line.startswith(f"error: downloading CIFAR-10 from {url} into {tmp_path / 'd'} failed ("), line
+    assert line.endswith("; download it by hand and extract it there, or point data.root at an existing copy"), line
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_pickle_is_one_clear_line(tmp_path, damage):
+def test_damaged_pickle_is_one_clear_line(tmp_path, capsys, damage):
     root = write_cifar(str(tmp_path / "data"), n_train=20, n_test=10)
-    path = os.path.join(root, "cifar-10-batches-py", "data_batch_2")
+    folder = os.path.join(root, "cifar-10-batches-py")
+    path = os.path.join(folder, "data_batch_2")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:100] if damage == "truncate" else b"not a pickle" * 10)
-    proc = run("train.py", "--config", "configs/tutorial.yaml", f"data.root={root}", f"output_dir={tmp_path}/r",
-               check=False)
-    assert proc.returncode == 2 and "data_batch_2" in proc.stderr and "Traceback" not in proc.stderr
+    line = refusal(capsys, "train.py", "--config", "configs/tutorial.yaml", f"data.root={root}",
+                   f"output_dir={tmp_path}/r")
+    # the file named, then the fix: a fresh copy
+    assert line.startswith(f"error: CIFAR-10 file {path} is unreadable ("), line
+    assert line.endswith(f"; delete {folder} and download CIFAR-10 again (data.download=true)"), line

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import warnings
 import zlib
 
@@ -59,8 +58,8 @@ def one_error_line(capsys, call) -> str:
     with pytest.raises(SystemExit) as exit_:
         call()
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    lines = err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and err.endswith("\n") and lines[0].startswith("error: "), err
     return lines[0]
 
 
@@ -314,11 +313,11 @@ def test_a_stalled_mirror_times_out_in_one_line(tmp_path, capsys, no_download_en
     no_download_env.setenv("CIFAR_DOWNLOAD_TIMEOUT", "0.3")
     no_download_env.setenv("CIFAR_DOWNLOAD_TRIES", str(tries))
     root = tmp_path / "data"
-    start = time.monotonic()
     line = one_error_line(capsys, lambda: train.main(train_on(root, tmp_path / "r", "data.download=true")))
+    # the timeout's words say it ended the wait (the suite's budget fails a test that waits long)
     assert f"downloading CIFAR-10 from {url} into {root} failed (no answer within 0.3 s ($CIFAR_DOWNLOAD_TIMEOUT)" \
            in line and (f", {tries} tries)" in line) == (tries > 1), line
-    assert time.monotonic() - start < 30 and os.listdir(root) == []          # no .part, no empty archive
+    assert os.listdir(root) == []                                          # no .part, no empty archive
 
 
 def test_a_server_error_is_retried_and_a_404_is_not(tmp_path, no_download_env):
@@ -382,13 +381,13 @@ def test_sigterm_ends_a_train_py_hanging_in_its_download(tmp_path, stalled_serve
     try:
         stalled_server.settimeout(120)
         connection = stalled_server.accept()[0]              # train.py has connected: it waits for an answer
-        sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        # half the download timeout: an exit after it could be the timeout's, not the signal's (and the line below
+        # tells them apart as well)
         err = proc.communicate(timeout=30)[1]
     finally:
         proc.kill()
     connection.close()
-    assert time.monotonic() - sent < 10
     lines = err.strip().splitlines()
     assert proc.returncode == 75 and len(lines) == 1, err
     assert lines[0].startswith(f"stopped: SIGTERM received while downloading CIFAR-10 from {url}"), err
@@ -398,15 +397,40 @@ def test_sigterm_ends_a_train_py_hanging_in_its_download(tmp_path, stalled_serve
 # ----------------------------------------------------------------------------- predict.py's images
 
 def big_png(path, side: int) -> None:
-    """A black side x side RGB PNG written row by row (never whole in memory): tiny on disk, huge decoded."""
+    """A black side x side RGB PNG, never whole in memory: under a megabyte on disk, huge decoded. Its pixel data is
+    one zlib stream of `side` identical rows (filter byte + pixels). A row compressed after a full flush, which makes
+    the compressor forget what came before, comes out as the same bytes every time: compressed once and repeated,
+    then closed by an empty final block and the Adler-32 of all the rows, as zlib would close it (compressing all
+    507 MB took seconds)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    packer, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)       # filter byte + pixels
-    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    row = b"\0" * (1 + 3 * side)
+    packer = zlib.compressobj(9, strategy=zlib.Z_RLE)
+    first = packer.compress(row) + packer.flush(zlib.Z_FULL_FLUSH)        # the stream's 2-byte header, then the row
+    again = packer.compress(row) + packer.flush(zlib.Z_FULL_FLUSH)
+    assert first[2:] == again
+    adler = 1
+    for _ in range(side):
+        adler = zlib.adler32(row, adler)
+    idat = first + again * (side - 1) + b"\x03\x00" + struct.pack(">I", adler)      # final, empty, fixed-Huffman block
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
                 + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_the_big_png_is_a_png_pillow_decodes(tmp_path):
+    """big_png's hand-closed zlib stream is a valid PNG: a small one decodes to black pixels of its size, and zlib,
+    which checks the Adler-32, reads its pixel data as the rows it stands for."""
+    big_png(tmp_path / "small.png", 300)
+    image = Image.open(tmp_path / "small.png")
+    image.load()
+    assert image.size == (300, 300) and image.mode == "RGB" and not np.asarray(image).any()
+    data, chunks = (tmp_path / "small.png").read_bytes()[8:], {}
+    while data:
+        (length,), kind = struct.unpack(">I", data[:4]), data[4:8]
+        chunks[kind], data = data[8:8 + length], data[12 + length:]
+    assert zlib.decompress(chunks[b"IDAT"]) == b"\0" * (300 * (1 + 3 * 300))
 
 
 @pytest.fixture(scope="module")

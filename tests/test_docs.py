@@ -12,7 +12,8 @@ import sys
 
 import accelerate.commands.launch
 import pytest
-from conftest import ROOT, env
+import yaml
+from conftest import DEBUG, ROOT, env
 
 from cifar import sweep_plan
 from cifar.config import load_config
@@ -198,9 +199,10 @@ def test_ci_runs_the_readme_install_and_test_commands():
 
 
 @pytest.mark.slow
-def test_readme_first_commands_run_as_written(tmp_path):
+def test_readme_first_commands_run_as_written(tmp_path, baseline):
     """`python train.py --config configs/debug.yaml`, then evaluate.py and cifar.compare on the run it made, in a
-    folder laid out like the project's, the way a newcomer types them."""
+    folder laid out like the project's, the way a newcomer types them. The run is the shared debug baseline: the
+    written command's own, as its --print-config shows, but for saving and logging more often."""
     found = commands(DOCS[0])
     wanted = ["python train.py --config configs/debug.yaml", "python evaluate.py --checkpoint runs/<run>"]
     assert all(c in found for c in wanted), found
@@ -215,8 +217,19 @@ def test_readme_first_commands_run_as_written(tmp_path):
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
         return proc
 
-    run(wanted[0])
-    (made,) = os.listdir(tmp_path / "runs")
+    written = yaml.safe_load(run(f"{wanted[0]} --print-config").stdout)
+    assert sorted(os.listdir(tmp_path)) == ["configs", "evaluate.py", "train.py"]   # --print-config made nothing
+    assert DEBUG == (*shlex.split(wanted[0])[2:], "checkpoint.every_steps=8", "train.log_every_steps=4")
+    trained = baseline(*DEBUG)
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["output_dir"] == str(trained) and written["output_dir"] is None
+    assert (config["checkpoint"]["every_steps"], config["train"]["log_every_steps"]) == (8, 4)
+    config["output_dir"] = None
+    config["checkpoint"]["every_steps"] = written["checkpoint"]["every_steps"]
+    config["train"]["log_every_steps"] = written["train"]["log_every_steps"]
+    assert config == written
+    made = f"debug-{trained.name}"
+    shutil.copytree(trained, tmp_path / "runs" / made)    # evaluate writes beside the weights: the baseline stays
     assert "Accuracy of the network" in run(wanted[1].replace("<run>", made)).stdout
     run(shlex.join([a for a in shlex.split(compare) if not a.startswith("runs/")] + [f"runs/{made}"]))
     shutil.rmtree(tmp_path / "runs")

@@ -1,10 +1,12 @@
 """What a new user does first: the debug recipe, then evaluate.py on its output."""
 import os
 import re
+import shutil
 
 import pytest
 import yaml
-from conftest import ROOT, read_json, read_jsonl, run
+from conftest import DEBUG, ROOT, read_json, read_jsonl, run
+from inprocess import call, refusal
 from PIL import Image
 
 
@@ -18,13 +20,16 @@ def _png(path, min_size):
 
 
 @pytest.mark.slow
-def test_debug_recipe_then_evaluate(tmp_path):
+def test_debug_recipe_then_evaluate(tmp_path, baseline):
+    """The debug run (the shared 192-step baseline: the recipe, with checkpoints every 8 steps and a log row every
+    4), then evaluate.py on it through real processes: the command line a new user types."""
+    trained = baseline(*DEBUG)
+    stdout = open(f"{trained}.stdout").read()
+    assert "final_test_acc" in stdout and f"run folder: {trained}" in stdout
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    assert cfg["name"] == "debug" and cfg["data"]["source"] == "synthetic" and cfg["output_dir"] == str(trained)
     out = tmp_path / "debug"
-    proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={out}")
-    assert "final_test_acc" in proc.stdout and "run folder" in proc.stdout
-
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["name"] == "debug" and cfg["data"]["source"] == "synthetic" and cfg["output_dir"] == str(out)
+    shutil.copytree(trained, out)                 # evaluate.py writes beside the weights: the baseline stays as it is
 
     rows = read_jsonl(out / "metrics.jsonl")
     assert all("step" in r and "epoch" in r for r in rows)
@@ -70,22 +75,33 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
 
 
-def test_evaluate_refuses_a_folder_without_a_run(tmp_path):
-    proc = run("evaluate.py", "--checkpoint", str(tmp_path), check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(tmp_path) in proc.stderr
+def test_evaluate_refuses_a_folder_without_a_run(tmp_path, capsys):
+    line = refusal(capsys, "evaluate.py", "--checkpoint", tmp_path)
+    # the problem (the folder named, what it lacks), then the fix
+    assert line.startswith(f"error: no weights at {tmp_path} (need model.safetensors and config.yaml); pass a run "
+                           f"folder written by train.py"), line
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_weights_of_another_model(tmp_path):
-    out = tmp_path / "r"
-    run("train.py", "--config", "configs/debug.yaml", "train.max_steps=2", f"output_dir={out}")
-    proc = run("evaluate.py", "--checkpoint", str(out), "model.name=resnet18", check=False)
+def test_evaluate_refuses_weights_of_another_model(tmp_path, baseline):
+    """The real process: evaluate.py's exit status and its one line, nothing else on stderr."""
+    out = baseline(*DEBUG)
+    proc = run("evaluate.py", "--checkpoint", str(out), "model.name=resnet18", "--output", str(tmp_path / "eval"),
+               check=False)
     assert proc.returncode == 2 and "do not fit model" in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [f"error: weights in {out / 'model.safetensors'} do not fit model ResNet18 (first mismatch: "
+                     f"fc.bias missing from the file); use the run's own config or the right checkpoint"], lines
+    assert proc.stdout == ""
+    assert not (tmp_path / "eval").exists()
 
 
-def test_default_output_dir_is_named_after_the_recipe(tmp_path):
-    run("train.py", "--config", os.path.join(ROOT, "configs", "debug.yaml"), "train.max_steps=2", "name=e2e",
-        cwd=str(tmp_path))
+def test_default_output_dir_is_named_after_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    call("train.py", "--config", os.path.join(ROOT, "configs", "debug.yaml"), "train.max_steps=2",
+         "data.limit_test=64", "name=e2e")
     made = list((tmp_path / "runs").glob("e2e-*"))
     assert len(made) == 1 and (made[0] / "model.safetensors").exists()
     assert re.fullmatch(r"e2e-\d{8}-\d{6}", made[0].name)
+    assert read_json(made[0] / "summary.json")["steps"] == 2 and os.listdir(tmp_path) == ["runs"]

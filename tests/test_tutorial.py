@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from conftest import ROOT, env, logged_warnings, read_json, run, write_cifar
+from inprocess import call, one_thread, refusal
 from PIL import Image
 from safetensors.torch import save_file
-from test_evaluate import one_line_error, run_together
+from test_evaluate import run_together
 from torchvision import transforms
 
 from cifar.config import load_config
@@ -109,11 +110,12 @@ def tutorial(tmp_path_factory):
     torch.manual_seed(0)
     net = Net()
     criterion, optimizer = nn.CrossEntropyLoss(), torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(2):
-        for inputs, labels in loader:
-            optimizer.zero_grad()
-            criterion(net(inputs), labels).backward()
-            optimizer.step()
+    with one_thread():
+        for _ in range(2):
+            for inputs, labels in loader:
+                optimizer.zero_grad()
+                criterion(net(inputs), labels).backward()
+                optimizer.step()
     path = base / "cifar_net.pth"
     torch.save(net.state_dict(), path)
     return {"root": root, "pth": path, "net": net, "base": base}
@@ -182,21 +184,19 @@ def test_a_pth_that_needs_unpickling_or_is_not_a_state_dict_is_refused_by_name(t
     assert read_state_dict(str(tmp_path / "ok.pt")).keys() == Net().state_dict().keys()
 
 
-@pytest.mark.slow
-def test_evaluate_refuses_a_pth_that_needs_unpickling_or_holds_another_network(tmp_path):
+def test_evaluate_refuses_a_pth_that_needs_unpickling_or_holds_another_network(tmp_path, capsys):
     """One line, exit 2, saying which: arbitrary unpickling (a whole network saved with torch.save(net)), or a
     network of another shape (the tutorial's Net with 64 units in fc1) with the first mismatching layer."""
     torch.save(Net(), tmp_path / "whole.pth")
     other = Net()
     other.fc1, other.fc2 = nn.Linear(400, 64), nn.Linear(64, 84)
     torch.save(other.state_dict(), tmp_path / "other.pth")
-    whole, shape = run_together(["--checkpoint", str(tmp_path / "whole.pth")],
-                                ["--checkpoint", str(tmp_path / "other.pth")])
-    line = one_line_error(whole)
+    line = refusal(capsys, "evaluate.py", "--checkpoint", tmp_path / "whole.pth")
     assert "whole.pth needs arbitrary unpickling" in line and "weights_only=True" in line
-    line = one_line_error(shape)
+    line = refusal(capsys, "evaluate.py", "--checkpoint", tmp_path / "other.pth")
     assert "other.pth do not fit model TutorialNet (first mismatch: fc1.bias: [64] in the file, [120] here)" in line
     assert "holds a network of another shape" in line and "model.name=" in line
+    assert sorted(os.listdir(tmp_path)) == ["other.pth", "whole.pth"]          # no eval.json beside them
 
 
 # ----------------------------------------------------------------------------- and back
@@ -279,23 +279,46 @@ def save_images(folder) -> None:
     (folder / "notes.txt").write_text("my cat is called Tom\n")
 
 
-def test_predict_on_a_folder_of_assorted_files(tutorial, tmp_path):
+@pytest.fixture
+def untrained_pth(tmp_path) -> str:
+    """A cifar_net.pth as the tutorial's torch.save writes it, of a Net not trained at all: enough where the claim is
+    about the files read and the lines printed, not about what the network predicts."""
+    torch.manual_seed(0)
+    torch.save(Net().state_dict(), tmp_path / "cifar_net.pth")
+    return str(tmp_path / "cifar_net.pth")
+
+
+def notes_line(folder) -> str:
+    return (f"error: {folder / 'notes.txt'} is not an image Pillow can read (cannot identify image file "
+            f"'{folder / 'notes.txt'}'); pass PNG, JPEG or another image file")
+
+
+def test_predict_on_a_folder_of_assorted_files(untrained_pth, tmp_path, capsys):
     """Five predictions (PNG, JPEG, grayscale, RGBA, 500x300), the text file one `error:` line of its own, exit
     status 1 (some inputs failed), a table with top-3 per image and the 32-pixel note, a grid PNG."""
     save_images(tmp_path / "mine")
-    proc = run("predict.py", "--checkpoint", str(tutorial["pth"]), str(tmp_path / "mine"), "--grid",
-               str(tmp_path / "grid.png"), check=False)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'mine' / 'notes.txt'} is not an image Pillow can read (cannot identify image file "
-        f"'{tmp_path / 'mine' / 'notes.txt'}'); pass PNG, JPEG or another image file"]
-    rows = [line for line in proc.stdout.splitlines() if str(tmp_path / "mine") in line]
+    capsys.readouterr()
+    assert call("predict.py", "--checkpoint", untrained_pth, tmp_path / "mine", "--grid", tmp_path / "grid.png") == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [notes_line(tmp_path / "mine")]
+    rows = [line for line in out.splitlines() if str(tmp_path / "mine") in line]
     assert len(rows) == 5 and all(line.count("%") == 3 for line in rows)
     for name in ("photo.png", "photo.jpg", "gray.png", "clear.png", "wide.png"):
-        assert any(name in line for line in rows), name
-    assert "note: CIFAR-10 networks see 32x32 images" in proc.stdout
+        assert sum(name in line for line in rows) == 1, name
+    assert "note: CIFAR-10 networks see 32x32 images" in out
     grid = Image.open(tmp_path / "grid.png")
     assert grid.format == "PNG" and grid.width >= 500
+
+
+@pytest.mark.slow
+def test_predict_py_exits_1_when_some_inputs_are_not_images(untrained_pth, tmp_path):
+    """The real process: `python predict.py` on the folder exits with status 1 (sys.exit of what main returns), its
+    stderr the one line about the text file, the five images predicted."""
+    save_images(tmp_path / "mine")
+    proc = run("predict.py", "--checkpoint", untrained_pth, str(tmp_path / "mine"), check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [notes_line(tmp_path / "mine")]
+    assert len([line for line in proc.stdout.splitlines() if str(tmp_path / "mine") in line]) == 5
 
 
 @pytest.mark.slow
