@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 from cifar.data import CIFAR100_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One intra-op thread in the test processes, as run()'s subprocesses have (OMP_NUM_THREADS=1): with -n 2 each worker
+# has a core, and torch's default of one thread per core makes every in-process op wait for the other worker's.
+torch.set_num_threads(1)
 # The debug recipe's 192-step run as the checkpoint, end-to-end and docs tests compare against it: one shared baseline
 DEBUG = ("--config", "configs/debug.yaml", "checkpoint.every_steps=8", "train.log_every_steps=4")
 

@@ -43,6 +43,11 @@ def in_process(monkeypatch):
     with -n 2 each worker has a core, and more threads than cores make every op wait for the slowest)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(sys, "path", list(sys.path))     # a user's module puts the working directory on it
+    # only the package's own entries: another test file of this worker may have registered its own (test_rng_resume's
+    # dropout_net), which the exact lists below would otherwise see
+    for registry in (MODELS, OPTIMIZERS, SCHEDULES):
+        monkeypatch.setattr(registry, "_builders", {name: builder for name, builder in registry._builders.items()
+                                                    if builder.__module__.startswith("cifar.")})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
