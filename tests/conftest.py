@@ -250,28 +250,6 @@ def baseline(tmp_path_factory):
     return get
 
 
-# --- Training in this process --------------------------------------------------------------------------------------
-sys.path.insert(0, ROOT)
-import train as _train  # noqa: E402  (the entry point, for tests whose claim is not about a process boundary)
-
-
-def train_here(*args: str) -> None:
-    """train.py's main with these arguments, in this process: the fast tier's training. As run() has it, W&B is off
-    and torch has one thread (on a busy machine, torch's default of one per core spends most of a small model's step
-    waiting for the others). A refusal is a SystemExit with its one line on stderr, as from the command line."""
-    saved, threads = os.environ.get("WANDB_MODE"), torch.get_num_threads()
-    os.environ["WANDB_MODE"] = "disabled"
-    torch.set_num_threads(1)
-    try:
-        _train.main(list(args))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            os.environ.pop("WANDB_MODE")
-        else:
-            os.environ["WANDB_MODE"] = saved
-
-
 # The 1-process / 2-process double-batch pair that test_equivalence and test_ema both compare, trained once per
 # session: 84 images, global batch 12, so 7 steps an epoch evenly split between 2 ranks; a moving average kept
 # beside the weights.

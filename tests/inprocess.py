@@ -75,6 +75,12 @@ def call(script: str, *argv, **environ):
         return entry(script)([str(a) for a in argv])
 
 
+def train_here(*args: str) -> None:
+    """train.py in this process, to its end: the fast tier's training (a refusal is a SystemExit, its line on
+    stderr, as from the command line)."""
+    call("train.py", *args)
+
+
 def refusal(capsys, script: str, *argv, code: int = 2, **environ) -> str:
     """Run an entry point in-process (with `environ` set): it must exit `code` with exactly one line on stderr,
     `error: ...`, and print nothing on stdout. Returns that line."""

@@ -10,7 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_json, run, train_here, write_cifar, write_cifar100
+from conftest import ROOT, read_json, run, write_cifar, write_cifar100
+from inprocess import train_here
 from PIL import Image
 from safetensors.torch import save_file
 

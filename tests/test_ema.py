@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from cifar.checkpoint import verify
 from cifar.errors import cli
 from cifar.evaluate_run import evaluate_run
-from conftest import double_batch_pair, max_diff, read_json, read_jsonl, run, train_here, weights
+from conftest import double_batch_pair, max_diff, read_json, read_jsonl, run, weights
+from inprocess import train_here
 
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2",
         "train.ema.decay=0.8", "train.ema.every_steps=2", "checkpoint.every_steps=4"]

@@ -3,8 +3,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (ROOT, command, double_batch_pair, env, max_diff, read_json, read_jsonl, run, train_here,
+from conftest import (ROOT, command, double_batch_pair, env, max_diff, read_json, read_jsonl, run,
                       weights)
+from inprocess import train_here
 from dump_device_batches import batches_of
 
 from cifar.evaluate_run import evaluate_run

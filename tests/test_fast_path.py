@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ROOT, max_diff, read_json, read_jsonl, run, train_here, weights
+from conftest import ROOT, max_diff, read_json, read_jsonl, run, weights
+from inprocess import train_here
 from dump_device_batches import batches_of
 
 from cifar.config import DataConfig, OptimConfig, ScheduleConfig

@@ -2,7 +2,8 @@
 import os
 
 import pytest
-from conftest import ROOT, read_jsonl, train_here
+from conftest import ROOT, read_jsonl
+from inprocess import train_here
 
 from cifar.config import load_config
 from cifar.schedule import lr_factor
