@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import DEBUG, ROOT, command, env, read_json, read_jsonl, run, weights
 from safetensors.torch import load_file, save_file
-from test_resume_changes import train_main
+from test_resume_changes import one_thread, train_main  # noqa: F401 (one_thread: a fixture, used by being here)
 
 from cifar.checkpoint import Checkpoints, verify
 from cifar.config import load_config

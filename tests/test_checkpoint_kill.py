@@ -42,15 +42,15 @@ def start(args, procs=1, **extra) -> subprocess.Popen:
 
 
 def read_until(proc: subprocess.Popen, text: str, times: int = 1) -> str:
-    """stderr up to the `times`-th line that contains `text` (one per rank, say); fails if the process ends first."""
-    lines, seen = [], 0
+    """stderr up to the `times`-th `text` (one per rank, say); fails if the process ends first. Counted in the text
+    read, not per line: two ranks' lines may interleave (print writes a line's text and its newline apart)."""
+    read = ""
     for line in proc.stderr:
-        lines.append(line)
-        seen += text in line
-        if seen == times:
-            return "".join(lines)
+        read += line
+        if read.count(text) >= times:
+            return read
     proc.wait()
-    raise AssertionError(f"exited {proc.returncode} before printing {text!r} {times}x:\n{''.join(lines)[-3000:]}")
+    raise AssertionError(f"exited {proc.returncode} before printing {text!r} {times}x:\n{read[-3000:]}")
 
 
 def rest_of(proc: subprocess.Popen, timeout: float = 120) -> str:
