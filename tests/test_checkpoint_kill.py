@@ -146,7 +146,7 @@ def test_ddp_kill_9_then_rerun_gives_identical_weights(tmp_path, ddp_reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, ddp_reference, sig):
     """Both ranks held after step 12; rank 1 alone gets the signal; released, every rank stops after that same
     step, with one checkpoint, exit 75 each; the rerun ends bitwise equal to the run never signalled."""
