@@ -95,7 +95,7 @@ def test_kill_9_at_random_instants_then_rerun_gives_identical_weights(tmp_path, 
         kill_tree(proc)
         kills += 1
         assert proc.returncode == -signal.SIGKILL
-    assert kills >= 2 and kills == 3
+    assert kills == 3                                 # each attempt was killed mid-run
     done = run("train.py", *DEBUG, f"output_dir={out}")
     assert "resuming from" in done.stdout
     assert bitwise_equal(reference, out), f"seed {seed}"
@@ -172,7 +172,7 @@ def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, ddp_refe
     status = read_json(out / "status.json")
     assert status["state"] == "stopped" and status["signal"] == signal.Signals(sig).name
     stopped_at = steps_of(out)
-    assert stopped_at == [12]                                      # the one checkpoint the signal asked for
+    assert len(stopped_at) == 1 and stopped_at == [12]            # the one checkpoint the signal asked for
     assert stopped_at[0] < 64 and not (out / "model.safetensors").exists()
     run("train.py", *DDP, f"output_dir={out}", procs=2)
     assert bitwise_equal(ddp_reference, out)

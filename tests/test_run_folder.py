@@ -143,9 +143,12 @@ def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, capsys, ca
         def waiting() -> bool:
             return any("waiting for the previous instance" in r.getMessage() for r in list(caplog.records))
 
-        def release_once_waiting():           # the run waits in this thread's main thread, on the lock
+        held_while_waiting = []
+
+        def release_once_waiting():           # the run waits in the main thread, on the lock
             while not waiting() and holder.poll() is None:
                 time.sleep(0.05)
+            held_while_waiting.append(holder.poll() is None)
             holder.kill()
 
         watcher = threading.Thread(target=release_once_waiting, daemon=True)
@@ -157,6 +160,7 @@ def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, capsys, ca
         holder.kill()
         holder.wait()
     err = requeued.stderr
+    assert held_while_waiting == [True], err[-3000:]       # it waited for the holder, neither refused nor ran
     assert requeued.returncode == 0, err[-3000:]
     assert "waiting for the previous instance of SLURM job 4242" in err and "released the folder after" in err, err
     assert read_json(folder / "status.json")["state"] == "finished"
