@@ -22,7 +22,7 @@ from .config import Config
 from .data import TrainBatches, build_batches, num_classes
 from .divergence import blow_up_fault, check_loss, check_weights
 from .ema import Ema, build_ema
-from .errors import AlreadyFinished, Stopped, UserError, resume_advice, resume_command, set_resume
+from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
 from .lock import RunLock
 from .models import build_model, expiring_parameters, train_only_until
@@ -259,13 +259,8 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     # finished run with the same config stops here, AlreadyFinished). The main process decides; every rank loads
     # it below.
     lock = RunLock(output_dir)
-    try:
-        resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock,
-                                                                  vet=lambda path: vet(path, cfg, world, output_dir)))
-    except (UserError, AlreadyFinished):
-        if world > 1:      # every rank refuses here: together out of the process group, or one may abort (-6)
-            shut_down(accelerator)
-        raise
+    resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock,
+                                                              vet=lambda path: vet(path, cfg, world, output_dir)))
     set_seed(cfg.seed)
     data_start = time.perf_counter()
     train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
