@@ -104,9 +104,6 @@ def train(cfg: Config) -> dict:
                 save(run, result.accuracy if evaluated else None)
         check_finite(run)                              # the final weights, before anything writes them
     except Stopped:
-        # every rank stops after the same step: they leave the process group together, or the first one out can
-        # make another abort ("terminate called without an active exception", exit -6 instead of 75)
-        shut_down(run.accelerator)
         raise
     except BaseException as e:
         stop.uninstall()
