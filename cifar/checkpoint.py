@@ -270,7 +270,7 @@ class Checkpoints:
         log.debug(f"saved checkpoint {final} ({sum(f['size'] for f in files.values()) / 1e6:.1f} MB, verified "
                   f"by SHA-256 on resume); kept: {', '.join(os.path.basename(p) for p in list_checkpoints(self.folder))}")
         _fault_point("kill-after-save", state.step)
-        _pause_point("pause-after-save", state.step)
+        pause_point("pause-after-save", state.step)
         return final
 
     def _prune(self) -> None:
@@ -406,7 +406,7 @@ def _fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _pause_point(name: str, step: int) -> None:
+def pause_point(name: str, step: int) -> None:
     """For the signal and disk tests: CIFAR_FAULT=<name>:<step> holds this process here, as a slow save or a long
     step would, until SIGUSR2 arrives; other signals reach their handlers meanwhile (a second Ctrl-C ends it)."""
     if os.environ.get("CIFAR_FAULT") != f"{name}:{step}":

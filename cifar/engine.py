@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .checkpoint import Checkpoints, TrainState
+from .checkpoint import Checkpoints, TrainState, pause_point
 from .config import Config
 from .data import TrainBatches, build_batches, num_classes
 from .divergence import blow_up_fault, check_loss, check_weights
@@ -173,6 +173,7 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
         run.scheduler.step()
     state.step += 1
     blow_up_fault(run.raw_model, state.step)     # the divergence tests' CIFAR_FAULT; nothing otherwise
+    pause_point("pause-at-step", state.step)     # the signal tests' hold mid-run, in runs that save nothing there
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes

@@ -1,28 +1,29 @@
-"""Kill the job at any instant, rerun the same command: it ends with exactly the uninterrupted run's weights."""
+"""Checkpoints: what a resume picks and refuses, in this process (train.py's main called here, its messages read as
+the CLI prints them); the kills and signals, which need real processes, are in test_checkpoint_kill.py."""
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
-from conftest import ROOT, command, env, read_json, read_jsonl, run, weights
+from conftest import DEBUG, ROOT, command, env, read_json, read_jsonl, run, weights
 from safetensors.torch import load_file, save_file
+from test_resume_changes import one_thread, train_main  # noqa: F401 (one_thread: a fixture, used by being here)
 
 from cifar.checkpoint import Checkpoints, verify
 from cifar.config import load_config
+from cifar.resume import config_diff
 
-# 2048 synthetic images, batch 32, 3 epochs = 192 steps; a checkpoint every 8 steps and at each epoch end.
-RECIPE = ["--config", "configs/debug.yaml", "checkpoint.every_steps=8", "train.log_every_steps=4"]
-LONG = [*RECIPE, "data.limit_train=16384"]   # 1536 steps: seconds even on an idle machine, time to be signalled
+# The debug run: 2048 synthetic images, batch 32, 3 epochs = 192 steps; a checkpoint every 8 steps and at each
+# epoch end. RECIPE is it, as conftest.DEBUG spells it, so that every file shares one training of it.
+RECIPE = list(DEBUG)
 
 
 def bitwise_equal(a, b) -> bool:
@@ -54,14 +55,15 @@ def kill_tree(proc):
     proc.communicate()
 
 
-def wait_for(predicate, timeout=120, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(predicate, timeout=120, proc=None, interval=0.05):
+    """Poll until predicate() holds (or proc ends: then whether it holds); fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if predicate():
             return True
         if proc is not None and proc.poll() is not None:
             return predicate()
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError("timed out waiting")
 
 
@@ -71,90 +73,49 @@ def metric_rows(run_dir):
     return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    run("train.py", *RECIPE, f"output_dir={out}")
-    return out
+def train_here(capsys, caplog, *args) -> SimpleNamespace:
+    """train.py's main in this process, as a finished process reads: returncode, stdout (the info lines) and stderr
+    (the warning lines, then what was printed there: an error line). Under pytest the cifar logger's records go to
+    caplog, not to the streams."""
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cifar"):
+        try:
+            train_main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out, err = capsys.readouterr()
+    said = [r for r in caplog.records if r.name == "cifar"]
+    info = "".join(f"{r.getMessage()}\n" for r in said if r.levelname == "INFO")
+    warnings = "".join(f"warning: {r.getMessage()}\n" for r in said if r.levelname == "WARNING")
+    return SimpleNamespace(returncode=code, stdout=info + out, stderr=warnings + err)
 
 
 @pytest.fixture(scope="module")
-def long_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("long-ref") / "run"
-    run("train.py", *LONG, f"output_dir={out}")
-    return out
+def reference(baseline):
+    return baseline(*RECIPE)
 
 
-@pytest.mark.slow
-def test_kill_9_at_random_instants_then_rerun_gives_identical_weights(tmp_path, long_reference):
-    ref, out = long_reference, tmp_path / "run"
-    rng = random.Random(1234)
-    kills = 0
-    for attempt in range(4):
-        proc = launch([*LONG, f"output_dir={out}"])
-        before = max(steps_of(out), default=0)
-        # let it get past a new checkpoint, then kill -9 at a random instant
-        wait_for(lambda: max(steps_of(out), default=0) > before, proc=proc)
-        time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is None:
-            kill_tree(proc)
-            kills += 1
-        proc.communicate()
-    assert kills >= 2
-    done = run("train.py", *LONG, f"output_dir={out}")
-    assert "resuming from" in done.stdout
-    assert bitwise_equal(ref, out)
-    assert metric_rows(ref) == metric_rows(out)         # no lost or repeated log rows either
-
-
-@pytest.mark.slow
-def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, reference):
-    out = tmp_path / "run"
-    # CIFAR_FAULT makes the process SIGKILL itself halfway through writing the step-24 checkpoint
-    proc = run("train.py", *RECIPE, f"output_dir={out}", check=False, CIFAR_FAULT="kill-during-save:24")
-    assert proc.returncode == -signal.SIGKILL
-    assert steps_of(out) == [8, 16]
-    assert [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")]   # the half-written one
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step-16"
-    done = run("train.py", *RECIPE, f"output_dir={out}")
-    assert "checkpoints/step-16" in done.stdout
-    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")]  # cleaned up
-    assert bitwise_equal(reference, out)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("step", [64, 120])
-def test_kill_right_after_a_save_resumes_without_repeating_or_losing_rows(tmp_path, reference, step):
-    # step 64 ends epoch 0 (64 steps of 32 images) and is also an every_steps multiple: the save must hold the
-    # state after that epoch's evaluation, or the resumed run would log the epoch row a second time
-    out = tmp_path / "run"
-    proc = run("train.py", *RECIPE, f"output_dir={out}", check=False, CIFAR_FAULT=f"kill-after-save:{step}")
-    assert proc.returncode == -signal.SIGKILL and max(steps_of(out)) == step
-    run("train.py", *RECIPE, f"output_dir={out}")
-    assert bitwise_equal(reference, out)
-    assert metric_rows(reference) == metric_rows(out)
-
-
-@pytest.mark.slow
-def test_ddp_kill_9_then_rerun_gives_identical_weights(tmp_path):
-    args = [*RECIPE, "data.limit_train=4096", "data.batch_size=16", "train.epochs=2"]   # 256 steps
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    run("train.py", *args, f"output_dir={ref}", procs=2)
-    proc = launch([*args, f"output_dir={out}"], procs=2)
-    wait_for(lambda: max(steps_of(out), default=0) >= 16, proc=proc)
-    kill_tree(proc)
-    assert steps_of(out) and not os.path.exists(out / "model.safetensors")
-    done = run("train.py", *args, f"output_dir={out}", procs=2)
-    assert "resuming from" in done.stdout
-    assert bitwise_equal(ref, out)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
-    out = tmp_path / "run"
-    run("train.py", *RECIPE, "train.max_steps=24", f"output_dir={out}")
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """The debug run's first 24 steps (checkpoints step-16 and step-24 kept), trained here once; tests get a copy."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    train_main([*RECIPE, "train.max_steps=24", f"output_dir={out}"])
     assert steps_of(out) == [16, 24]
+    return out
+
+
+@pytest.fixture
+def short(short_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(short, capsys, caplog, damage):
+    out = short
     newest = out / "checkpoints" / "step-24" / "training.pt"
     data = bytearray(newest.read_bytes())
     if damage == "truncate":
@@ -163,94 +124,22 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, dama
         data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
     assert verify(str(out / "checkpoints" / "step-24")) is not None
-    proc = run("train.py", *RECIPE, "train.max_steps=32", f"output_dir={out}")
+    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
     assert "step-24 is unusable" in proc.stderr and ("truncated" in proc.stderr or "corrupted" in proc.stderr)
     assert "resuming from" in proc.stdout and "step-16" in proc.stdout
     assert read_json(out / "summary.json")["steps"] == 32
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path, sig):
-    # 512 steps: long enough that the signal surely lands mid-run, however idle the machine
-    args = [*RECIPE, "data.limit_train=16384", "data.batch_size=16", "train.epochs=1", "checkpoint.every_steps=null",
-            "checkpoint.every_epochs=null"]
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    proc = launch([*args, f"output_dir={out}"], procs=2)
-    metrics = out / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc=proc)
-    assert proc.poll() is None, "the run ended before it could be signalled"
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
-    rank1.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    # every rank exits with the resumable code (the launcher lists each rank's exit code), none is killed
-    assert re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", err, re.M) == ["75", "75"], err[-3000:]
-    assert err.count(f"stopped: {signal.Signals(sig).name} at step") == 2, err[-3000:]
-    status = read_json(out / "status.json")
-    assert status["state"] == "stopped" and status["signal"] == signal.Signals(sig).name
-    stopped_at = steps_of(out)
-    assert len(stopped_at) == 1                                    # the one checkpoint the signal asked for
-    assert stopped_at[0] < 512 and not (out / "model.safetensors").exists()
-    run("train.py", *args, f"output_dir={ref}", procs=2)
-    run("train.py", *args, f"output_dir={out}", procs=2)
-    assert bitwise_equal(ref, out)
-
-
-SLOW_SHUTDOWN = """
-import sys, time
-from cifar.errors import Stopped, cli
-from cifar.signals import StopRequest
-
-class SlowTeardown:                     # stands for a process group or W&B being torn down at interpreter exit
-    def __del__(self):
-        print("tearing down", flush=True)
-        time.sleep(3)
-
-def main():
-    StopRequest().install()
-    raise Stopped("test")
-
-keep = SlowTeardown()
-cli(main)()
-"""
-
-
-def test_a_stopped_rank_terminated_during_shutdown_still_exits_resumable():
-    """The launcher SIGTERMs the other ranks as soon as one exits; by then Python may have put the fatal default
-    handlers back (interpreter shutdown), which once turned a rank's exit 75 into -15 in CI."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHUTDOWN], cwd=ROOT, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline().strip() == "tearing down"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 75, err
-
-
-@pytest.mark.slow
-def test_sigint_single_process_exits_resumable_and_resumes(tmp_path, long_reference):
-    out = tmp_path / "run"
-    proc = launch([*LONG, f"output_dir={out}"])
-    wait_for(lambda: len(steps_of(out)) >= 1, proc=proc)
-    assert proc.poll() is None, "the run ended before it could be signalled"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 75, err
-    assert "stopped: SIGINT" in err and "rerun the same command" in err
-    run("train.py", *LONG, f"output_dir={out}")
-    assert bitwise_equal(long_reference, out)
-
-
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, capsys, caplog):
     """Two good steps, each checkpointed; then resumed with optim.lr=1e30 (applied from step 3): the loss turns NaN,
     and the row at step 16 stops the run. (With 1e30 from step 1 nothing is ever saved: step 1's weights are
     already beyond what a checkpoint may hold, cifar/divergence.py.)"""
     out = tmp_path / "run"
     args = ["--config", "configs/debug.yaml", "schedule.warmup_steps=0", "schedule.name=constant",
             f"output_dir={out}"]
-    run("train.py", *args, "train.max_steps=2", "checkpoint.every_steps=1")
-    proc = run("train.py", *args, "optim.lr=1e30", "train.max_steps=64", check=False)
+    assert train_here(capsys, caplog, *args, "train.max_steps=2", "checkpoint.every_steps=1").returncode == 0
+    proc = train_here(capsys, caplog, *args, "optim.lr=1e30", "train.max_steps=64")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training diverged") and "Traceback" not in proc.stderr
@@ -263,8 +152,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     out = tmp_path / "run"
-    run("train.py", *RECIPE, "checkpoint.keep_last=2", "checkpoint.keep_best=1", "train.epochs=4",
-        "data.limit_train=512", "optim.lr=0.05", f"output_dir={out}")
+    train_main([*RECIPE, "checkpoint.keep_last=2", "checkpoint.keep_best=1", "train.epochs=4",
+                "data.limit_train=512", "optim.lr=0.05", f"output_dir={out}"])
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "test/acc" in r]
     best = max(evals, key=lambda r: (r["test/acc"], r["step"]))["step"]
     kept = steps_of(out)
@@ -275,21 +164,15 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-64"
 
 
-@pytest.mark.slow
-def test_resume_with_another_model_is_one_clear_line(tmp_path):
-    out = tmp_path / "run"
-    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
-    proc = run("train.py", *RECIPE, "train.max_steps=8", "model.name=resnet18", f"output_dir={out}", check=False)
+def test_resume_with_another_model_is_one_clear_line(short, capsys, caplog):
+    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=24", "model.name=resnet18", f"output_dir={short}")
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert "model tutorial_net" in line and "model.name=tutorial_net" in line and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_resume_with_another_shape_is_one_clear_line(tmp_path):
-    out = tmp_path / "run"
-    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
-    ckpt = out / "checkpoints" / "step-8"
+def test_resume_with_another_shape_is_one_clear_line(short, capsys, caplog):
+    ckpt = short / "checkpoints" / "step-24"
     state = load_file(str(ckpt / "model.safetensors"))
     state["fc3.weight"] = torch.zeros(12, 84)                   # e.g. a changed model definition
     save_file(state, str(ckpt / "model.safetensors"))
@@ -297,20 +180,17 @@ def test_resume_with_another_shape_is_one_clear_line(tmp_path):
     data = (ckpt / "model.safetensors").read_bytes()
     manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    proc = run("train.py", *RECIPE, "train.max_steps=16", f"output_dir={out}", check=False)
+    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={short}")
     assert proc.returncode == 2 and "fc3.weight" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_resume_never_refuses_a_folder_with_checkpoints(tmp_path):
-    out = tmp_path / "run"
-    run("train.py", *RECIPE, "train.max_steps=8", f"output_dir={out}")
-    proc = run("train.py", *RECIPE, "train.max_steps=8", "checkpoint.resume=never", f"output_dir={out}", check=False)
+def test_resume_never_refuses_a_folder_with_checkpoints(short, capsys, caplog):
+    never = [*RECIPE, "train.max_steps=8", "checkpoint.resume=never", f"output_dir={short}"]
+    proc = train_here(capsys, caplog, *never)
     assert proc.returncode == 2 and "checkpoint.overwrite=true" in proc.stderr
-    run("train.py", *RECIPE, "train.max_steps=8", "checkpoint.resume=never", "checkpoint.overwrite=true",
-        f"output_dir={out}")
-    assert steps_of(out) == [8]
+    assert train_here(capsys, caplog, *never, "checkpoint.overwrite=true").returncode == 0
+    assert steps_of(short) == [8]
 
 
 @pytest.mark.slow
@@ -352,7 +232,7 @@ GLOBAL_BATCH_REFUSAL = re.compile(r"^error: checkpoint \S+/checkpoints/step-4 wa
 
 
 @pytest.mark.slow
-def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path):
+def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path, capsys, caplog):
     """A checkpoint saved at global batch 8 (1 process, batch 8) is refused, exit 2, with one line naming both
     global batches, when resumed with data.batch_size=16 (1 process) or by 2 processes with the same batch_size;
     the checkpoint is left as it was. Under `accelerate launch` each rank prints that line and exits 2 (the
@@ -364,13 +244,17 @@ def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path):
     assertion failed."""
     base = ["--config", "configs/debug.yaml", "data.limit_train=128", "data.limit_test=32", "checkpoint.every_steps=4"]
     out = tmp_path / "run"
-    run("train.py", *base, "data.batch_size=8", "train.max_steps=4", f"output_dir={out}")
+    train_main([*base, "data.batch_size=8", "train.max_steps=4", f"output_dir={out}"])
     assert steps_of(out) == [4]
     shutil.copytree(out, tmp_path / "run2")          # a copy each, so the two reruns can run at once
     args = [*base, "train.max_steps=8"]
-    bigger = launch([*args, "data.batch_size=16", f"output_dir={out}"])
+    # the launcher and its ranks start while the one-process rerun runs here
     wider = launch([*args, "data.batch_size=8", f"output_dir={tmp_path / 'run2'}"], procs=2)
-    (_, err1), (_, err2) = bigger.communicate(timeout=300), wider.communicate(timeout=300)
+    try:
+        bigger = train_here(capsys, caplog, *args, "data.batch_size=16", f"output_dir={out}")
+    finally:
+        _, err2 = wider.communicate(timeout=300)
+    err1 = bigger.stderr
 
     assert bigger.returncode == 2, err1[-3000:]
     assert "Traceback" not in err1
@@ -391,9 +275,6 @@ def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path):
 def test_a_checkpoint_from_before_data_normalize_reads_it_as_cifar():
     """Such runs were normalised with the CIFAR statistics: resuming with data.normalize=cifar changes nothing, and
     without it the change is named as what it is (cifar -> tutorial), not None -> tutorial."""
-    from cifar.config import load_config
-    from cifar.resume import config_diff
-
     old = load_config("configs/debug.yaml").to_dict()
     del old["data"]["normalize"]
     assert config_diff(old, load_config("configs/debug.yaml", ["data.normalize=cifar"]).to_dict()) == {}

@@ -4,7 +4,8 @@ rerun of a finished run writes nothing; a diverged step is never saved; a checkp
 honestly is one line, never a traceback.
 
 One finished training run (8 steps, checkpoints at 4 and 8), trained in this process, is shared; each test works on a
-copy. Refusals and the rerun run train.py's main in this process too; the tests that train on start train.py."""
+copy. Refusals, the rerun and the divergences (CIFAR_FAULT set in this process) run train.py's main in this process
+too; the test of what a resume records in W&B starts train.py, with W&B's own processes."""
 import hashlib
 import importlib.util
 import io
@@ -41,6 +42,17 @@ def _load_train_cli():
 
 
 train_main = _load_train_cli()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Training in this process uses one thread, as the suite's train.py processes do (OMP_NUM_THREADS=1): on a
+    machine whose cores the test workers share, more threads only contend (2 threads took twice as long on 2
+    busy cores). Modules that train here import it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -351,15 +363,14 @@ def test_weights_are_diverged_when_not_finite_or_beyond_the_square_root_of_float
             check_weights(models, 7, "runs/r/checkpoints/step-4")
 
 
-@pytest.mark.slow
-def test_a_last_step_divergence_fails_and_saves_nothing_of_it(tmp_path):
+def test_a_last_step_divergence_fails_and_saves_nothing_of_it(tmp_path, capsys, monkeypatch):
     """The weights blow up in the very last step (the loss before it was fine): the evaluation's loss is NaN, the
     run fails (exit 2, one line naming the last good checkpoint and the fix), status.json says why, no final weights
     are written and best/latest stay finite checkpoints, the newest being what a rerun resumes from."""
     out = tmp_path / "run"
-    proc = run("train.py", *ARGS, "train.max_steps=16", f"output_dir={out}", check=False,
-               CIFAR_FAULT="poison-weights:16")
-    line = one_error_line(proc.returncode, proc.stderr)
+    monkeypatch.setenv("CIFAR_FAULT", "poison-weights:16")
+    code, _, err = train_in_process(capsys, *ARGS, "train.max_steps=16", f"output_dir={out}")
+    line = one_error_line(code, err)
     assert line == (f"error: training diverged at step 16: the test loss is nan; not saved, the newest checkpoint "
                     f"{out}/checkpoints/step-12 is the last good one; lower optim.lr or set train.grad_clip, then "
                     f"rerun: it resumes from that checkpoint")
@@ -373,14 +384,13 @@ def test_a_last_step_divergence_fails_and_saves_nothing_of_it(tmp_path):
     assert newest_valid(str(folder)) == str(folder / "step-12")
 
 
-@pytest.mark.slow
-def test_finite_but_absurd_weights_mid_run_are_never_checkpointed(tmp_path):
+def test_finite_but_absurd_weights_mid_run_are_never_checkpointed(tmp_path, capsys, monkeypatch):
     """Weights times 1e30 after step 12 (finite, the step before an inf): the step-12 save refuses them, and their
     moving average; step-8 stays the newest checkpoint, finite, and nothing else is written."""
     out = tmp_path / "run"
-    proc = run("train.py", *ARGS, "train.max_steps=16", "train.ema.decay=0.9", f"output_dir={out}", check=False,
-               CIFAR_FAULT="inflate-weights:12")
-    line = one_error_line(proc.returncode, proc.stderr)
+    monkeypatch.setenv("CIFAR_FAULT", "inflate-weights:12")
+    code, _, err = train_in_process(capsys, *ARGS, "train.max_steps=16", "train.ema.decay=0.9", f"output_dir={out}")
+    line = one_error_line(code, err)
     assert line.startswith("error: training diverged at step 12: weight ") and " reaches " in line
     assert f"the newest checkpoint {out}/checkpoints/step-8 is the last good one" in line
     assert read_json(out / "status.json")["state"] == "failed"

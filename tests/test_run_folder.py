@@ -2,7 +2,9 @@
 outputs, folders that cannot be written, and a disk that fills up during a checkpoint save or outside one; its states
 as every reader sees them (cifar/run_folder.py), the leftovers of a kill, and advice that fits the failure.
 
-The process tests run the real train.py; the disk is a real full tmpfs (mounted by the test as root) or, where
+The claims about processes (a live run and a second one, a kill, a process held by a fault point) run the real
+train.py; a run refused or waiting for another process's lock, or failing on a full disk, runs train.py's main in
+this process, the holder being a real process. The disk is a real full tmpfs (mounted by the test as root) or, where
 mounting is not permitted, a real file-size limit (RLIMIT_FSIZE). The states, the cleanup and the advice are read
 in-process from folders written by hand, a forked child holding the lock where a live run is needed.
 """
@@ -17,6 +19,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -29,6 +32,8 @@ from cifar.errors import EXIT_IO, UserError, resume_command, set_resume, write_a
 from cifar.lock import RunLock
 from cifar.outputs import claim_run_dir
 from conftest import ROOT, command, env, lock_held_by_child, logged_warnings, read_json, run, weights
+from test_checkpoint import train_here
+from test_resume_changes import one_thread, train_main  # noqa: F401 (one_thread: a fixture, used by being here)
 
 # 16 steps of 32 images per epoch; a checkpoint at every 8th step
 ARGS = ["--config", "configs/debug.yaml", "data.limit_train=512", "data.limit_test=128", "train.epochs=2",
@@ -42,6 +47,12 @@ def hashes(folder) -> dict:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(baseline):
+    """ARGS's run, never interrupted: what a run shared, stopped or resumed must end with."""
+    return baseline(*ARGS)
 
 
 def one_error_line(proc, code: int = 2) -> str:
@@ -66,10 +77,10 @@ def hold_lock(folder, **extra_env) -> subprocess.Popen:
 # ----------------------------------------------------------------------------- one writer per folder
 
 @pytest.mark.slow
-def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp_path):
-    """Two train.py on one folder: the second exits 2 before any work, naming the first (pid, host); the first ends
-    with exactly the weights of a run that was alone."""
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
+def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp_path, capsys, caplog, reference):
+    """A train.py holds a folder; a second run on it (here, in this process) exits 2 before any work, naming the
+    first (pid, host); the first ends with exactly the weights of a run that was alone."""
+    alone, shared = reference, tmp_path / "shared"
     first = subprocess.Popen(command("train.py", [*ARGS, f"output_dir={shared}"]), cwd=ROOT, env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -80,7 +91,7 @@ def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp
         os.kill(first.pid, signal.SIGSTOP)      # keeps it mid-run however long the second takes to start
         try:
             before = hashes(shared)
-            second = run("train.py", *ARGS, f"output_dir={shared}", check=False)
+            second = train_here(capsys, caplog, *ARGS, f"output_dir={shared}")
             assert hashes(shared) == before, "the refused run wrote into the folder"
         finally:
             os.kill(first.pid, signal.SIGCONT)
@@ -91,22 +102,21 @@ def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, log[-3000:]
-    run("train.py", *ARGS, f"output_dir={alone}")
     a, b = weights(alone), weights(shared)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_holder_leaves_no_stale_lock_and_readers_never_lock(tmp_path):
-    """A holder killed with -9 leaves nothing to clean by hand: the next run starts at once. evaluate.py only reads:
-    it runs on a folder whose lock is held."""
+def test_killed_holder_leaves_no_stale_lock_and_readers_never_lock(tmp_path, capsys, caplog):
+    """A holder killed with -9 leaves nothing to clean by hand: the next run (here, in this process) starts at once.
+    evaluate.py only reads: it runs on a folder whose lock is held, and measures what the run recorded."""
     folder = tmp_path / "run"
     holder = hold_lock(folder)
-    refused = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False)
+    refused = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
     assert f"in use by train.py pid {holder.pid}" in one_error_line(refused)
     holder.kill()
     holder.wait()
-    run("train.py", "--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
-        "train.epochs=1", f"output_dir={folder}")
+    train_main(["--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32", "train.epochs=1",
+                f"output_dir={folder}"])
     assert read_json(folder / "status.json")["state"] == "finished"
     holder = hold_lock(folder)
     try:
@@ -114,28 +124,43 @@ def test_killed_holder_leaves_no_stale_lock_and_readers_never_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] >= 0
+    assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] == read_json(folder / "summary.json")[
+        "final_test_acc"]
 
 
-def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path):
+def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, capsys, caplog, monkeypatch):
     """The same SLURM job id as the holder (a requeued job whose previous instance is still shutting down): wait for
-    it, say so, then run. Another job id is refused at once."""
+    it, say so, then run. Another job id is refused at once. The holder is a process; the runs, this one: the holder
+    is killed once the run says it waits, so it is still waiting then."""
     folder = tmp_path / "run"
     holder = hold_lock(folder, SLURM_JOB_ID="4242")
     try:
-        other = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False,
-                    SLURM_JOB_ID="4343")
+        monkeypatch.setenv("SLURM_JOB_ID", "4343")
+        other = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         assert "SLURM job 4242" in one_error_line(other)
-        requeued = subprocess.Popen(
-            command("train.py", ["--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
-                                 "train.epochs=1", f"output_dir={folder}"]),
-            cwd=ROOT, env=env(SLURM_JOB_ID="4242"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(8)                      # it starts, finds the folder held by its own job, and waits
-        assert requeued.poll() is None, requeued.communicate()
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+        def waiting() -> bool:
+            return any("waiting for the previous instance" in r.getMessage() for r in list(caplog.records))
+
+        held_while_waiting = []
+
+        def release_once_waiting():           # the run waits in the main thread, on the lock
+            while not waiting() and holder.poll() is None:
+                time.sleep(0.05)
+            held_while_waiting.append(holder.poll() is None)
+            holder.kill()
+
+        watcher = threading.Thread(target=release_once_waiting, daemon=True)
+        watcher.start()
+        requeued = train_here(capsys, caplog, "--config", "configs/debug.yaml", "data.limit_train=64",
+                              "data.limit_test=32", "train.epochs=1", f"output_dir={folder}")
+        watcher.join()
     finally:
         holder.kill()
         holder.wait()
-    out, err = requeued.communicate(timeout=120)
+    err = requeued.stderr
+    assert held_while_waiting == [True], err[-3000:]       # it waited for the holder, neither refused nor ran
     assert requeued.returncode == 0, err[-3000:]
     assert "waiting for the previous instance of SLURM job 4242" in err and "released the folder after" in err, err
     assert read_json(folder / "status.json")["state"] == "finished"
@@ -143,13 +168,12 @@ def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path):
 
 # ----------------------------------------------------------------------------- never destroy history
 
-@pytest.mark.slow
-def test_all_checkpoints_corrupt_refuses_and_changes_nothing_then_overwrite_keeps_history(tmp_path):
+def test_all_checkpoints_corrupt_refuses_and_changes_nothing_then_overwrite_keeps_history(tmp_path, capsys, caplog):
     """resume=auto with checkpoints that all fail verification: exit 2, one line listing each and why and naming
     the choices, every file unchanged. The named way out (resume=never overwrite=true) starts over and moves the
     earlier files, byte for byte, into previous-<time>/."""
     folder = tmp_path / "run"
-    run("train.py", *ARGS, "train.max_steps=16", f"output_dir={folder}")
+    train_main([*ARGS, "train.max_steps=16", f"output_dir={folder}"])
     assert sorted(os.listdir(folder / "checkpoints")) == ["best", "latest", "step-16", "step-8"]
     with open(folder / "checkpoints" / "step-8" / "model.safetensors", "r+b") as f:
         f.truncate(100)
@@ -160,14 +184,14 @@ def test_all_checkpoints_corrupt_refuses_and_changes_nothing_then_overwrite_keep
         f.write(bytes([byte[0] ^ 1]))
     before = hashes(folder)
 
-    proc = run("train.py", *ARGS, "train.max_steps=24", f"output_dir={folder}", check=False)
+    proc = train_here(capsys, caplog, *ARGS, "train.max_steps=24", f"output_dir={folder}")
     line = one_error_line(proc)
     assert "step-16: training.pt corrupted" in line and "step-8: model.safetensors truncated" in line, line
     assert "checkpoint.resume=never checkpoint.overwrite=true" in line and "checkpoint.resume=<path" in line
     assert hashes(folder) == before, "a refused resume changed the run folder"
 
-    run("train.py", *ARGS, "train.max_steps=8", "checkpoint.resume=never", "checkpoint.overwrite=true",
-        f"output_dir={folder}")
+    train_main([*ARGS, "train.max_steps=8", "checkpoint.resume=never", "checkpoint.overwrite=true",
+                f"output_dir={folder}"])
     previous = glob.glob(str(folder / "previous-*"))
     assert len(previous) == 1
     kept = hashes(previous[0])
@@ -175,7 +199,8 @@ def test_all_checkpoints_corrupt_refuses_and_changes_nothing_then_overwrite_keep
     assert read_json(folder / "summary.json")["steps"] == 8
 
 
-def test_fresh_start_keeps_an_earlier_runs_outputs(tmp_path):
+@pytest.mark.slow
+def test_fresh_start_keeps_an_earlier_runs_outputs(tmp_path, capsys, caplog):
     """A run killed while saving its first checkpoint leaves metrics, status and config but nothing to resume; the
     rerun starts fresh and first moves those files, byte for byte, into previous-<time>/ (nothing truncated)."""
     folder = tmp_path / "run"
@@ -185,7 +210,8 @@ def test_fresh_start_keeps_an_earlier_runs_outputs(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     before = {k: v for k, v in hashes(folder).items() if k != ".lock" and not k.startswith("checkpoints/.tmp")}
     assert {"metrics.jsonl", "status.json", "config.yaml"} <= before.keys()
-    proc = run("train.py", *args)
+    proc = train_here(capsys, caplog, *args)
+    assert proc.returncode == 0, proc.stderr
     assert "held an earlier run's outputs" in proc.stderr
     (previous,) = glob.glob(str(folder / "previous-*"))
     assert {k: v for k, v in hashes(previous).items() if not k.startswith("checkpoints/.tmp")} == before
@@ -194,7 +220,7 @@ def test_fresh_start_keeps_an_earlier_runs_outputs(tmp_path):
 
 # ----------------------------------------------------------------------------- folders that cannot be written
 
-def test_unwritable_output_dir_is_one_line(tmp_path):
+def test_unwritable_output_dir_is_one_line(tmp_path, capsys, caplog):
     cases = ["/proc/cifar-run", "/etc/hostname/run"]      # a file system that refuses, a file in the path
     readonly = tmp_path / "readonly"
     if os.geteuid() == 0:                                # root ignores permissions, not a read-only mount
@@ -206,7 +232,7 @@ def test_unwritable_output_dir_is_one_line(tmp_path):
         cases.append(str(readonly / "run"))
     try:
         for output_dir in cases:
-            proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={output_dir}", check=False)
+            proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={output_dir}")
             line = one_error_line(proc)
             assert f"cannot write the run folder {output_dir}" in line and "output_dir=" in line, line
     finally:
@@ -241,14 +267,11 @@ class Tmpfs:
 
 
 @pytest.mark.slow
-def test_full_disk_during_a_save_then_rerun_resumes_bitwise(tmp_path, record_property):
+def test_full_disk_during_a_save_then_rerun_resumes_bitwise(tmp_path, record_property, reference):
     """Killed right after the step-8 checkpoint; rerun on a disk with 64 KB left (a 32 MB tmpfs filled up when the
     test runs as root, else RLIMIT_FSIZE=64 KB on the rerun): the step-16 save fails with one line, exit 74, the
     partial save removed, step-8 still `latest` and verifying. With space again, the same command resumes from
     step-8 and ends with exactly the weights of an uninterrupted run."""
-    reference = tmp_path / "reference"
-    run("train.py", *ARGS, f"output_dir={reference}")
-
     disk = Tmpfs(tmp_path / "disk", 32 << 20) if os.geteuid() == 0 else None
     method = "tmpfs" if disk and disk.ok else "RLIMIT_FSIZE"
     if os.environ.get("CI") == "true" and os.geteuid() == 0:
@@ -419,16 +442,16 @@ def test_the_resume_command_names_the_folder_the_run_chose():
 
 # ----------------------------------------------------------------------------- the lock's wait, writes outside a save
 
-@pytest.mark.slow
-def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path):
+def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path, capsys, caplog, monkeypatch):
     """A second process of the same SLURM job id (a requeued job) waits for the holder, and with CIFAR_LOCK_WAIT=1
     gives up after that second: one line naming the holder and the wait, exit 2, the folder as it was."""
     folder = tmp_path / "run"
     holder = hold_lock(folder, SLURM_JOB_ID="4242")
     try:
         before = hashes(folder)
-        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False,
-                   SLURM_JOB_ID="4242", CIFAR_LOCK_WAIT="1")
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("CIFAR_LOCK_WAIT", "1")
+        proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         assert hashes(folder) == before
     finally:
         holder.kill()
@@ -488,8 +511,7 @@ def test_a_full_disk_outside_a_save_is_exit_74_with_advice_that_fits(tmp_path, w
         disk.unmount()
 
 
-@pytest.mark.slow
-def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path):
+def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path, capsys, caplog):
     """A real tmpfs left with two pages (8 KB): the lock's record and config.yaml take them, and the first status.json
     cannot be written. One line naming status.json, exit 74, the advice for a full disk."""
     disk = Tmpfs(tmp_path / "disk", 1 << 20) if os.geteuid() == 0 else None
@@ -498,7 +520,7 @@ def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path):
     folder = tmp_path / "disk" / "run"
     try:
         disk.fill(free=8 << 10)
-        proc = run("train.py", "--config", "configs/debug.yaml", f"output_dir={folder}", check=False)
+        proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         line = one_error_line(proc, EXIT_IO)
         assert line == f"error: cannot write {folder / 'status.json'} (No space left on device); the disk is full: " \
                        f"free space, then rerun the same command to resume", line
@@ -517,8 +539,8 @@ def test_evaluate_and_export_on_a_read_only_run_folder_say_where_else_to_write(t
         pytest.skip("mounting a tmpfs needs root")
     folder = tmp_path / "disk" / "run"
     try:
-        run("train.py", "--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32",
-            "train.epochs=1", f"output_dir={folder}")
+        train_main(["--config", "configs/debug.yaml", "data.limit_train=64", "data.limit_test=32", "train.epochs=1",
+                    f"output_dir={folder}"])
         assert subprocess.run(["mount", "-o", "remount,ro", disk.path]).returncode == 0
         for proc in (run("evaluate.py", "--checkpoint", str(folder), check=False),
                      subprocess.run([sys.executable, "-m", "cifar.export", "--checkpoint", str(folder), "--format",
@@ -529,6 +551,7 @@ def test_evaluate_and_export_on_a_read_only_run_folder_say_where_else_to_write(t
             assert "free space" not in line and "resume" not in line, line
         assert run_folder.state(str(folder)) == "finished"
         run("evaluate.py", "--checkpoint", str(folder), "--output", str(tmp_path / "eval"))
-        assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] >= 0
+        assert read_json(tmp_path / "eval" / "eval.json")["accuracy"] == read_json(folder / "summary.json")[
+            "final_test_acc"]
     finally:
         disk.unmount()
