@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import DEBUG, ROOT, command, env, read_json, read_jsonl, run, weights
 from safetensors.torch import load_file, save_file
-from test_resume_changes import one_thread, train_main  # noqa: F401 (one_thread: a fixture, used by being here)
+from test_resume_changes import train_main
 
 from cifar.checkpoint import Checkpoints, verify
 from cifar.config import load_config
@@ -73,7 +73,7 @@ def metric_rows(run_dir):
     return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def train_here(capsys, caplog, *args) -> SimpleNamespace:
+def train_as_process(capsys, caplog, *args) -> SimpleNamespace:
     """train.py's main in this process, as a finished process reads: returncode, stdout (the info lines) and stderr
     (the warning lines, then what was printed there: an error line). Under pytest the cifar logger's records go to
     caplog, not to the streams."""
@@ -124,7 +124,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(short, capsys,
         data[len(data) // 2] ^= 0x01
     newest.write_bytes(bytes(data))
     assert verify(str(out / "checkpoints" / "step-24")) is not None
-    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={out}")
+    proc = train_as_process(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr
     assert "step-24 is unusable" in proc.stderr and ("truncated" in proc.stderr or "corrupted" in proc.stderr)
     assert "resuming from" in proc.stdout and "step-16" in proc.stdout
@@ -138,8 +138,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     out = tmp_path / "run"
     args = ["--config", "configs/debug.yaml", "schedule.warmup_steps=0", "schedule.name=constant",
             f"output_dir={out}"]
-    assert train_here(capsys, caplog, *args, "train.max_steps=2", "checkpoint.every_steps=1").returncode == 0
-    proc = train_here(capsys, caplog, *args, "optim.lr=1e30", "train.max_steps=64")
+    assert train_as_process(capsys, caplog, *args, "train.max_steps=2", "checkpoint.every_steps=1").returncode == 0
+    proc = train_as_process(capsys, caplog, *args, "optim.lr=1e30", "train.max_steps=64")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training diverged") and "Traceback" not in proc.stderr
@@ -165,7 +165,7 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
 
 
 def test_resume_with_another_model_is_one_clear_line(short, capsys, caplog):
-    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=24", "model.name=resnet18", f"output_dir={short}")
+    proc = train_as_process(capsys, caplog, *RECIPE, "train.max_steps=24", "model.name=resnet18", f"output_dir={short}")
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert "model tutorial_net" in line and "model.name=tutorial_net" in line and "Traceback" not in proc.stderr
@@ -180,16 +180,16 @@ def test_resume_with_another_shape_is_one_clear_line(short, capsys, caplog):
     data = (ckpt / "model.safetensors").read_bytes()
     manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    proc = train_here(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={short}")
+    proc = train_as_process(capsys, caplog, *RECIPE, "train.max_steps=32", f"output_dir={short}")
     assert proc.returncode == 2 and "fc3.weight" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_never_refuses_a_folder_with_checkpoints(short, capsys, caplog):
     never = [*RECIPE, "train.max_steps=8", "checkpoint.resume=never", f"output_dir={short}"]
-    proc = train_here(capsys, caplog, *never)
+    proc = train_as_process(capsys, caplog, *never)
     assert proc.returncode == 2 and "checkpoint.overwrite=true" in proc.stderr
-    assert train_here(capsys, caplog, *never, "checkpoint.overwrite=true").returncode == 0
+    assert train_as_process(capsys, caplog, *never, "checkpoint.overwrite=true").returncode == 0
     assert steps_of(short) == [8]
 
 
@@ -251,7 +251,7 @@ def test_resume_with_another_global_batch_is_refused_with_one_line(tmp_path, cap
     # the launcher and its ranks start while the one-process rerun runs here
     wider = launch([*args, "data.batch_size=8", f"output_dir={tmp_path / 'run2'}"], procs=2)
     try:
-        bigger = train_here(capsys, caplog, *args, "data.batch_size=16", f"output_dir={out}")
+        bigger = train_as_process(capsys, caplog, *args, "data.batch_size=16", f"output_dir={out}")
     finally:
         _, err2 = wider.communicate(timeout=300)
     err1 = bigger.stderr

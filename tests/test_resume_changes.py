@@ -7,7 +7,6 @@ One finished training run (8 steps, checkpoints at 4 and 8), trained in this pro
 copy. Refusals, the rerun and the divergences (CIFAR_FAULT set in this process) run train.py's main in this process
 too; the test of what a resume records in W&B starts train.py, with W&B's own processes."""
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -21,6 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, read_json, read_jsonl, run
+from inprocess import entry
 from safetensors.torch import load_file
 
 from cifar.checkpoint import follow_config, newest_valid, verify
@@ -34,25 +34,7 @@ ARGS = ["--config", os.path.join(ROOT, "configs", "debug.yaml"), "data.limit_tra
 FIX = "start over with checkpoint.resume=never checkpoint.overwrite=true"
 
 
-def _load_train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-train_main = _load_train_cli()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Training in this process uses one thread, as the suite's train.py processes do (OMP_NUM_THREADS=1): on a
-    machine whose cores the test workers share, more threads only contend (2 threads took twice as long on 2
-    busy cores). Modules that train here import it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+train_main = entry("train.py")
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from cifar.errors import EXIT_IO, UserError, resume_command, set_resume, write_a
 from cifar.lock import RunLock
 from cifar.outputs import claim_run_dir
 from conftest import ROOT, command, env, lock_held_by_child, logged_warnings, read_json, run, weights
-from test_checkpoint import train_here
-from test_resume_changes import one_thread, train_main  # noqa: F401 (one_thread: a fixture, used by being here)
+from test_checkpoint import train_as_process
+from test_resume_changes import train_main
 
 # 16 steps of 32 images per epoch; a checkpoint at every 8th step
 ARGS = ["--config", "configs/debug.yaml", "data.limit_train=512", "data.limit_test=128", "train.epochs=2",
@@ -91,7 +91,7 @@ def test_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp
         os.kill(first.pid, signal.SIGSTOP)      # keeps it mid-run however long the second takes to start
         try:
             before = hashes(shared)
-            second = train_here(capsys, caplog, *ARGS, f"output_dir={shared}")
+            second = train_as_process(capsys, caplog, *ARGS, f"output_dir={shared}")
             assert hashes(shared) == before, "the refused run wrote into the folder"
         finally:
             os.kill(first.pid, signal.SIGCONT)
@@ -111,7 +111,7 @@ def test_killed_holder_leaves_no_stale_lock_and_readers_never_lock(tmp_path, cap
     evaluate.py only reads: it runs on a folder whose lock is held, and measures what the run recorded."""
     folder = tmp_path / "run"
     holder = hold_lock(folder)
-    refused = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
+    refused = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
     assert f"in use by train.py pid {holder.pid}" in one_error_line(refused)
     holder.kill()
     holder.wait()
@@ -136,7 +136,7 @@ def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, capsys, ca
     holder = hold_lock(folder, SLURM_JOB_ID="4242")
     try:
         monkeypatch.setenv("SLURM_JOB_ID", "4343")
-        other = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
+        other = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         assert "SLURM job 4242" in one_error_line(other)
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
 
@@ -153,7 +153,7 @@ def test_requeued_slurm_job_waits_for_its_previous_instance(tmp_path, capsys, ca
 
         watcher = threading.Thread(target=release_once_waiting, daemon=True)
         watcher.start()
-        requeued = train_here(capsys, caplog, "--config", "configs/debug.yaml", "data.limit_train=64",
+        requeued = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", "data.limit_train=64",
                               "data.limit_test=32", "train.epochs=1", f"output_dir={folder}")
         watcher.join()
     finally:
@@ -184,7 +184,7 @@ def test_all_checkpoints_corrupt_refuses_and_changes_nothing_then_overwrite_keep
         f.write(bytes([byte[0] ^ 1]))
     before = hashes(folder)
 
-    proc = train_here(capsys, caplog, *ARGS, "train.max_steps=24", f"output_dir={folder}")
+    proc = train_as_process(capsys, caplog, *ARGS, "train.max_steps=24", f"output_dir={folder}")
     line = one_error_line(proc)
     assert "step-16: training.pt corrupted" in line and "step-8: model.safetensors truncated" in line, line
     assert "checkpoint.resume=never checkpoint.overwrite=true" in line and "checkpoint.resume=<path" in line
@@ -210,7 +210,7 @@ def test_fresh_start_keeps_an_earlier_runs_outputs(tmp_path, capsys, caplog):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     before = {k: v for k, v in hashes(folder).items() if k != ".lock" and not k.startswith("checkpoints/.tmp")}
     assert {"metrics.jsonl", "status.json", "config.yaml"} <= before.keys()
-    proc = train_here(capsys, caplog, *args)
+    proc = train_as_process(capsys, caplog, *args)
     assert proc.returncode == 0, proc.stderr
     assert "held an earlier run's outputs" in proc.stderr
     (previous,) = glob.glob(str(folder / "previous-*"))
@@ -232,7 +232,7 @@ def test_unwritable_output_dir_is_one_line(tmp_path, capsys, caplog):
         cases.append(str(readonly / "run"))
     try:
         for output_dir in cases:
-            proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={output_dir}")
+            proc = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={output_dir}")
             line = one_error_line(proc)
             assert f"cannot write the run folder {output_dir}" in line and "output_dir=" in line, line
     finally:
@@ -451,7 +451,7 @@ def test_a_requeued_job_gives_up_waiting_after_cifar_lock_wait(tmp_path, capsys,
         before = hashes(folder)
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
         monkeypatch.setenv("CIFAR_LOCK_WAIT", "1")
-        proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
+        proc = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         assert hashes(folder) == before
     finally:
         holder.kill()
@@ -520,7 +520,7 @@ def test_a_disk_that_fills_before_status_json_is_exit_74_naming_it(tmp_path, cap
     folder = tmp_path / "disk" / "run"
     try:
         disk.fill(free=8 << 10)
-        proc = train_here(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
+        proc = train_as_process(capsys, caplog, "--config", "configs/debug.yaml", f"output_dir={folder}")
         line = one_error_line(proc, EXIT_IO)
         assert line == f"error: cannot write {folder / 'status.json'} (No space left on device); the disk is full: " \
                        f"free space, then rerun the same command to resume", line
