@@ -2,6 +2,7 @@
 fixes a failed write, how to resume the run)."""
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
 import os
@@ -143,35 +144,73 @@ def cli(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            try:
-                log.setup()   # $CIFAR_LOG_LEVEL; an entry point's --log-level sets it again
-            except ValueError as e:
-                raise UserError(str(e)) from None
-            return main(*args, **kwargs)
-        except AlreadyFinished as e:
-            log.info(str(e))
-            return None
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
-        except OSError as e:
-            if not disk_fault(e):
-                raise
-            # a write outside a checkpoint save (metrics, status, the final weights): the checkpoints are intact
-            verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"     # a read is refused too
-            print(f"error: cannot {verb} {_named(e.filename)} ({e.strerror}); {write_advice(e.errno)}",
-                  file=sys.stderr, flush=True)
-            sys.exit(EXIT_IO)
-        except Stopped as e:
-            print(f"stopped: {e}", file=sys.stderr, flush=True)
-            # The checkpoint is safe; what is left is interpreter shutdown (the process group, W&B), during which
-            # Python puts fatal default handlers back. The launcher SIGTERMs the other ranks as soon as the first
-            # one exits: ignored, it cannot turn their resumable exit into a kill (an ignored signal stays so).
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-            sys.exit(EXIT_RESUMABLE)
+            result = _handled(main, *args, **kwargs)
+        except SystemExit as e:
+            _leave_if_a_rank(e.code)
+            raise
+        _leave_if_a_rank(0)
+        return result
 
     return wrapper
+
+
+def _handled(main, *args, **kwargs):
+    """main, with the errors a user can fix turned into one line and an exit status."""
+    try:
+        try:
+            log.setup()   # $CIFAR_LOG_LEVEL; an entry point's --log-level sets it again
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return main(*args, **kwargs)
+    except AlreadyFinished as e:
+        log.info(str(e))
+        return None
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if not disk_fault(e):
+            raise
+        # a write outside a checkpoint save (metrics, status, the final weights): the checkpoints are intact
+        verb = "access" if e.errno in (errno.EACCES, errno.EPERM) else "write"     # a read is refused too
+        print(f"error: cannot {verb} {_named(e.filename)} ({e.strerror}); {write_advice(e.errno)}",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_IO)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        # The checkpoint is safe; what is left is interpreter shutdown (the process group, W&B), during which
+        # Python puts fatal default handlers back. The launcher SIGTERMs the other ranks as soon as the first
+        # one exits: ignored, it cannot turn their resumable exit into a kill (an ignored signal stays so).
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        sys.exit(EXIT_RESUMABLE)
+
+
+_A_RANK = []
+
+
+def leave_without_finalizing() -> None:
+    """This process is one rank of several (runtime.make_accelerator): the entry point ends it as _leave_if_a_rank
+    says."""
+    _A_RANK.append(True)
+
+
+def _leave_if_a_rank(code) -> None:
+    """A rank of a multi-process run leaves without interpreter finalization: there, gloo's C++ worker threads
+    (their pending work holds tensors with Python references) could still be destroyed, and a rank whose training
+    had finished and saved now and then died with "terminate called without an active exception" (SIGABRT, -6),
+    which the launcher reports as the job failing (torch's own fix, an atexit destroy, was abandoned:
+    pytorch/pytorch#179291). Everything a finished process does still happens first: the exit handlers (logging,
+    W&B) run and the streams are flushed; our files are written atomically or flushed as they go."""
+    if not _A_RANK:
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def _named(filename) -> str:

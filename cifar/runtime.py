@@ -10,7 +10,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKw
                                broadcast_object_list)
 
 from .config import Config
-from .errors import AlreadyFinished, UserError
+from .errors import AlreadyFinished, UserError, leave_without_finalizing
 from .perf import keep_freed_memory
 
 
@@ -32,8 +32,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # then fails the next step unless it looks for unused parameters in every backward pass.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.whiten_bias_epochs is not None)
     # Gradient accumulation is done by the engine (see train_step), so Accelerate's own count stays at 1.
-    return Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
-                       dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, dynamo_plugin=dynamo, kwargs_handlers=[ddp],
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda))  # with pinned batches
+    if accelerator.num_processes > 1:
+        leave_without_finalizing()
+    return accelerator
 
 
 def compile_mode(mode: str, world: int) -> str:

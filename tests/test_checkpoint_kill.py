@@ -209,6 +209,38 @@ def test_a_stopped_rank_terminated_during_shutdown_still_exits_resumable():
     assert proc.returncode == 75, err
 
 
+RANK_EXIT = """
+import atexit, sys
+from cifar.errors import Stopped, cli, leave_without_finalizing
+
+class Finalized:                        # stands for gloo's worker threads, destroyed at interpreter finalization
+    def __del__(self):
+        print("finalized", flush=True)
+
+def main():
+    leave_without_finalizing()          # as runtime.make_accelerator says for a rank of several
+    atexit.register(lambda: print("exit handlers ran", file=sys.stderr, flush=True))
+    print("buffered", end="")           # stdout is a pipe: still in the buffer at the end, to be flushed
+    if sys.argv[1] == "stop":
+        raise Stopped("test")
+
+keep = Finalized()
+cli(main)()
+print("after main", flush=True)          # a rank's entry point ends in cli: never reached
+"""
+
+
+@pytest.mark.parametrize("how, code", [("finish", 0), ("stop", 75)])
+def test_a_rank_leaves_without_interpreter_finalization(how, code):
+    """A rank of several ends in errors.cli without interpreter finalization, where destroying gloo's threads now
+    and then aborted a finished rank (-6); its exit handlers still run, its output is flushed, its status kept."""
+    proc = subprocess.run([sys.executable, "-c", RANK_EXIT, how], cwd=ROOT, env=env(), text=True,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "buffered"                            # flushed; no finalizer ran, nothing after main
+    assert proc.stderr.endswith("exit handlers ran\n") and ("stopped: test" in proc.stderr) == (how == "stop")
+
+
 @pytest.mark.slow
 def test_sigint_single_process_exits_resumable_and_resumes(tmp_path, reference):
     """Ctrl-C while held after the step-8 save: released, the run stops at the next step boundary (step 9) with a
