@@ -8,7 +8,7 @@ import argparse
 
 from cifar import log
 from cifar.config_help import help_text
-from cifar.errors import cli
+from cifar.errors import cli, exit_as_command
 from cifar.evaluate_run import add_run_arguments, evaluate_run
 
 
@@ -34,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_as_command(main)

@@ -10,9 +10,8 @@ when there is one. Exit status: 0; 1 when some inputs were not images (each name
 predicted); 2 for a bad checkpoint or option.
 """
 import argparse
-import sys
 
-from cifar.errors import cli
+from cifar.errors import cli, exit_as_command
 from cifar.evaluate_run import add_run_arguments
 from cifar.predict import predict_images, split_overrides
 
@@ -34,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_as_command(main)

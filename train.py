@@ -12,7 +12,7 @@ from cifar import log
 from cifar.config import load_config
 from cifar.config_help import help_text
 from cifar.engine import train
-from cifar.errors import cli
+from cifar.errors import cli, exit_as_command
 
 
 @cli
@@ -34,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_as_command(main)

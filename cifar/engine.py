@@ -247,7 +247,6 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     """Data, model, optimizer and schedule for the config, resumed from a checkpoint when there is one, and the
     compile warm-up (timed apart)."""
     accelerator = make_accelerator(cfg)
-    main, world, t = accelerator.is_main_process, accelerator.num_processes, cfg.train
     output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     set_resume(resume_command(output_dir, given=bool(cfg.output_dir)))   # every "resume" advice names the folder
@@ -256,6 +255,17 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     # finished run with the same config stops here, AlreadyFinished). The main process decides; every rank loads
     # it below.
     lock = RunLock(output_dir)
+    try:
+        return _prepared(cfg, stop, accelerator, output_dir, lock)
+    except BaseException:
+        # refused, or nothing to do: the folder is free at once, not when the lock object is collected (a caller
+        # in the same process, a notebook or a test, may start on it next)
+        lock.release()
+        raise
+
+
+def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock: RunLock) -> Run:
+    main, world, t = accelerator.is_main_process, accelerator.num_processes, cfg.train
     resumed_from = on_main(accelerator, lambda: claim_run_dir(output_dir, cfg.checkpoint, lock,
                                                               vet=lambda path: vet(path, cfg, world, output_dir)))
     set_seed(cfg.seed)

@@ -143,13 +143,7 @@ def cli(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        try:
-            result = _handled(main, *args, **kwargs)
-        except SystemExit as e:
-            _leave_if_a_rank(e.code)
-            raise
-        _leave_if_a_rank(0)
-        return result
+        return _handled(main, *args, **kwargs)
 
     return wrapper
 
@@ -190,9 +184,21 @@ _A_RANK = []
 
 
 def leave_without_finalizing() -> None:
-    """This process is one rank of several (runtime.make_accelerator): the entry point ends it as _leave_if_a_rank
+    """This process is one rank of several (runtime.make_accelerator): as a command, it ends as exit_as_command
     says."""
     _A_RANK.append(True)
+
+
+def exit_as_command(main) -> None:
+    """A script's `if __name__ == "__main__"`: main(), then the process exits with its status (what main returns:
+    None is 0). A rank of a multi-process run leaves without interpreter finalization (below); main called from
+    one's own script returns as any function does."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    _leave_if_a_rank(code)
+    sys.exit(code)
 
 
 def _leave_if_a_rank(code) -> None:

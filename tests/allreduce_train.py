@@ -2,6 +2,7 @@
 all-reduces recorded through a communication hook that all-reduces as DDP's own does. Each rank writes
 $ALLREDUCE_LOG/rank<r>.json: {"windows": the micro-batches of each optimizer step's window, "calls": one
 [step, micro-batch] per bucket all-reduced, the micro-batch counted from 1 within its window}. Not a test itself."""
+import atexit
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 from cifar import engine  # noqa: E402
+from cifar.errors import exit_as_command  # noqa: E402
 
 windows, calls = [], []
 where = {"step": 0, "micro": 0}        # where the training loop is: its optimizer step, the micro-batch in it
@@ -43,8 +45,12 @@ def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip, _train
     return _train_step(accelerator, model, optimizer, loss_fn, window, grad_clip)
 
 
-if __name__ == "__main__":
-    Accelerator.prepare, engine.train_step = prepare, train_step
-    train.main()
+def write_log():
     with open(os.path.join(os.environ["ALLREDUCE_LOG"], f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"windows": windows, "calls": calls}, f)
+
+
+if __name__ == "__main__":
+    Accelerator.prepare, engine.train_step = prepare, train_step
+    atexit.register(write_log)            # a rank's command ends without returning here (errors.exit_as_command)
+    exit_as_command(train.main)

@@ -7,6 +7,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dropout_model  # noqa: E402,F401  (registers dropout_net; this file's folder is on sys.path)
 import train  # noqa: E402
+from cifar.errors import exit_as_command  # noqa: E402
 
 if __name__ == "__main__":
-    train.main()
+    exit_as_command(train.main)

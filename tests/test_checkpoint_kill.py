@@ -211,7 +211,7 @@ def test_a_stopped_rank_terminated_during_shutdown_still_exits_resumable():
 
 RANK_EXIT = """
 import atexit, sys
-from cifar.errors import Stopped, cli, leave_without_finalizing
+from cifar.errors import Stopped, cli, exit_as_command, leave_without_finalizing
 
 class Finalized:                        # stands for gloo's worker threads, destroyed at interpreter finalization
     def __del__(self):
@@ -225,20 +225,29 @@ def main():
         raise Stopped("test")
 
 keep = Finalized()
-cli(main)()
-print("after main", flush=True)          # a rank's entry point ends in cli: never reached
+if sys.argv[2] == "command":
+    exit_as_command(cli(main))
+    print("after main", flush=True)      # a rank's command ends in exit_as_command: never reached
+else:
+    cli(main)()                          # main called from one's own script returns, as any function does
+    print("after main", flush=True)
 """
 
 
 @pytest.mark.parametrize("how, code", [("finish", 0), ("stop", 75)])
 def test_a_rank_leaves_without_interpreter_finalization(how, code):
-    """A rank of several ends in errors.cli without interpreter finalization, where destroying gloo's threads now
-    and then aborted a finished rank (-6); its exit handlers still run, its output is flushed, its status kept."""
-    proc = subprocess.run([sys.executable, "-c", RANK_EXIT, how], cwd=ROOT, env=env(), text=True,
+    """A rank of several, as a command (errors.exit_as_command), ends without interpreter finalization, where
+    destroying gloo's threads now and then aborted a finished rank (-6); its exit handlers still run, its output is
+    flushed, its status kept. Called from one's own script, main returns and the script goes on."""
+    proc = subprocess.run([sys.executable, "-c", RANK_EXIT, how, "command"], cwd=ROOT, env=env(), text=True,
                           capture_output=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "buffered"                            # flushed; no finalizer ran, nothing after main
     assert proc.stderr.endswith("exit handlers ran\n") and ("stopped: test" in proc.stderr) == (how == "stop")
+    if how == "finish":
+        library = subprocess.run([sys.executable, "-c", RANK_EXIT, how, "library"], cwd=ROOT, env=env(), text=True,
+                                 capture_output=True, timeout=60)
+        assert library.returncode == 0 and library.stdout == "bufferedafter main\nfinalized\n", library.stderr
 
 
 @pytest.mark.slow

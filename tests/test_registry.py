@@ -1,7 +1,6 @@
 """One way to extend every component (cifar/registry.py): models, optimizers and schedules by name, a torchvision or
 timm model, or one's own <module>:<callable>; each trains, evaluates and resumes in this process, and every name
 that builds nothing is one line, exit 2, before any work."""
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 from conftest import ROOT, read_json, read_jsonl, weights
+from inprocess import entry
 
 from cifar.config import load_config
 from cifar.models import MODELS, build_model
@@ -24,14 +24,6 @@ from cifar.schedule import SCHEDULES, lr_factor
 # was trained, saved, evaluated and checkpointed in, not a trained model.
 RUN = ("--config", os.path.join(ROOT, "configs", "debug.yaml"), "train.max_steps=2", "data.batch_size=8",
        "data.limit_train=64", "data.limit_test=40")
-
-
-def entry(script: str):
-    """The main(argv) of train.py / evaluate.py, imported as a module (they live beside the package, not in it)."""
-    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 train, evaluate = entry("train.py"), entry("evaluate.py")

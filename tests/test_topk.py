@@ -3,7 +3,6 @@ highest logits, exactly like top-1 (counts summed over ranks, every image once),
 metrics.jsonl and W&B (test/acc_top5), summary.json (final_test_acc_top5), evaluate.py's eval.json (accuracy_top5,
 eval/acc_top5 in W&B) and python -m cifar.compare's table, where a run from before it shows "-"."""
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, read_json, read_jsonl, run, weights, write_cifar
+from inprocess import entry
 
 from cifar import compare, compare_output, tracking
 from cifar.config import load_config
@@ -21,14 +21,6 @@ from cifar.models import TutorialNet
 from cifar.resume import config_diff
 
 N_TEST = 37      # odd: two ranks get 19 and 18 images; a padding sampler would count one twice
-
-
-def entry(script: str):
-    """The main(argv) of train.py / evaluate.py, imported as a module (they live beside the package, not in it)."""
-    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 train, evaluate = entry("train.py"), entry("evaluate.py")

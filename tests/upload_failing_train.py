@@ -9,6 +9,7 @@ import wandb  # noqa: E402
 from wandb.sdk.wandb_run import Run  # noqa: E402
 
 import train  # noqa: E402
+from cifar.errors import exit_as_command  # noqa: E402
 
 _log_artifact = Run.log_artifact
 
@@ -22,4 +23,4 @@ def failing_log_artifact(self, artifact_or_path, *args, **kwargs):
 Run.log_artifact = failing_log_artifact
 
 if __name__ == "__main__":
-    train.main()
+    exit_as_command(train.main)
