@@ -346,6 +346,8 @@ def test_scancel_saves_and_does_not_requeue(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.budget(seconds=120, reason="slurmctld tests time limits every 30 s (compiled in): the job ends 0-30 s "
+                                        "after its limit is lowered, then its restart runs to the end")
 def test_time_limit_saves_and_requeues(cluster, tmp_path):
     """A job that reaches its time limit: SLURM ends it (Reason=TimeLimit), its SIGTERM reaches the batch shell and
     train.py, training saves, the script requeues (restart 1), and the restart resumes from that checkpoint.
