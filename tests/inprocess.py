@@ -75,6 +75,15 @@ def call(script: str, *argv, **environ):
         return entry(script)([str(a) for a in argv])
 
 
+def status(main, *argv) -> int:
+    """main(argv) in this process, as a process's exit status: 0 when it returns, its code when it exits."""
+    try:
+        main([str(a) for a in argv])
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
 def train_here(*args: str) -> None:
     """train.py in this process, to its end: the fast tier's training (a refusal is a SystemExit, its line on
     stderr, as from the command line)."""

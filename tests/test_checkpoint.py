@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 from conftest import DEBUG, ROOT, command, env, read_json, read_jsonl, run, weights
+from inprocess import status
 from safetensors.torch import load_file, save_file
 from test_resume_changes import train_main
 
@@ -80,11 +81,7 @@ def train_as_process(capsys, caplog, *args) -> SimpleNamespace:
     capsys.readouterr()
     caplog.clear()
     with caplog.at_level("INFO", logger="cifar"):
-        try:
-            train_main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code
+        code = status(train_main, *args)
     out, err = capsys.readouterr()
     said = [r for r in caplog.records if r.name == "cifar"]
     info = "".join(f"{r.getMessage()}\n" for r in said if r.levelname == "INFO")

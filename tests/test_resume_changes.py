@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, read_json, read_jsonl, run
-from inprocess import entry
+from inprocess import entry, status
 from safetensors.torch import load_file
 
 from cifar.checkpoint import follow_config, newest_valid, verify
@@ -66,11 +66,7 @@ def snapshot(folder) -> dict:
 def train_in_process(capsys, *args) -> tuple[int, str, str]:
     """train.py's main here: (exit code, stdout, stderr)."""
     capsys.readouterr()
-    try:
-        train_main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = status(train_main, *args)
     out, err = capsys.readouterr()
     return code, out, err
 
