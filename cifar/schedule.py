@@ -38,14 +38,6 @@ def linear(progress: float) -> float:
     return 1.0 - progress
 
 
-def end_factor(name: str) -> float:
-    """The factor at the last step."""
-    return SCHEDULES[name](1.0)
-
-
-END_FACTOR = {name: end_factor(name) for name in SCHEDULES}     # the built-ins'
-
-
 def lr_factor(name: str, step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier of the base LR for optimizer step `step` (0-based) of `total_steps`.
 
