@@ -21,6 +21,7 @@ from .errors import UserError, shorten
 from .models import MODELS, check_name
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
+from .shipped import recipe_path
 
 
 @dataclass
@@ -176,12 +177,12 @@ def flatten(tree: dict, sep: str = "/", prefix: str = "") -> dict:
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Recipe file (or the defaults) + overrides -> validated Config."""
-    return _with_overrides(_read_recipe(path, seen=()) if path else {}, overrides)
+    return _with_overrides(_read_recipe(recipe_path(path), seen=()) if path else {}, overrides)
 
 
 def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
     """load_config(path, overrides) for many lists of overrides, the recipe read once (a sweep's runs)."""
-    raw = _read_recipe(path, seen=()) if path else {}
+    raw = _read_recipe(recipe_path(path), seen=()) if path else {}
     return lambda overrides: _with_overrides(copy.deepcopy(raw), overrides)
 
 

@@ -22,8 +22,8 @@ import torch
 
 from .data import STATS, class_names, dataset_info
 from .errors import UserError, cli, warn
-from .evaluate_run import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_run
 from .files import refuse_non_file, state_dict_bytes, write_atomic
+from .trained import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_trained
 
 FORMATS = {"tutorial": "cifar_net.pth", "pt2": "model.pt2"}   # and the file each writes by default
 METADATA = "cifar.json"   # inside a .pt2: classes, input, normalisation (torch.export.load(..., extra_files=...))
@@ -56,7 +56,7 @@ def program_bytes(model: torch.nn.Module, stats: str, metadata: dict) -> bytes:
 
 def export(checkpoint: str, fmt: str, output: str | None, overrides: list[str], pick: str = "auto") -> str:
     """Write the run's weights in `fmt` (beside them unless `output` says where); the path written."""
-    cfg, model, weights = load_run(checkpoint, overrides, pick)
+    cfg, model, weights = load_trained(checkpoint, overrides, pick)
     if is_state_dict_file(weights):
         print(bare_state_dict_note(cfg, weights))
     path = os.path.abspath(output or os.path.join(os.path.dirname(weights), FORMATS[fmt]))

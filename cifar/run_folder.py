@@ -1,6 +1,6 @@
 """The run folder: the names of its files, the state a run is in, and the readers every other module uses.
 
-train.py writes the folder (outputs.py, checkpoint.py), evaluate.py adds its evaluation; evaluate_run.py,
+train.py writes the folder (outputs.py, checkpoint.py), evaluate.py adds its evaluation; trained.py,
 compare_runs.py, sweep.py and the SLURM scripts only read it, through the functions here (the scripts through
 `python -m cifar.run_folder state RUN_DIR`, which prints the state word).
 

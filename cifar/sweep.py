@@ -1,13 +1,13 @@
 """Many trainings from one W&B sweep file: here (one after another, or N at once), as a SLURM job array, or under
 `wandb agent`.
 
-    python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --dry-run       # the runs it will make, and their state
-    python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml [--parallel 2]  # make them; rerun: skip and resume
-    python -m cifar.sweep configs/sweeps/debug-lr-seed.yaml --slurm         # print the sbatch line of the array
+    cifar-sweep debug-lr-seed --dry-run       # a shipped sweep: the runs it will make, and their state
+    cifar-sweep debug-lr-seed [--parallel 2]  # make them; rerun: skip and resume
+    cifar-sweep my-sweep.yaml --slurm         # a file (python -m cifar.sweep too): the sbatch line of the array
     wandb sweep configs/sweeps/debug-lr-seed.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID
 
 The file is a W&B sweep configuration (method grid or random, parameters named as config keys: `optim.lr`, `seed`,
-or nested as W&B allows); its `command` names the recipe (`--config configs/X.yaml`) and passes the parameters with
+or nested as W&B allows); its `command` names the recipe (`--config X`: a shipped name or a file) and passes the parameters with
 ${args_no_hyphens} or ${args}. Run i of the list goes to RUNS_DIR/<sweep name>/<i>-<key=value,...>/, in the W&B group
 named after the sweep and tagged with its parameters. Random search draws its points from --seed, so the list is
 the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints. Two sweeps of
@@ -30,9 +30,12 @@ from . import log, run_folder
 from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
 from .run_folder import CONFIG, FINISHED, RUNNING, STATUS, describe_holder, holder, read_summary
+from .shipped import sweep_path
 from .sweep_plan import Run, Sweep, plan, read_sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run is train.py's command (cifar-train) in a process of its own, from the package this sweep runs from: no
+# checkout's train.py needed (an installed wheel has none)
+TRAIN = [sys.executable, "-m", "cifar.train_cli"]
 LISTED = 1000   # rows of --dry-run's table and of the summary: a bigger sweep's others are counted, not listed
 
 
@@ -163,7 +166,7 @@ class Runner:
 
     def _start(self, run: Run, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
-        command = [sys.executable, os.path.join(ROOT, "train.py"), *run.args]
+        command = [*TRAIN, *run.args]
         if self.log_dir:  # several at once: each to its own log
             os.makedirs(self.log_dir, exist_ok=True)
             with open(self._log(run), "ab") as out:
@@ -241,7 +244,8 @@ def slurm_line(sweep: Sweep, n: int, parallel: int | None, extra: list[str]) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cifar.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", metavar="SWEEP.yaml", help="a W&B sweep file, e.g. configs/sweeps/debug-lr-seed.yaml")
+    parser.add_argument("sweep", metavar="SWEEP.yaml", help="a W&B sweep file, or a shipped sweep's name (debug-lr-seed: "
+                                                              "cifar/recipes/sweeps/)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their folders and state; run nothing")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="runs at once (each with its share of the CPU cores, and a GPU of its own when there "
@@ -254,7 +258,7 @@ def main(argv=None) -> None:
     parser.add_argument("--slurm", action="store_true", help="print the sbatch command of the SLURM array and exit")
     args = parser.parse_args(argv)
 
-    sweep = read_sweep(args.sweep)
+    sweep = read_sweep(sweep_path(args.sweep))
     runs = plan(sweep, args.runs_dir, args.seed)
     if args.index is not None:
         if not 0 <= args.index < len(runs):

@@ -68,7 +68,7 @@ def read_sweep(path: str) -> Sweep:
         with open(path) as f:
             raw = yaml_io.safe_load(f, f"sweep file {path}")
     except FileNotFoundError:
-        raise UserError(f"sweep file {path} not found; pass one such as configs/sweeps/debug-lr-seed.yaml")
+        raise UserError(f"sweep file {path} not found; pass a sweep file, or a shipped sweep's name such as debug-lr-seed")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read sweep file {path} ({getattr(e, 'strerror', None) or e}); pass a YAML file")
     except yaml.YAMLError as e:
@@ -80,7 +80,7 @@ def read_sweep(path: str) -> Sweep:
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
         raise UserError(f"{where}: W&B refuses the key '{unknown[0]}'; allowed: {', '.join(TOP_KEYS)} (the recipe "
-                        f"goes in command: [..., --config, configs/X.yaml, ${{args_no_hyphens}}])")
+                        f"goes in command: [..., --config, debug, ${{args_no_hyphens}}])")
     method = raw.get("method")
     if method not in ("grid", "random", "bayes", "custom"):
         raise UserError(f"{where}: method must be grid, random or bayes (W&B requires it); got {shorten(method)}")
@@ -119,7 +119,7 @@ def _read_command(command, where: str) -> tuple[str | None, list[str]]:
         return None, []
     if not isinstance(command, list) or not all(isinstance(c, (str, int, float)) for c in command):
         raise UserError(f"{where}: command must be a list, e.g. [${{env}}, ${{interpreter}}, ${{program}}, --config, "
-                        f"configs/debug.yaml, ${{args_no_hyphens}}]")
+                        f"debug, ${{args_no_hyphens}}]")
     words = [str(c) for c in command]
     macros = [w for w in words if w.startswith("${")]
     odd = [m for m in macros if m not in ARG_MACROS + OTHER_MACROS]

@@ -27,7 +27,7 @@ from cifar.data import DeviceBatches, synthetic_split
 from cifar.errors import UserError, shorten
 from cifar.files import write_atomic
 from cifar.models import build_model
-from cifar.predict import predict_images
+from cifar.predict_cli import predict_images
 from conftest import ROOT, env
 from inprocess import call
 from test_sweep import sweep_file

@@ -19,11 +19,11 @@ from cifar.config import DataConfig, config_from_dict, load_config
 from cifar.data import (CIFAR100_CLASSES, CIFAR100_MD5, CIFAR100_URL, CLASSES, class_names, load_split, prepare,
                         synthetic_split)
 from cifar.errors import UserError, cli
-from cifar.evaluate_run import evaluate_run, per_class_report
+from cifar.evaluate_cli import evaluate_run, per_class_report
 from cifar.export import main as export_main
 from cifar.models import MODELS, build_model
 from cifar.plots import confusion_png, predictions_figure
-from cifar.predict import predict_images
+from cifar.predict_cli import predict_images
 
 
 def one_line_error(proc) -> str:

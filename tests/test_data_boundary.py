@@ -36,7 +36,7 @@ from cifar.config import DataConfig
 from cifar.data import CIFAR10_MD5, load_split, prepare
 from cifar.errors import Stopped, UserError
 from cifar.models import TutorialNet
-from cifar.predict import read_image
+from cifar.predict_cli import read_image
 from cifar.signals import StopRequest
 
 sys.path.insert(0, ROOT)
@@ -511,7 +511,7 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(huge_png, monkey
         with pytest.raises(UserError, match=f"{path} is 13000x13000 pixels \\(169 megapixels\\), more than the 64 "
                                             f"megapixels predict.py decodes"):
             read_image(str(path))
-        monkeypatch.setattr("cifar.predict.MAX_PIXELS", 10**9)       # Pillow's limit (179 MP) speaks first
+        monkeypatch.setattr("cifar.predict_cli.MAX_PIXELS", 10**9)       # Pillow's limit (179 MP) speaks first
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)
         with pytest.raises(UserError, match=f"{path} has more than 1000 megapixels, the most predict.py decodes "
                                             f"\\(Image size \\(169000000 pixels\\) exceeds limit"):

@@ -9,19 +9,24 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import accelerate.commands.launch
 import pytest
 import yaml
 from conftest import DEBUG, ROOT, env
 
-from cifar import sweep_plan
+from cifar import shipped, sweep_plan
 from cifar.config import load_config
+from cifar.errors import UserError
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))),
         os.path.join(ROOT, "bench", "README.md")]
 SECTIONS = ("model", "data", "optim", "schedule", "train", "checkpoint", "wandb")
 MADE_BY_RUNS = ("bench/results",)        # git-ignored folders that runs create
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:   # cifar-train -> cifar/train_cli.py
+    CONSOLE = {name: "cifar/" + target.split(":")[0].split(".")[1] + ".py"
+               for name, target in tomllib.load(_f)["project"]["scripts"].items()}
 NOT_OURS = {"pip", "squeue", "tail", "scontrol", "scancel", "wandb", "mkdir", "cd", "export", "ls", "cat", "sinfo"}
 
 
@@ -54,7 +59,9 @@ def check_command(cmd: str) -> list[str]:
     if not argv or argv[0] in NOT_OURS:
         return []
     problems, script, recipe, overrides = [], None, None, []
-    if argv[0] == "python":
+    if argv[0] in CONSOLE:                                                 # cifar-train ... as python train.py ...
+        script, rest = CONSOLE[argv[0]], argv[1:]
+    elif argv[0] == "python":
         if argv[1] == "-m":
             module, rest = argv[2], argv[3:]
             if module == "pytest":      # the paths must exist; -n and -m take a value
@@ -66,13 +73,16 @@ def check_command(cmd: str) -> list[str]:
         else:
             script, rest = argv[1], argv[2:]
     elif argv[0:2] == ["accelerate", "launch"]:
-        i = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
+        i = next((i for i, a in enumerate(argv) if a.endswith(".py") or a == "-m"), None)
         if i is None:
             return [f"{cmd}: no script"]
         source = inspect.getsource(accelerate.commands.launch)
         problems += [f"{cmd}: accelerate launch has no {a}" for a in argv[2:i]
                      if a.startswith("--") and f'"{a.split("=")[0]}"' not in source]
-        script, rest = argv[i], argv[i + 1:]
+        if argv[i] == "-m":             # accelerate launch -m cifar.train_cli ...
+            script, rest = argv[i + 1].replace(".", "/") + ".py", argv[i + 2:]
+        else:
+            script, rest = argv[i], argv[i + 1:]
     elif argv[0] == "sbatch":
         i = next(i for i, a in enumerate(argv[1:], 1) if not a.startswith("-"))
         script, rest = argv[i], argv[i + 1:]
@@ -85,9 +95,14 @@ def check_command(cmd: str) -> list[str]:
     if not os.path.isfile(os.path.join(ROOT, script)):
         return [f"{cmd}: no file {script}"]
     source = read(os.path.join(ROOT, script))
+    alias = re.search(r"^from cifar\.(\w+) import main$", source, re.M)
+    if alias:                              # train.py and the others: aliases of cifar/<name>_cli.py's main
+        script = f"cifar/{alias.group(1)}.py"
+        source = read(os.path.join(ROOT, script))
+    sweeps = script in ("slurm/sweep.sbatch", "cifar/sweep.py")
     if script == "slurm/sweep.sbatch":     # its options after the sweep file are cifar.sweep's
         source += read(os.path.join(ROOT, "cifar", "sweep.py"))
-    # flags that an entry point takes from a shared helper (evaluate_run.add_run_arguments): the modules it imports
+    # flags that an entry point takes from a shared helper (trained.add_run_arguments): the modules it imports
     for module in re.findall(r"^from (?:cifar\.|\.)(\w+) import", source, re.M):
         if os.path.isfile(os.path.join(ROOT, "cifar", f"{module}.py")):
             source += read(os.path.join(ROOT, "cifar", f"{module}.py"))
@@ -108,17 +123,26 @@ def check_command(cmd: str) -> list[str]:
             overrides.append(arg.lstrip("-"))
         elif arg.startswith("configs/") and not os.path.exists(os.path.join(ROOT, arg)):
             problems.append(f"{cmd}: no file {arg}")
-        elif arg.startswith("configs/sweeps/"):     # a sweep file: every run it makes must be a valid config
-            try:
-                sweep_plan.plan(sweep_plan.read_sweep(os.path.join(ROOT, arg)), "runs")
+        elif arg.startswith("configs/sweeps/") or (sweeps and not arg.startswith("-") and i == 0):
+            try:                    # a sweep file or a shipped sweep's name: every run it makes must be valid
+                path = os.path.join(ROOT, arg)
+                sweep_plan.plan(sweep_plan.read_sweep(path if os.path.isfile(path) else shipped.sweep_path(arg)),
+                                "runs")
             except Exception as e:  # noqa: BLE001
                 problems.append(f"{cmd}: {e}")
         i += 1
-    if recipe is not None and not os.path.isfile(os.path.join(ROOT, recipe)):
-        problems.append(f"{cmd}: no recipe {recipe}")
-    elif overrides or recipe:
+    if recipe is not None:                  # a file of the checkout, or a shipped recipe's name (--config debug)
+        path = os.path.join(ROOT, recipe)
         try:
-            load_config(os.path.join(ROOT, recipe) if recipe else None, overrides)
+            found = path if os.path.isfile(path) else shipped.recipe_path(recipe)
+        except UserError:
+            found = None
+        if found is None or not os.path.isfile(found):
+            return problems + [f"{cmd}: no recipe {recipe}"]
+        recipe = found
+    if overrides or recipe:
+        try:
+            load_config(recipe, overrides)
         except Exception as e:  # noqa: BLE001 - any refusal is the finding
             problems.append(f"{cmd}: {e}")
     return problems
@@ -180,6 +204,23 @@ def test_the_checkers_catch_what_does_not_exist():
     assert not check_command("sbatch --array=0-3 slurm/sweep.sbatch configs/sweeps/debug-lr-seed.yaml --seed=1")
     assert check_command("sbatch --array=0-3 slurm/sweep.sbatch configs/sweeps/debug-lr-seed.yaml --nope=1")
     assert check_command("python -m pytest -q -n 2 tests/test_nope.py")
+    # the console scripts are checked as the scripts they alias; recipes and sweeps by their shipped names too
+    assert not check_command("cifar-train --config debug optim.lr=0.1 --print-config")
+    assert check_command("cifar-train --config nope")
+    assert check_command("cifar-train --config debug optim.lrr=0.1")
+    assert check_command("cifar-train --config debug --nope")
+    assert check_command("cifar-evaluate --checkpoint runs/<run> --pikc best")
+    assert not check_command("cifar-evaluate --checkpoint runs/<run> --pick best --tta")
+    assert not check_command("cifar-predict --checkpoint runs/<run> cat.png --top-k 3")
+    assert check_command("cifar-predict --checkpoint runs/<run> cat.png --topk 3")
+    assert not check_command("cifar-export --checkpoint runs/<run> --format pt2")
+    assert not check_command("cifar-compare runs/debug-lr-seed --sort best")
+    assert check_command("cifar-compare runs/debug-lr-seed --nope")
+    assert not check_command("cifar-sweep debug-lr-seed --dry-run")
+    assert check_command("cifar-sweep nope-sweep --dry-run")
+    assert check_command("cifar-sweep debug-lr-seed --nope")
+    assert not check_command("accelerate launch --multi_gpu --num_processes 2 -m cifar.train_cli --config debug")
+    assert check_command("accelerate launch --multi_gpu --num_processes 2 -m cifar.train_cli --config nope")
     assert not check_command('python -m pytest -q -n 2 tests -m "not slow"')
     assert not check_command("accelerate launch --multi_gpu --num_processes 2 evaluate.py --checkpoint runs/<run>")
     assert not check_command("CPU=1 sbatch --gpus-per-node=0 slurm/train.sbatch configs/debug.yaml optim.lr=0.1")
@@ -192,8 +233,11 @@ def test_ci_runs_the_readme_install_and_test_commands():
     test = next(c for c in quick if c.startswith("python -m pytest"))
     ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert ci_lines[-1] == test, "the last line of .ci/run must be README's test command, exactly"
-    assert f"python -m {install}" in [line.replace("--quiet ", "") for line in ci_lines], \
-        "CI must install the way README says"
+    assert f"python -m {install}" in [line.replace("--quiet ", "").replace("-c constraints.txt ", "")
+                                      for line in ci_lines], "CI must install the way README says"
+    assert any(line.startswith("python -m pip install") and "-c constraints.txt" in line for line in ci_lines), \
+        "CI must install the exact versions of constraints.txt"
+    assert os.path.isfile(os.path.join(ROOT, "constraints.txt"))
     assert "pytest" in read(os.path.join(ROOT, "pyproject.toml")).split("[project.optional-dependencies]")[1]
     assert len(readme.encode()) <= 12_000, f"README.md is {len(readme.encode())} bytes; move depth to docs/"
 

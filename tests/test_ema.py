@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cifar.checkpoint import verify
 from cifar.errors import cli
-from cifar.evaluate_run import evaluate_run
+from cifar.evaluate_cli import evaluate_run
 from conftest import double_batch_pair, max_diff, read_json, read_jsonl, run, weights
 from inprocess import train_here
 

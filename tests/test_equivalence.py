@@ -8,7 +8,7 @@ from conftest import (ROOT, command, double_batch_pair, env, max_diff, read_json
 from inprocess import train_here
 from dump_device_batches import batches_of
 
-from cifar.evaluate_run import evaluate_run
+from cifar.evaluate_cli import evaluate_run
 
 COMMON = ["--config", "configs/tutorial.yaml", "data.augment=true", "data.num_workers=0", "optim.lr=0.05",
           "train.epochs=2", "train.log_every_steps=1"]

@@ -13,7 +13,7 @@ from dump_device_batches import batches_of
 
 from cifar.config import DataConfig, OptimConfig, ScheduleConfig
 from cifar.data import DeviceBatches, crop_flip, synthetic_split
-from cifar.evaluate_run import evaluate_run
+from cifar.evaluate_cli import evaluate_run
 from cifar.runtime import compile_mode
 from cifar.evaluation import predict
 from cifar.models import FastNet

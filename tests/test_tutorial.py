@@ -27,7 +27,7 @@ from cifar.errors import UserError
 from cifar.export import export
 from cifar.files import read_state_dict
 from cifar.models import build_model
-from cifar.predict import read_image, split_overrides
+from cifar.predict_cli import read_image, split_overrides
 
 
 class Net(nn.Module):

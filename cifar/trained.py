@@ -1,26 +1,19 @@
-"""evaluate.py's work: find a run's weights and config (or take a bare state_dict file, as the tutorial saves one),
-evaluate them exactly, print the tutorial's report, write eval.json and two PNGs, and log to W&B when it is on.
-predict.py and `python -m cifar.export` load their weights the same way (load_run)."""
+"""A trained network for inference, as evaluate.py, predict.py and `python -m cifar.export` all take it: --checkpoint
+(a run folder, a checkpoint, a model.safetensors, or a bare state_dict file as the tutorial saves one) and --pick
+found, its config read and its weights loaded (load_trained)."""
 from __future__ import annotations
 
-import json
 import os
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import Config, load_config, load_saved_config
-from .data import DATASETS, build_batches, dataset_info, num_classes
+from .data import DATASETS, dataset_info, num_classes
 from .errors import UserError
-from .evaluation import evaluate
-from .files import load_fitting, read_state_dict, write_atomic
+from .files import load_fitting, read_state_dict
 from .models import MODELS, head, model_from_config
-from .outputs import to_json
-from .plots import confusion_png, predictions_png
-from .run_folder import (BEST, CHECKPOINTS, CONFIG, CONFUSION_PNG, EMA_WEIGHTS, EVAL, LATEST, PREDICTIONS_PNG, SUMMARY,
-                         WEIGHTS, read_pointer)
-from .runtime import make_accelerator, shut_down
-from .tracking import Tracker, run_info
+from .run_folder import BEST, CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, WEIGHTS, read_pointer
 
 
 def add_run_arguments(parser) -> None:
@@ -124,7 +117,7 @@ def check_saved_dataset(config_path: str, saved: Config, cfg: Config) -> None:
                     f"data.dataset override to evaluate it on {was.title}")
 
 
-def load_run(checkpoint: str, overrides: list[str], pick: str = "auto"):
+def load_trained(checkpoint: str, overrides: list[str], pick: str = "auto"):
     """(config, model with its weights, weights path) for a run folder, a checkpoint, a model.safetensors, or a bare
     PyTorch state_dict file (.pth/.pt). A state_dict comes with no config: it is taken to be the tutorial's Net and
     preprocessing (the config's defaults), which overrides such as model.name=... data.normalize=... change."""
@@ -150,87 +143,3 @@ def bare_state_dict_note(cfg: Config, weights: str) -> str:
     """What a bare state_dict was taken for, and how to say otherwise (its file says nothing of it)."""
     return (f"{os.path.basename(weights)}: a bare PyTorch state_dict, taken as model.name={cfg.model.name} with "
             f"data.normalize={cfg.data.normalize} (pass model.name=... data.normalize=... if it is another)")
-
-
-def trained_run(weights: str) -> tuple[str | None, int | None]:
-    """(W&B run id, global step) of the training that produced these weights, when it says."""
-    folder = os.path.dirname(weights)
-    for name, pick in (("state.json", lambda d: d["state"]), (SUMMARY, lambda d: d)):
-        try:
-            with open(os.path.join(folder, name)) as f:
-                record = pick(json.load(f))
-            return record.get("wandb_run_id"), record.get("step", record.get("steps"))
-        except (OSError, ValueError, KeyError):
-            continue
-    return None, None
-
-
-def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: str | None,
-                 preview: int = 16, pick: str = "auto", into_train_run: bool = False) -> dict:
-    """Exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run (job_type eval,
-    in the recipe's group) or, with into_train_run, the training run itself."""
-    cfg, model, weights = load_run(checkpoint, overrides, pick)
-    bare = is_state_dict_file(weights)
-    accelerator = make_accelerator(cfg)
-    _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
-    model = accelerator.prepare(model)
-    result = evaluate(model, test_batches, accelerator, tta=tta, samples=preview, top_k=cfg.train.top_k)
-    run_id, step = (None, None) if bare else trained_run(weights)
-    images, labels, preds = result.samples or (None, [], [])   # None: no test image on this rank
-    ema = os.path.basename(weights) == EMA_WEIGHTS
-    report = {"checkpoint": weights, "weights": "ema" if ema else "trained", "step": step, "tta": tta,
-              "world_size": accelerator.num_processes,
-              "model": cfg.model.name, "normalize": cfg.data.normalize, "dataset": cfg.data.dataset,
-              "accuracy": result.accuracy, "loss": result.loss, "count": result.count, "top_k": result.top_k,
-              **result.top_k_entry("accuracy"),
-              "per_class": result.per_class, "confusion": result.confusion,
-              # the images predictions.png shows: the main process's first ones, test images 0, w, 2w, ... of its
-              # shard (w processes), so that a single image's prediction can be checked against predict.py
-              "samples": [{"index": i * accelerator.num_processes, "label": label, "predicted": pred}
-                          for i, (label, pred) in enumerate(zip(labels, preds))]}
-    if accelerator.is_main_process:
-        out = output_dir or os.path.dirname(weights)
-        os.makedirs(out, exist_ok=True)
-        if bare:
-            print(bare_state_dict_note(cfg, weights))
-        if ema:
-            print(f"the moving average of the weights (train.ema), {weights}")
-        print(per_class_report(result.count, result.accuracy, result.per_class))
-        write_atomic(os.path.join(out, EVAL), (to_json(report) + "\n").encode())
-        name = os.path.basename(weights) if bare else cfg.name + (" (moving average)" if ema else "")
-        title = f"{name}: {result.accuracy:.2f}% on {result.count} test images" + (
-            f" ({tta} TTA)" if tta != "none" else "")
-        classes = list(result.per_class)
-        confusion_png(result.confusion, os.path.join(out, CONFUSION_PNG), title, classes)
-        predictions_png(images, labels, preds, os.path.join(out, PREDICTIONS_PNG), classes=classes)
-        print(f"wrote {out}/{EVAL}, {CONFUSION_PNG}, {PREDICTIONS_PNG}")
-        report["output_dir"] = out
-
-        tracker = Tracker.start(cfg, output_dir=out, enabled=True, job_type="eval",
-                                run_id=run_id if into_train_run else None, extra=run_info(cfg, accelerator))
-        prefix = "eval/" if tta == "none" else f"eval_{tta}/"
-        tracker.log({"step": step or 0, **result.as_row(prefix), f"{prefix}checkpoint": weights})
-        tracker.log_eval(step or 0, result.confusion, images, labels, preds, classes=classes)
-        tracker.summary({f"{prefix}acc": result.accuracy, f"{prefix}loss": result.loss,
-                         **result.top_k_entry(f"{prefix}acc")})
-        tracker.finish(0)
-    shut_down(accelerator)
-    return report
-
-
-LIST_ALL_UP_TO = 20     # classes; above, the report shows the best and worst TOP_K (eval.json has them all)
-TOP_K = 10
-
-
-def per_class_report(count: int, accuracy: float, per_class: dict[str, float]) -> str:
-    """The tutorial's lines: overall accuracy, then each class's; with more than LIST_ALL_UP_TO classes
-    (CIFAR-100), the TOP_K best and the TOP_K worst classes instead of all of them."""
-    lines = [f"Accuracy of the network on the {count} test images: {accuracy:.2f} %"]
-    if len(per_class) <= LIST_ALL_UP_TO:
-        return "\n".join(lines + [f"Accuracy of {name:>5s} : {acc:5.1f} %" for name, acc in per_class.items()])
-    ranked = sorted(per_class.items(), key=lambda kv: -kv[1])      # stable: ties keep label order
-    width = max(map(len, per_class))
-    for what, rows in ((f"best {TOP_K}", ranked[:TOP_K]), (f"worst {TOP_K}", ranked[-TOP_K:][::-1])):
-        lines.append(f"The {what} of {len(per_class)} classes (all in eval.json):")
-        lines += [f"Accuracy of {name:>{width}s} : {acc:5.1f} %" for name, acc in rows]
-    return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""predict.py's work: a trained network on a person's own image files (the tutorial reader's next step: a photo of
+"""predict.py's work (`cifar-predict`), the twin of cifar/evaluate_cli.py: a trained network on a person's own image files (the tutorial reader's next step: a photo of
 their cat). Each file is read with Pillow, made RGB, brought to 32x32 as torchvision's Resize(32) + CenterCrop(32)
 do (CIFAR-10 networks only ever saw 32-pixel images), normalised as the run was, and its top-k classes printed as a
 table, or as JSON, or drawn in a grid. A file that is not an image is one `error:` line; the others are predicted."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -20,11 +21,11 @@ from rich.table import Table
 
 from . import evaluation
 from .data import class_names, normalize
-from .errors import UserError
+from .errors import UserError, cli, exit_as_command
 from .files import refuse_non_file
-from .evaluate_run import bare_state_dict_note, is_state_dict_file, load_run
 from .plots import grid_png
 from .runtime import make_accelerator
+from .trained import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_trained
 
 SIZE = 32                 # what a CIFAR-10 network takes
 EXIT_SOME_FAILED = 1      # some inputs were not images (each named on an error line); the rest were predicted
@@ -188,7 +189,7 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
         if not os.path.isdir(os.path.dirname(os.path.abspath(grid))):
             raise UserError(f"--grid {grid}: its folder does not exist; create it or pass another path")
         refuse_non_file(grid)   # before the work, not after it
-    cfg, model, weights = load_run(checkpoint, overrides, pick)
+    cfg, model, weights = load_trained(checkpoint, overrides, pick)
     classes = class_names(cfg.data)
     if top_k > len(classes):
         raise UserError(f"--top-k must be between 1 and {len(classes)} (the run's classes); got {top_k}")
@@ -245,3 +246,42 @@ def print_table(rows: list[dict], top_k: int) -> None:
         table.add_row(row["image"], *(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"]))
     console.print(table)
     console.print(NOTE, soft_wrap=True, highlight=False)
+
+
+USAGE = """Predict the classes of your own images with a trained run: the top-k classes and their probabilities per image.
+
+    python predict.py --checkpoint runs/<run> cat.jpg photos/ [--top-k 3] [--json] [--grid grid.png]
+    python predict.py --checkpoint cifar_net.pth cat.jpg      # the tutorial's state_dict
+    python predict.py --checkpoint cifar_net.pth cat.jpg data.normalize=cifar   # overrides: section.key=value
+
+Any image file Pillow reads (PNG, JPEG, ...; grayscale, palette and transparent images made RGB), any size: each is
+resized to 32 pixels on its shorter side and center-cropped to 32x32, as CIFAR-10 networks see them. Runs on the GPU
+when there is one. Exit status: 0; 1 when some inputs were not images (each named on an `error:` line, the others
+predicted); 2 for a bad checkpoint or option.
+"""
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files, or folders whose files are all read")
+    parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+    parser.add_argument("--grid", metavar="PNG", help="also draw the images (the first 64) as the network saw "
+                                                      "them, with their top class, into this PNG (.png is added to "
+                                                      "a name without it; a folder gets predictions.png)")
+    args, extra = parser.parse_known_args(argv)
+    paths, overrides = split_overrides(args.images)
+    return predict_images(args.checkpoint, paths, extra + overrides, args.top_k, args.json, args.grid, args.pick)
+
+
+def command() -> None:
+    """The `cifar-predict` console script: main(), then the process exits with its status (a rank of a multi-process run
+    without interpreter finalization: errors.exit_as_command)."""
+    exit_as_command(main)
+
+
+if __name__ == "__main__":
+    exit_as_command(main)
