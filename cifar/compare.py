@@ -43,7 +43,7 @@ import yaml
 
 from . import compare_output, compare_plot, yaml_io
 from .compare_output import MISSING, show, state_counts
-from .compare_runs import Run, load_run, run_folders  # noqa: F401 - load_run: part of this module's API
+from .compare_runs import RunRecord, read_run, run_folders
 from .errors import UserError, cli
 
 OUTCOMES = ("best", "final", "time", "steps", "status")
@@ -72,13 +72,13 @@ def canon(value) -> str:
     return "\0-" if value is MISSING else json.dumps(value, sort_keys=True, default=str)
 
 
-def seed_id(run: Run) -> str:
+def seed_id(run: RunRecord) -> str:
     """Every setting but the seed: runs with the same one are repeats of one experiment."""
     return canon({k: v for k, v in run.settings.items() if k != "seed"})
 
 
-def seed_groups(runs: list[Run]) -> list[list[Run]]:
-    groups: dict[str, list[Run]] = {}
+def seed_groups(runs: list[RunRecord]) -> list[list[RunRecord]]:
+    groups: dict[str, list[RunRecord]] = {}
     for run in runs:
         groups.setdefault(seed_id(run), []).append(run)
     return list(groups.values())
@@ -87,7 +87,7 @@ def seed_groups(runs: list[Run]) -> list[list[Run]]:
 @dataclass
 class Row:
     """A table row and a plotted series: one run, or (by seed) the runs that share every setting but the seed."""
-    runs: list[Run]
+    runs: list[RunRecord]
     label: str = ""
     color: str = ""
 
@@ -127,7 +127,7 @@ class Where:
             raise UserError(f"--where {spec!r}: write KEY=VALUE or KEY!=VALUE, e.g. --where optim.lr=0.01")
         return cls(match[1], match[3].strip(), match[2] == "!=")
 
-    def holds(self, run: Run, metric: str) -> bool:
+    def holds(self, run: RunRecord, metric: str) -> bool:
         value = Row([run]).value(self.key, metric)
         try:
             wanted = yaml_io.safe_load(self.text, f"--where {self.key}", yaml_io.VALUE_CHARS)
@@ -143,7 +143,7 @@ class Where:
         return same != self.negate
 
 
-def check_key(key: str, runs: list[Run], flag: str) -> None:
+def check_key(key: str, runs: list[RunRecord], flag: str) -> None:
     known = {k for run in runs for k in run.settings} | set(OUTCOMES)
     if key not in known:
         close = difflib.get_close_matches(key, sorted(known), n=3)
@@ -152,7 +152,7 @@ def check_key(key: str, runs: list[Run], flag: str) -> None:
                         f"overrides write it (optim.lr), processes, or one of {', '.join(OUTCOMES)}")
 
 
-def split_settings(runs: list[Run], by_seed: bool) -> tuple[dict, list[str]]:
+def split_settings(runs: list[RunRecord], by_seed: bool) -> tuple[dict, list[str]]:
     """(settings all runs share, keys whose value differs): the second are the table's columns."""
     shared, differing = {}, []
     for key in dict.fromkeys(k for run in runs for k in run.settings):
@@ -180,20 +180,20 @@ class View:
         return list(dict.fromkeys([self.metric, other, "train/loss"]))
 
 
-def load_runs(args: list[str]) -> list[Run]:
+def load_runs(args: list[str]) -> list[RunRecord]:
     """Every run the arguments name, once each (a glob and a name may both name one), in argument order."""
     folders: dict[str, str] = {}
     for arg in args:
         for path in run_folders(arg):
             folders.setdefault(os.path.realpath(path), path)
-    runs = [load_run(path) for path in folders.values()]
+    runs = [read_run(path) for path in folders.values()]
     if len({r.name for r in runs}) < len(runs):  # same folder name under different parents: show the paths
         for run in runs:
             run.name = os.path.normpath(run.path)
     return runs
 
 
-def select(loaded: list[Run], args: argparse.Namespace) -> list[Run]:
+def select(loaded: list[RunRecord], args: argparse.Namespace) -> list[RunRecord]:
     """The runs --where keeps; refuses unknown keys (in --sort too) and a filter that keeps none."""
     wheres = [Where.parse(spec) for spec in args.where]
     for key, flag in [(w.key, "--where") for w in wheres] + ([(args.sort.lstrip("-"), "--sort")] if args.sort else []):
@@ -210,7 +210,8 @@ def select(loaded: list[Run], args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def make_rows(runs: list[Run], loaded: list[Run], by_seed: bool, differing: list[str], metric: str) -> list[Row]:
+def make_rows(runs: list[RunRecord], loaded: list[RunRecord], by_seed: bool, differing: list[str],
+              metric: str) -> list[Row]:
     """A row per run, or per seed group, with its label and colour. Colours are dealt over every run given, before
     --where, in sorted order: a run (or group) keeps its colour whatever the order, --sort or --where."""
     rows = [Row(group) for group in seed_groups(runs)] if by_seed else [Row([run]) for run in runs]
@@ -233,7 +234,7 @@ def build(args: argparse.Namespace) -> View:
                 also=top_k_metrics(runs, args.metric))
 
 
-def top_k_metrics(runs: list[Run], metric: str) -> list[str]:
+def top_k_metrics(runs: list[RunRecord], metric: str) -> list[str]:
     """The top-k accuracies (test/acc_top5) any run logged, --metric aside: a column each. Runs from before
     train.top_k show "-" there."""
     logged = {k for run in runs for row in run.epochs() for k in row if re.fullmatch(r"test/acc_top\d+", k)}

@@ -8,6 +8,7 @@ import statistics
 import sys
 from collections import Counter
 
+from .console import cell
 from .run_folder import STATES
 
 
@@ -32,10 +33,6 @@ def show(value) -> str:
     return str(value)
 
 
-def cell(value, fmt: str = "{}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def state_counts(runs) -> str:
     """'2 finished, 1 failed', in the order of STATES."""
     counts = Counter(run.state for run in runs)
@@ -43,7 +40,7 @@ def state_counts(runs) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in order)
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_and_stdev(values: list[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1; none for a single value)."""
     if not values:
         return None, None
@@ -72,7 +69,7 @@ def record(row, view) -> tuple[dict, dict]:
     for key, header, fmt, unit in (("best", f"best {metric}", form, ""), ("final", f"final {metric}", form, ""),
                                    *also, ("time", "time", "{:.1f}", "s")):
         values = [run.outcome(key)["final"] if key in view.also else o[key] for o, run in zip(outcomes, row.runs)]
-        mean, std = mean_std([v for v in values if v is not None])  # the runs that have a value
+        mean, std = mean_and_stdev([v for v in values if v is not None])  # the runs that have a value
         raw[key], raw[f"{key}_std"] = mean, std
         text[header] = "-" if mean is None else fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None
                                                                     else "") + unit

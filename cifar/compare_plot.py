@@ -1,7 +1,8 @@
 """python -m cifar.compare's PNG: a figure of the rows' curves (figure), written by save.
 
-A row is duck-typed: .label, .color and .runs (cifar.compare_runs.Run: .curve(metric), .state). Matplotlib is imported
-only when a figure is drawn, and through Figure rather than pyplot: no global figure state, nothing to close."""
+A row is duck-typed: .label, .color and .runs (cifar.compare_runs.RunRecord: .curve(metric), .state). Matplotlib is
+imported only when a figure is drawn, and through Figure rather than pyplot: no global figure state, nothing to
+close."""
 from __future__ import annotations
 
 import os

@@ -13,13 +13,16 @@ import yaml
 
 from . import run_folder, yaml_io
 from .errors import UserError
+from .nested import flatten
 from .run_folder import CONFIG, METRICS, read_status, read_summary
 
 IGNORED = {"output_dir", "wandb.name", "wandb.tags", "wandb.notes"}  # name a run; they do not change what it does
 
 
 @dataclass
-class Run:
+class RunRecord:
+    """What a finished or running run folder records (config, summary, metrics rows, status), as compare reads it;
+    engine.Run is a training in progress, sweep_plan.PlannedRun one a sweep will make."""
     path: str
     name: str
     config: dict
@@ -63,22 +66,11 @@ class Run:
                 "images_per_sec": s.get("images_per_sec", epochs[-1].get("images_per_sec") if epochs else None)}
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: the keys overrides use."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def settings_of(run: Run) -> dict:
+def settings_of(run: RunRecord) -> dict:
     """The flattened config without the keys that only name the run, plus `processes`: the same recipe on 2
     processes (twice the global batch) is another experiment. summary.json has it once finished, status.json while
     running; a failed run's status.json does not, its newest checkpoint does."""
-    settings = {k: v for k, v in flatten(run.config).items() if k not in IGNORED}
+    settings = {k: v for k, v in flatten(run.config, ".", keep_none=True).items() if k not in IGNORED}
     for read in (lambda: run.summary, lambda: run.status, lambda: run_folder.latest_state(run.path)):
         if isinstance(processes := (read() or {}).get("world_size"), int):
             settings["processes"] = processes
@@ -86,7 +78,8 @@ def settings_of(run: Run) -> dict:
     return settings
 
 
-def load_run(path: str) -> Run:
+def read_run(path: str) -> RunRecord:
+    """A run folder's records (trained.load_trained is the other reader: a run's network, for inference)."""
     config_path = os.path.join(path, CONFIG)
     if not os.path.isfile(config_path):
         raise UserError(f"{path} is not a run folder (no config.yaml); pass folders written by train.py, "
@@ -110,7 +103,7 @@ def load_run(path: str) -> Run:
                 if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
                     rows.append(row)
     name = os.path.basename(os.path.normpath(os.path.abspath(path)))
-    run = Run(path, name, config, read_summary(path), rows, read_status(path), state=run_folder.state(path))
+    run = RunRecord(path, name, config, read_summary(path), rows, read_status(path), state=run_folder.state(path))
     run.settings = settings_of(run)
     return run
 
@@ -132,4 +125,4 @@ def run_folders(arg: str) -> list[str]:
         if not found:
             raise UserError(f"{arg} matches no run folder; check the pattern (quote it, e.g. 'runs/debug-*')")
         return found
-    return _runs_in(arg) or [arg]  # not a run folder: load_run says so
+    return _runs_in(arg) or [arg]  # not a run folder: read_run says so

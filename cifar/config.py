@@ -19,6 +19,7 @@ import yaml
 from . import yaml_io
 from .errors import UserError, shorten
 from .models import MODELS, check_name
+from .nested import flatten
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
 from .shipped import recipe_path
@@ -159,18 +160,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def flatten(tree: dict, sep: str = "/", prefix: str = "") -> dict:
-    """Nested dicts to one level: {"test/per_class": {"cat": 50.0}} -> {"test/per_class/cat": 50.0} (W&B's
-    keys) or, with sep=".", a config's dotted keys. None values are dropped."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
-        elif value is not None:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- loading

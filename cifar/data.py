@@ -40,9 +40,6 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-FOLDER = "cifar-10-batches-py"
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_FILES = ["test_batch"]
 # CIFAR-100's 100 fine classes in label order, as its `meta` file lists them (fine_label_names): the names of
 # synthetic CIFAR-100 data, and of a run's classes when the meta file is not at hand (predict.py on another machine).
 CIFAR100_CLASSES = (
@@ -81,7 +78,8 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "cifar10": DatasetInfo("cifar10", "CIFAR-10", FOLDER, tuple(TRAIN_FILES), tuple(TEST_FILES), "labels",
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10", "cifar-10-batches-py",
+                           tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels",
                            "batches.meta", "label_names", CIFAR10_URL, CIFAR10_MD5, "CIFAR10_URL", "CIFAR10_MD5",
                            CLASSES),
     "cifar100": DatasetInfo("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels",
@@ -332,9 +330,6 @@ def _bounded_members(tar: tarfile.TarFile, info: DatasetInfo, archive: str) -> l
                             f"MiB under {info.folder}/, far more than {info.title}; delete it and download the "
                             f"official one")
     return members
-
-
-prepare_cifar10 = prepare   # the name it had when there was one dataset
 
 
 def synthetic_split(n: int, train: bool, classes: int = len(CLASSES)) -> Split:

@@ -135,8 +135,8 @@ def main(argv=None):
 
 
 def command() -> None:
-    """The `cifar-evaluate` console script: main(), then the process exits with its status (a rank of a multi-process run
-    without interpreter finalization: errors.exit_as_command)."""
+    """The `cifar-evaluate` console script: main(), then the process exits with its status (a rank of a multi-process
+    run without interpreter finalization: errors.exit_as_command)."""
     exit_as_command(main)
 
 

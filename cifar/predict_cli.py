@@ -1,7 +1,8 @@
-"""predict.py's work (`cifar-predict`), the twin of cifar/evaluate_cli.py: a trained network on a person's own image files (the tutorial reader's next step: a photo of
-their cat). Each file is read with Pillow, made RGB, brought to 32x32 as torchvision's Resize(32) + CenterCrop(32)
-do (CIFAR-10 networks only ever saw 32-pixel images), normalised as the run was, and its top-k classes printed as a
-table, or as JSON, or drawn in a grid. A file that is not an image is one `error:` line; the others are predicted."""
+"""predict.py's work (`cifar-predict`), the twin of cifar/evaluate_cli.py: a trained network on a person's own image
+files (the tutorial reader's next step: a photo of their cat). Each file is read with Pillow, made RGB, brought to
+32x32 as torchvision's Resize(32) + CenterCrop(32) do (CIFAR-10 networks only ever saw 32-pixel images), normalised
+as the run was, and its top-k classes printed as a table, or as JSON, or drawn in a grid. A file that is not an
+image is one `error:` line; the others are predicted."""
 from __future__ import annotations
 
 import argparse
@@ -217,7 +218,7 @@ def predict_images(checkpoint: str, paths: list[str], overrides: list[str], top_
     elif rows:
         if is_state_dict_file(weights):
             print(bare_state_dict_note(cfg, weights))
-        print_table(rows, top_k)
+        print_predictions(rows, top_k)
     if grid and rows:
         shown = rows[:GRID_MAX]
         images = torch.stack([r[1] for r in read[:GRID_MAX]]).float().div(255).numpy()
@@ -237,7 +238,7 @@ def grid_path(grid: str) -> str:
     return grid if grid.lower().endswith(".png") else grid + ".png"
 
 
-def print_table(rows: list[dict], top_k: int) -> None:
+def print_predictions(rows: list[dict], top_k: int) -> None:
     console = RichConsole()
     if not console.is_terminal:          # a pipe or a log: wide enough that paths are not folded
         console = RichConsole(width=200)
@@ -248,7 +249,8 @@ def print_table(rows: list[dict], top_k: int) -> None:
     console.print(NOTE, soft_wrap=True, highlight=False)
 
 
-USAGE = """Predict the classes of your own images with a trained run: the top-k classes and their probabilities per image.
+USAGE = """Predict the classes of your own images with a trained run: the top-k classes and their probabilities per
+image.
 
     python predict.py --checkpoint runs/<run> cat.jpg photos/ [--top-k 3] [--json] [--grid grid.png]
     python predict.py --checkpoint cifar_net.pth cat.jpg      # the tutorial's state_dict
@@ -278,8 +280,8 @@ def main(argv=None):
 
 
 def command() -> None:
-    """The `cifar-predict` console script: main(), then the process exits with its status (a rank of a multi-process run
-    without interpreter finalization: errors.exit_as_command)."""
+    """The `cifar-predict` console script: main(), then the process exits with its status (a rank of a multi-process
+    run without interpreter finalization: errors.exit_as_command)."""
     exit_as_command(main)
 
 

@@ -1,6 +1,7 @@
 """The recipes and sweep files shipped inside the package (cifar/recipes/, cifar/recipes/sweeps/), found by name:
 `--config tutorial` or `--config tutorial.yaml` from any folder, an installed wheel too. A path that names a file
-is that file; a bare name with nothing of that name here is a shipped one, and an unknown name is one line listing them."""
+is that file; a bare name with nothing of that name here is a shipped one, and an unknown name is one line listing
+them."""
 import os
 
 from .errors import UserError, shorten

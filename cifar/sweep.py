@@ -7,12 +7,12 @@
     wandb sweep configs/sweeps/debug-lr-seed.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID
 
 The file is a W&B sweep configuration (method grid or random, parameters named as config keys: `optim.lr`, `seed`,
-or nested as W&B allows); its `command` names the recipe (`--config X`: a shipped name or a file) and passes the parameters with
-${args_no_hyphens} or ${args}. Run i of the list goes to RUNS_DIR/<sweep name>/<i>-<key=value,...>/, in the W&B group
-named after the sweep and tagged with its parameters. Random search draws its points from --seed, so the list is
-the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints. Two sweeps of
-one file (two terminals, two machines on a shared disk) share the work: a run whose folder the other holds is
-skipped as "running elsewhere", one it finished as "ran elsewhere"; none runs twice.
+or nested as W&B allows); its `command` names the recipe (`--config X`: a shipped name or a file) and passes the
+parameters with ${args_no_hyphens} or ${args}. Run i of the list goes to RUNS_DIR/<sweep name>/<i>-<key=value,...>/,
+in the W&B group named after the sweep and tagged with its parameters. Random search draws its points from --seed,
+so the list is the same every time. A rerun skips finished runs and resumes interrupted ones from their checkpoints.
+Two sweeps of one file (two terminals, two machines on a shared disk) share the work: a run whose folder the other
+holds is skipped as "running elsewhere", one it finished as "ran elsewhere"; none runs twice.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
 from .run_folder import CONFIG, FINISHED, RUNNING, STATUS, describe_holder, holder, read_summary
 from .shipped import sweep_path
-from .sweep_plan import Run, Sweep, plan, read_sweep
+from .sweep_plan import PlannedRun, Sweep, plan, read_sweep
 
 # A run is train.py's command (cifar-train) in a process of its own, from the package this sweep runs from: no
 # checkout's train.py needed (an installed wheel has none)
@@ -41,15 +41,15 @@ LISTED = 1000   # rows of --dry-run's table and of the summary: a bigger sweep's
 
 # ----------------------------------------------------------------------------- state of a run folder
 
-def state(run: Run) -> str:
+def run_state(run: PlannedRun) -> str:
     """The run folder's state (cifar/run_folder.py): new, running, stopped, finished, failed, save-failed, killed."""
     return run_folder.state(run.folder)
 
 
-def elsewhere(run: Run) -> tuple[str, str] | None:
+def elsewhere(run: PlannedRun) -> tuple[str, str] | None:
     """(outcome, detail) when another process (another sweep of this file) holds the run or finished it meanwhile;
     None when it is this sweep's to run."""
-    now = state(run)
+    now = run_state(run)
     if now == RUNNING:
         return "running elsewhere", f"held by {describe_holder(holder(run.folder))}"
     if now == FINISHED:
@@ -57,7 +57,7 @@ def elsewhere(run: Run) -> tuple[str, str] | None:
     return None
 
 
-def changed(run: Run, sweep: Sweep) -> str | None:
+def changed(run: PlannedRun, sweep: Sweep) -> str | None:
     """How a finished run's saved config differs from what the sweep asks for now (None: the same)."""
     try:
         saved = flatten(load_saved_config(os.path.join(run.folder, CONFIG)).to_dict(), ".")
@@ -68,7 +68,7 @@ def changed(run: Run, sweep: Sweep) -> str | None:
     return ", ".join(f"{k}: {shorten(saved.get(k))} -> {shorten(wanted.get(k))}" for k in diff[:3]) or None
 
 
-def best_acc(run: Run) -> str:
+def best_acc(run: PlannedRun) -> str:
     try:
         return f"{(read_summary(run.folder) or {})['best_test_acc']:.2f}"
     except (KeyError, TypeError, ValueError):
@@ -107,11 +107,11 @@ class Runner:
     comes. A run whose config does not check fails without starting. SIGINT/SIGTERM: the running ones save a
     checkpoint and stop (a rerun resumes them), and no new one starts."""
 
-    def __init__(self, runs: Iterable[Run], parallel: int, log_dir: str | None):
+    def __init__(self, runs: Iterable[PlannedRun], parallel: int, log_dir: str | None):
         self.runs, self.parallel, self.log_dir = runs, parallel, log_dir
         self.stopping = False
         self.left_runs = False
-        self.active: dict[int, tuple[Run, subprocess.Popen, float]] = {}   # slot -> (run, process, start)
+        self.active: dict[int, tuple[PlannedRun, subprocess.Popen, float]] = {}   # slot -> (run, process, start)
         self.last_error: dict[int, str] = {}                               # index -> its last `error:` line
         self.relays: dict[int, threading.Thread] = {}
         self.results: dict[int, tuple[str, str]] = {}                      # index -> (outcome, detail)
@@ -145,7 +145,7 @@ class Runner:
                 signal.signal(s, handler)
         return self.results
 
-    def _next(self, queue: Iterator[Run]) -> Run | None:
+    def _next(self, queue: Iterator[PlannedRun]) -> PlannedRun | None:
         """The next run that can start; one whose config does not check is failed here, never started."""
         for run in queue:
             if not run.problem:
@@ -153,18 +153,18 @@ class Runner:
             self._record(run, "failed (config)", run.problem)
         return None
 
-    def _skip_if_elsewhere(self, run: Run) -> bool:
+    def _skip_if_elsewhere(self, run: PlannedRun) -> bool:
         found = elsewhere(run)
         if found:
             self._record(run, *found)
         return found is not None
 
-    def _record(self, run: Run, outcome: str, detail: str) -> None:
+    def _record(self, run: PlannedRun, outcome: str, detail: str) -> None:
         self.results[run.index] = (outcome, detail)
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: {outcome}" +
                  (f": {detail}" if detail else ""))
 
-    def _start(self, run: Run, slot: int):
+    def _start(self, run: PlannedRun, slot: int):
         log.info(f"sweep: run {run.index} {os.path.basename(run.folder)}: starting")
         command = [*TRAIN, *run.args]
         if self.log_dir:  # several at once: each to its own log
@@ -178,17 +178,17 @@ class Runner:
             self.relays[run.index].start()
         return run, proc, time.monotonic()
 
-    def _log(self, run: Run) -> str:
+    def _log(self, run: PlannedRun) -> str:
         return os.path.join(self.log_dir, f"{os.path.basename(run.folder)}.log")
 
-    def _relay(self, run: Run, stream) -> None:
+    def _relay(self, run: PlannedRun, stream) -> None:
         for line in stream:
             sys.stderr.write(line)
             sys.stderr.flush()
             if line.startswith("error: "):
                 self.last_error[run.index] = line[7:].strip()
 
-    def _error_line(self, run: Run) -> str:
+    def _error_line(self, run: PlannedRun) -> str:
         """The run's own `error:` line: from status.json, else its log or stderr."""
         if run_folder.failure(run.folder):
             return run_folder.failure(run.folder)
@@ -244,8 +244,8 @@ def slurm_line(sweep: Sweep, n: int, parallel: int | None, extra: list[str]) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cifar.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", metavar="SWEEP.yaml", help="a W&B sweep file, or a shipped sweep's name (debug-lr-seed: "
-                                                              "cifar/recipes/sweeps/)")
+    parser.add_argument("sweep", metavar="SWEEP.yaml",
+                        help="a W&B sweep file, or a shipped sweep's name (debug-lr-seed: cifar/recipes/sweeps/)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, their folders and state; run nothing")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="runs at once (each with its share of the CPU cores, and a GPU of its own when there "
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(runs)} run(s), method {sweep.method}, recipe {sweep.recipe or '(defaults)'}")
         listed = list(itertools.islice(runs, LISTED))
-        _table([(r.index, r.folder, "bad config" if r.problem else state(r), " ".join(r.args)) for r in listed],
+        _table([(r.index, r.folder, "bad config" if r.problem else run_state(r), " ".join(r.args)) for r in listed],
                ("#", "folder", "state", "train.py arguments"))
         for run in listed:
             if run.problem:
@@ -313,12 +313,12 @@ def main(argv=None) -> None:
         sys.exit(EXIT_RESUMABLE)
 
 
-def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str], since: float) -> Iterator[Run]:
+def _to_run(runs: Iterable[PlannedRun], sweep: Sweep, skipped: dict[int, str], since: float) -> Iterator[PlannedRun]:
     """The runs to start, each looked at when the runner asks for it: those finished before `since` (this sweep's
     start) are skipped and recorded in `skipped`; the runner skips one that another process holds, or finished
     meanwhile ("ran elsewhere"), when its turn comes."""
     for run in runs:
-        if state(run) == FINISHED and os.path.getmtime(os.path.join(run.folder, STATUS)) < since:
+        if run_state(run) == FINISHED and os.path.getmtime(os.path.join(run.folder, STATUS)) < since:
             why = changed(run, sweep)
             if why:
                 warn(f"sweep: run {run.index} finished with another config ({why}); kept as it is: move "
@@ -329,7 +329,7 @@ def _to_run(runs: Iterable[Run], sweep: Sweep, skipped: dict[int, str], since: f
             yield run      # the runner skips it if another process holds it when its turn comes
 
 
-def _outcome(run: Run, results: dict[int, tuple[str, str]], skipped: dict[int, str]) -> tuple[str, str]:
+def _outcome(run: PlannedRun, results: dict[int, tuple[str, str]], skipped: dict[int, str]) -> tuple[str, str]:
     if run.index in results:
         return results[run.index]
     if run.index in skipped:

@@ -52,7 +52,7 @@ class Sweep:
 
 
 @dataclass
-class Run:
+class PlannedRun:
     index: int
     params: dict[str, Any]                   # dotted config key -> value
     folder: str
@@ -68,7 +68,8 @@ def read_sweep(path: str) -> Sweep:
         with open(path) as f:
             raw = yaml_io.safe_load(f, f"sweep file {path}")
     except FileNotFoundError:
-        raise UserError(f"sweep file {path} not found; pass a sweep file, or a shipped sweep's name such as debug-lr-seed")
+        raise UserError(f"sweep file {path} not found; pass a sweep file, or a shipped sweep's name such as "
+                        f"debug-lr-seed")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read sweep file {path} ({getattr(e, 'strerror', None) or e}); pass a YAML file")
     except yaml.YAMLError as e:
@@ -189,7 +190,7 @@ def _check_spec(key: str, spec: dict, method: str, where: str) -> None:
     if "probabilities" in spec:
         p = spec["probabilities"]
         if not isinstance(p, list) or len(p) != len(spec.get("values", [])) or \
-                not all(_number(x) and x >= 0 for x in p) or not math.isclose(sum(p), 1.0):
+                not all(_is_number(x) and x >= 0 for x in p) or not math.isclose(sum(p), 1.0):
             raise UserError(f"{where}: parameter {key}: probabilities must be numbers >= 0, one per value, summing "
                             f"to 1")
 
@@ -198,7 +199,7 @@ def _check_numbers(key: str, spec: dict, where: str) -> None:
     """min, max, mu, sigma and q are finite numbers; q (the step draws are rounded to) > 0, sigma >= 0; draws that
     are exponents cannot overflow a float. One line each, before anything is drawn."""
     for name in ("min", "max", "mu", "sigma", "q"):
-        if name in spec and not (_number(spec[name]) and math.isfinite(spec[name])):
+        if name in spec and not (_is_number(spec[name]) and math.isfinite(spec[name])):
             raise UserError(f"{where}: parameter {key}: {name} must be a finite number; got {shorten(spec[name])}")
     if spec.get("q", 1) <= 0:
         raise UserError(f"{where}: parameter {key}: q, the step its draws are rounded to, must be > 0; got "
@@ -214,7 +215,7 @@ def _check_numbers(key: str, spec: dict, where: str) -> None:
                         f"{MAX_EXPONENT:.2f}: its numbers are natural logs (log_uniform_values takes the values)")
 
 
-def _number(x) -> bool:
+def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -326,7 +327,7 @@ def _same(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def show(value) -> str:
+def tag_value(value) -> str:
     """A parameter value as it appears in folder names and tags: short, and the same for the same value."""
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -357,18 +358,18 @@ class Plan:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> Run:
+    def __getitem__(self, index: int) -> PlannedRun:
         if not 0 <= index < self.size:
             raise IndexError(index)
         return self._run(index, point(self.sweep, index, self.seed))
 
-    def __iter__(self) -> Iterator[Run]:
+    def __iter__(self) -> Iterator[PlannedRun]:
         return (self._run(i, p) for i, p in enumerate(expand(self.sweep, self.seed)))
 
-    def _run(self, i: int, point: dict) -> Run:
+    def _run(self, i: int, point: dict) -> PlannedRun:
         """Run i with its folder and train.py arguments, its config built and checked."""
         sweep = self.sweep
-        label = ",".join(f"{k}={show(point[k])}" for k in self.names) or "run"
+        label = ",".join(f"{k}={tag_value(point[k])}" for k in self.names) or "run"
         label = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)[:120]
         folder = os.path.join(self.runs_dir, sweep.name, f"{i:0{self.width}d}-{label}")
         args = (["--config", sweep.recipe] if sweep.recipe else []) + list(sweep.fixed)
@@ -378,14 +379,14 @@ class Plan:
         for key, value in (("wandb.project", sweep.project), ("wandb.entity", sweep.entity)):
             if value and key not in self.fixed_keys | set(point):
                 args.append(arg(key, value))
-        args.append(arg("wandb.tags", self.tags + [f"{k}={show(point[k])}" for k in self.names]))
+        args.append(arg("wandb.tags", self.tags + [f"{k}={tag_value(point[k])}" for k in self.names]))
         args.append(arg("output_dir", folder))
         try:
             self.load(args[2 if sweep.recipe else 0:])
             problem = None
         except UserError as e:
             problem = f"sweep {sweep.path}, run {i} ({label}): {e}"
-        return Run(i, point, folder, args, problem)
+        return PlannedRun(i, point, folder, args, problem)
 
 
 def plan(sweep: Sweep, runs_dir: str, seed: int = 0) -> Plan:

@@ -32,7 +32,8 @@ from .data import CLASSES
 from .errors import shorten, warn
 
 MODES = ("online", "offline", "disabled")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout the code runs from, when it is one: an installed package's folder is not (it has no .git)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INIT_TIMEOUT = 30.0          # seconds wandb.init may spend reaching the server; $WANDB_INIT_TIMEOUT overrides
 MAX_SAMPLES = 64             # sample predictions per log_eval table
 
@@ -54,8 +55,10 @@ def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]
 
 def git_commit() -> str | None:
     """HEAD of the code's git checkout, or None (not a checkout, no git)."""
+    if not os.path.exists(os.path.join(CHECKOUT, ".git")):
+        return None     # a wheel installed in a venv inside another repository is not that repository's code
     try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode != 0:
@@ -274,12 +277,6 @@ class Tracker:
             run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
             self._fail("finish", e)
-
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(0 if exc_type is None else 1)
 
     # ------------------------------------------------------------------ failure
 

@@ -22,10 +22,11 @@ With no --config the defaults are the PyTorch 60-minute tutorial (the tutorial r
 def main(argv=None):
     parser = argparse.ArgumentParser(description=USAGE, epilog=help_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"a YAML recipe file, or a shipped recipe's name: {', '.join(shipped.names())} "
-                                          f"(default: the tutorial's settings)")
+    parser.add_argument("--config", help=f"a YAML recipe file, or a shipped recipe's name: "
+                                          f"{', '.join(shipped.names())} (default: the tutorial's settings)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (recipe + overrides) as YAML and exit; touches no data or folder")
+                        help="print the resolved config (recipe + overrides) as YAML and exit; touches no data or "
+                             "folder")
     parser.add_argument("--log-level", choices=log.LEVELS,
                         help="debug | info (default) | warning | error; or $CIFAR_LOG_LEVEL (cifar/log.py)")
     args, overrides = parser.parse_known_args(argv)
@@ -38,8 +39,8 @@ def main(argv=None):
 
 
 def command() -> None:
-    """The `cifar-train` console script: main(), then the process exits with its status (a rank of a multi-process run
-    without interpreter finalization: errors.exit_as_command)."""
+    """The `cifar-train` console script: main(), then the process exits with its status (a rank of a multi-process
+    run without interpreter finalization: errors.exit_as_command)."""
     exit_as_command(main)
 
 

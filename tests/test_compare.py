@@ -17,8 +17,9 @@ import yaml
 from matplotlib.collections import PolyCollection
 from PIL import Image
 
-from cifar import compare_output, compare_plot
-from cifar.compare import build, load_run, main, parse_args
+from cifar import compare_output, compare_plot, compare_runs, console, nested, tracking
+from cifar import config as config_module
+from cifar.compare import build, main, parse_args, read_run
 from conftest import ROOT, env, lock_held_by_child, read_json, read_jsonl
 from test_sweep import as_yaml, sweep_doc
 
@@ -101,7 +102,7 @@ def test_resumed_and_cut_short_metrics(tmp_path):
             {"step": 20, "epoch": 1, "epoch_time": 3.0, "test/acc": 21.0, "test/loss": 1.9},  # after the resume
             {"step": 30, "epoch": 2, "epoch_time": 1.0, "test/acc": 30.0, "test/loss": 1.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
-    r = load_run(str(tmp_path))
+    r = read_run(str(tmp_path))
     assert r.summary is None and len(r.epochs()) == 3
     steps, seconds, values = r.curve("test/acc")
     assert steps.tolist() == [10, 20, 30] and seconds.tolist() == [2.0, 5.0, 6.0] and values.tolist() == [10, 21, 30]
@@ -432,3 +433,15 @@ def test_seed_groups_are_drawn_as_a_band_around_the_mean(sweep):
 def matplotlib_rgb(color: str):
     from matplotlib.colors import to_rgb
     return to_rgb(color)
+
+
+def test_one_flatten_and_one_cell_for_the_whole_package():
+    """compare keeps a null setting and an empty section (they differ from a key a run lacks); W&B rows and config
+    diffs drop None. One function does both, and compare's table cells are the console's."""
+    tree = {"a": {"b": None, "c": {}, "d": {"e": 1}}, "f": 2}
+    assert nested.flatten(tree, ".") == {"a.d.e": 1, "f": 2}
+    assert nested.flatten(tree, ".", keep_none=True) == {"a.b": None, "a.c": {}, "a.d.e": 1, "f": 2}
+    assert nested.flatten({"test": {"acc": 1.0}}) == {"test/acc": 1.0}
+    assert compare_runs.flatten is config_module.flatten is tracking.flatten is nested.flatten
+    assert compare_output.cell is console.cell
+

@@ -299,9 +299,12 @@ def head_of(folder) -> str | None:
 
 def test_git_commit_is_none_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
     assert git_commit() == head_of(ROOT) and len(git_commit()) == 40
-    monkeypatch.setattr(tracking, "ROOT", str(tmp_path))      # code unpacked from an archive: no .git above it
+    monkeypatch.setattr(tracking, "CHECKOUT", str(tmp_path))  # code unpacked from an archive: no .git above it
     assert head_of(tmp_path) is None and git_commit() is None
-    monkeypatch.setattr(tracking, "ROOT", ROOT)
+    inside = os.path.join(ROOT, "cifar")                       # a wheel installed in a venv inside a checkout
+    monkeypatch.setattr(tracking, "CHECKOUT", inside)
+    assert head_of(inside) == head_of(ROOT) and git_commit() is None
+    monkeypatch.setattr(tracking, "CHECKOUT", ROOT)
     monkeypatch.setenv("PATH", str(tmp_path))                  # a checkout, but no git program
     assert git_commit() is None
 
@@ -309,9 +312,12 @@ def test_git_commit_is_none_outside_a_checkout_or_without_git(tmp_path, monkeypa
 def test_disabled_tracker_is_inert_in_process():
     cfg = Config(wandb=WandbConfig(mode="disabled"))
     imported = "wandb" in sys.modules
-    with Tracker.start(cfg, output_dir="/nonexistent/run", enabled=True, run_id="keep") as tracker:
+    tracker = Tracker.start(cfg, output_dir="/nonexistent/run", enabled=True, run_id="keep")
+    try:
         tracker.log({"step": 1})
         tracker.log_eval(1, [[1]], None, [0], [0])
         tracker.summary({"a": 1})
+    finally:
+        tracker.finish(0)
     assert not tracker.active and tracker.run_id == "keep" and tracker.run_dir is None
     assert ("wandb" in sys.modules) == imported

@@ -22,7 +22,7 @@ from test_evaluate import run_together
 from torchvision import transforms
 
 from cifar.config import load_config
-from cifar.data import CLASSES, TEST_FILES, TRAIN_FILES, synthetic_split
+from cifar.data import CLASSES, DATASETS, synthetic_split
 from cifar.errors import UserError
 from cifar.export import export
 from cifar.files import read_state_dict
@@ -68,7 +68,8 @@ def write_learnable_cifar(root: str) -> str:
     trained on them scores far above chance, so its predictions really depend on how its inputs are scaled."""
     write_cifar(root, N_TRAIN, N_TEST)
     folder = os.path.join(root, "cifar-10-batches-py")
-    for train, names, n in ((True, TRAIN_FILES, N_TRAIN), (False, TEST_FILES, N_TEST)):
+    info = DATASETS["cifar10"]
+    for train, names, n in ((True, info.train_files, N_TRAIN), (False, info.test_files, N_TEST)):
         split, start = synthetic_split(n, train), 0
         for name in names:
             with open(os.path.join(folder, name), "rb") as f:
