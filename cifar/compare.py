@@ -180,7 +180,7 @@ class View:
         return list(dict.fromkeys([self.metric, other, "train/loss"]))
 
 
-def load_runs(args: list[str]) -> list[RunRecord]:
+def read_runs(args: list[str]) -> list[RunRecord]:
     """Every run the arguments name, once each (a glob and a name may both name one), in argument order."""
     folders: dict[str, str] = {}
     for arg in args:
@@ -225,7 +225,7 @@ def make_rows(runs: list[RunRecord], loaded: list[RunRecord], by_seed: bool, dif
 
 
 def build(args: argparse.Namespace) -> View:
-    loaded = load_runs(args.runs)
+    loaded = read_runs(args.runs)
     runs = select(loaded, args)
     by_seed = args.by_seed or (not args.each_run and any(len(g) > 1 for g in seed_groups(runs)))
     shared, differing = split_settings(runs, by_seed)
