@@ -36,13 +36,24 @@ die() { log "error: $*" >&2; exit 2; }
 
 # ----------------------------------------------------------------------------- the run
 
+# find_recipe RECIPE: the file a recipe argument names, as train.py's --config finds it: the file itself, or a
+# recipe shipped in the package named alone (debug, debug.yaml: cifar/recipes/); empty when neither.
+find_recipe() {
+    if [[ -f $1 ]]; then
+        echo "$1"
+    elif [[ $1 != */* && -f cifar/recipes/${1%.yaml}.yaml ]]; then
+        echo "cifar/recipes/${1%.yaml}.yaml"
+    fi
+}
+
 # setup_run RECIPE [key=value ...]: sets CONFIG, OVERRIDES (with output_dir appended unless given) and RUN_DIR.
 # The run folder is keyed by the job id, so a requeued job (same id) resumes its own run.
 setup_run() {
     (( $# >= 1 )) || die "usage: sbatch slurm/<script>.sbatch configs/RECIPE.yaml [section.key=value ...]"
     CONFIG=$1
     shift
-    [[ -f $CONFIG ]] || die "recipe $CONFIG not found in $PWD (submit from the project folder or set PROJECT_DIR)"
+    [[ -n $(find_recipe "$CONFIG") ]] || die "recipe $CONFIG not found in $PWD (submit from the project folder or" \
+        "set PROJECT_DIR)"
     [[ -f train.py ]] || die "train.py not found in $PWD (submit from the project folder or set PROJECT_DIR)"
     OVERRIDES=("$@")
     RUN_DIR=""
@@ -94,7 +105,7 @@ setup_sweep_run() {
         args=("${args[@]:2}")
     fi
     OVERRIDES=("${args[@]}")
-    [[ -z $CONFIG || -f $CONFIG ]] || die "recipe $CONFIG (named in $sweep) not found in $PWD"
+    [[ -z $CONFIG || -n $(find_recipe "$CONFIG") ]] || die "recipe $CONFIG (named in $sweep) not found in $PWD"
     AGAIN="submit this index again (sbatch --array=$SLURM_ARRAY_TASK_ID slurm/sweep.sbatch $*), which resumes $RUN_DIR"
 }
 

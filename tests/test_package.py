@@ -142,3 +142,16 @@ def test_the_checkouts_scripts_are_aliases_of_the_console_scripts():
         scripts = tomllib.load(f)["project"]["scripts"]
     assert scripts["cifar-train"] == "cifar.train_cli:command" and scripts["cifar-sweep"] == "cifar.sweep:main"
     assert os.path.realpath(os.path.join(ROOT, "configs")) == shipped.RECIPES   # every configs/ path still works
+
+
+def test_the_slurm_scripts_find_a_recipe_by_name_as_train_py_does():
+    """sbatch slurm/train.sbatch debug, and a sweep whose command says --config debug (the shipped ones do): the
+    scripts' check that the recipe exists (slurm/common.sh find_recipe) finds what --config finds."""
+    names = ["debug.yaml", "configs/debug.yaml", "nope", "configs/nope.yaml", *shipped.names()]
+    script = f"source slurm/common.sh; for r in {' '.join(names)}; do echo \"$r=$(find_recipe \"$r\")\"; done"
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    found = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert {k: found[k] for k in names[:4]} == {"debug.yaml": "cifar/recipes/debug.yaml", "nope": "",
+                                                "configs/debug.yaml": "configs/debug.yaml", "configs/nope.yaml": ""}
+    assert all(found[name] == f"cifar/recipes/{name}.yaml" for name in shipped.names()), found
