@@ -2,6 +2,7 @@
 files, and the six console scripts; installed (not editable) into a fresh venv, its commands run from an empty
 folder, the recipes found by name inside the wheel, with no checkout on the path."""
 import glob
+import importlib.metadata
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import zipfile
 import pytest
 import yaml
 from conftest import ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from inprocess import entry, refusal
 
 from cifar import evaluate_cli, predict_cli, shipped, sweep, train_cli
@@ -155,3 +158,20 @@ def test_the_slurm_scripts_find_a_recipe_by_name_as_train_py_does():
     assert {k: found[k] for k in names[:4]} == {"debug.yaml": "cifar/recipes/debug.yaml", "nope": "",
                                                 "configs/debug.yaml": "configs/debug.yaml", "configs/nope.yaml": ""}
     assert all(found[name] == f"cifar/recipes/{name}.yaml" for name in shipped.names()), found
+
+
+def test_the_constraints_pin_what_runs_here_within_the_declared_ranges():
+    """constraints.txt (what CI and the benchmarks install) pins every declared dependency to a version inside its
+    range in pyproject.toml, and that version is the one this suite is running with: the ranges' claim, tested
+    against, holds at least there."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        pins = {canonicalize_name(name): version for name, version in
+                (line.strip().split("==") for line in f if line.strip() and not line.startswith("#"))}
+    for text in project["dependencies"] + project["optional-dependencies"]["test"]:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name]), f"constraints.txt's {name}=={pins[name]} is outside {req}"
+        assert importlib.metadata.version(req.name).split("+")[0] == pins[name], f"{name}: installed is not pinned"
