@@ -61,7 +61,8 @@ def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tup
                 accelerator.backward(loss / n)       # fp16: scaled by Accelerate's grad scaler
             else:
                 (loss / n).backward()                # what accelerator.backward does here, minus a no-op /1
-        hits = (logits.argmax(1) == labels).sum()
+        # soft targets (MixUp/CutMix: a distribution over the classes) count as their largest class
+        hits = (logits.argmax(1) == (labels.argmax(1) if labels.ndim == 2 else labels)).sum()
         loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         correct = hits if correct is None else correct + hits
     grad_norm = None
