@@ -18,7 +18,7 @@ import yaml
 
 from . import yaml_io
 from .errors import UserError, shorten
-from .augment import POLICIES
+from .augment import POLICIES, build_policy
 from .models import MODELS, check_name
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
@@ -418,7 +418,7 @@ def validate(cfg: Config) -> None:
     for k in ("limit_train", "limit_test"):
         v = getattr(d, k)
         _require(v is None or v >= 1, f"data.{k}", ">= 1 or null", v)
-    POLICIES.check(d.policy)
+    build_policy(d)           # the name, and what its transform makes of an image: refused here, before any work
     _require(d.policy == "none" or d.loader == "dataloader", "data.policy", "none with data.loader=device (a "
              "policy runs per image in the DataLoader's workers; the device path batches crop, flip, erasing, "
              "cutout, MixUp and CutMix only): set data.loader=dataloader, or data.policy=none", d.policy)

@@ -35,7 +35,7 @@ from .run_folder import LATEST, read_pointer
 from .runtime import make_accelerator, on_main, shut_down
 from .schedule import build_scheduler
 from .signals import StopRequest
-from .step import StepStats, feed, train_step, windows
+from .step import StepStats, feed, train_loss, train_step, windows
 from .tracking import run_info
 
 
@@ -302,9 +302,7 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
     # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time, and
     # invisible to the RNG: a dropout mask drawn here would shift every later draw, so that a resumed run's draws
     # would no longer be the uninterrupted run's
-    # MixUp/CutMix batches carry soft targets (data.mixup_alpha): CrossEntropyLoss takes them as they are and smooths
-    # them as it does class indices, (1 - s) * target + s / classes, which is timm's mixup_target with smoothing
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=t.label_smoothing)
+    loss_fn = train_loss(t.label_smoothing)
     compile_seconds = 0.0
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         probe = next(iter(train_batches.epoch(0)))

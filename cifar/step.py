@@ -42,6 +42,14 @@ class StepStats:
         return [loss_sum, int(correct), int(samples)]
 
 
+def train_loss(label_smoothing: float) -> torch.nn.Module:
+    """The training loss, summed over the batch (train_step divides by the window's images). Class indices, or the
+    soft targets of MixUp/CutMix batches (data.mixup_alpha: a distribution over the classes per image), which
+    CrossEntropyLoss takes as they are and smooths as it does indices, (1 - s) * target + s / classes: timm's
+    mixup_target with smoothing, so train.label_smoothing means the same with and without mixing."""
+    return torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+
+
 def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 int, float | None, bool]:
     """One optimizer step over a window of micro-batches: (loss sum, correct, images, grad norm, stepped).
