@@ -301,3 +301,19 @@ def test_the_docs_augmentation_example_trains_and_changes_the_images(tmp_path, m
     plain = batches_of([*SMALL, "data.loader=dataloader"])[0]
     assert all(torch.equal(a[1], b[1]) for a, b in zip(jittered, plain, strict=True))
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(jittered, plain))
+
+
+def test_the_strong_recipe_is_resnet18_with_a_policy_erasing_smoothing_and_ema_and_trains(tmp_path):
+    """configs/resnet18-strong.yaml: resnet18.yaml (its model, optimizer and schedule) plus crop and flip, an
+    auto-augment policy, random erasing, label smoothing and a moving average; 2 steps of it on synthetic data."""
+    strong, base = (load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+                    for name in ("resnet18-strong", "resnet18"))
+    assert (strong.model, strong.optim, strong.schedule) == (base.model, base.optim, base.schedule)
+    d, t = strong.data, strong.train
+    assert d.augment and d.policy == "autoaugment" and d.loader == "dataloader" and d.erasing > 0
+    assert t.label_smoothing > 0 and t.ema.decay is not None and t.epochs > base.train.epochs
+    out = tmp_path / "run"
+    train_here("--config", os.path.join(ROOT, "configs", "resnet18-strong.yaml"), "data.source=synthetic", "data.num_workers=0",
+               *RUN[2:], "data.erasing=1.0", f"output_dir={out}")
+    summary = read_json(out / "summary.json")
+    assert summary["steps"] == 2 and summary["final_ema_test_acc"] is not None
