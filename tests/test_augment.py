@@ -317,3 +317,15 @@ def test_the_strong_recipe_is_resnet18_with_a_policy_erasing_smoothing_and_ema_a
                *RUN[2:], "data.erasing=1.0", f"output_dir={out}")
     summary = read_json(out / "summary.json")
     assert summary["steps"] == 2 and summary["final_ema_test_acc"] is not None
+
+
+def test_a_resume_refuses_a_changed_augmentation(tmp_path, capsys):
+    """The augmentation is part of what was trained: a resume with other augmentation keys is one line naming
+    them (as for every data key but the free ones), and the folder keeps training with its own."""
+    out = tmp_path / "run"
+    train_here(*RUN, "data.mixup_alpha=0.2", f"output_dir={out}")
+    line = refusal(capsys, "train.py", *RUN, "data.mixup_alpha=0.4", "data.policy=randaugment",
+                   "train.max_steps=3", f"output_dir={out}")
+    assert "data.mixup_alpha: 0.2 -> 0.4" in line and "data.policy: none -> randaugment" in line
+    train_here(*RUN, "data.mixup_alpha=0.2", "train.max_steps=3", f"output_dir={out}")
+    assert read_json(out / "summary.json")["steps"] == 3
