@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from . import yaml_io
-from .errors import UserError, shorten
 from .augment import POLICIES, build_policy
+from .errors import UserError, shorten
 from .models import MODELS, check_name
 from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
