@@ -157,7 +157,8 @@ def test_cutmix_pastes_a_box_of_the_neighbour_and_the_targets_follow_its_area_on
     box's share of the image. Without crop (data.augment=false: no zero padding that two images share), the box
     is where image 2i holds its neighbour's pixels."""
     shares = []
-    for (x, targets), (plain, labels) in pairs(f"data.loader={loader}", "data.augment=false", "data.cutmix_alpha=1.0"):
+    for (x, targets), (plain, labels) in pairs(f"data.loader={loader}", "data.augment=false",
+                                               "data.cutmix_alpha=1.0"):
         for i in range(0, 16, 2):
             a, b = plain[i], plain[i + 1]
             from_b = (x[i] == b).all(0) & (a != b).any(0)
@@ -313,9 +314,9 @@ def test_the_strong_recipe_is_resnet18_with_a_policy_erasing_smoothing_and_ema_a
     assert d.augment and d.policy == "autoaugment" and d.loader == "dataloader" and d.erasing > 0
     assert t.label_smoothing > 0 and t.ema.decay is not None and t.epochs > base.train.epochs
     out = tmp_path / "run"
-    train_here("--config", os.path.join(ROOT, "configs", "resnet18-strong.yaml"), "data.source=synthetic", "data.num_workers=0",
-               *RUN[2:], "data.erasing=1.0", f"output_dir={out}",
-               "train.mixed_precision=no")   # this process's Accelerator state is fp32 (Accelerate's is process-wide)
+    # train.mixed_precision=no: this process's Accelerator state is fp32 already (Accelerate's is process-wide)
+    train_here("--config", os.path.join(ROOT, "configs", "resnet18-strong.yaml"), "data.source=synthetic",
+               "data.num_workers=0", *RUN[2:], "data.erasing=1.0", "train.mixed_precision=no", f"output_dir={out}")
     summary = read_json(out / "summary.json")
     assert summary["steps"] == 2 and summary["final_ema_test_acc"] is not None
 
