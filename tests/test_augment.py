@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from conftest import ROOT, read_json, read_jsonl
 from dump_device_batches import batches_of
 from inprocess import entry, refusal, train_here
@@ -17,7 +18,7 @@ from inprocess import entry, refusal, train_here
 from cifar.augment import POLICIES, Draws, apply_batch, build_policy, policy_image
 from cifar.config import DataConfig, load_config
 from cifar.data import POLICY_STREAM, CifarDataset, load_split, mix
-from cifar.step import train_loss
+from cifar.step import train_loss, train_step
 
 # 64 synthetic images in batches of 16, tutorial normalisation: no pixel of a real image is 0 after it
 # ((p / 255 - 0.5) / 0.5 = 0 needs p = 127.5), so the zeros of a batch are exactly what erasing and Cutout set.
@@ -222,6 +223,22 @@ def test_mixups_loss_equals_a_hand_computation_on_a_fixed_pair():
     # a one-hot target is its class index: smoothing means the same with and without mixing
     onehot = torch.nn.functional.one_hot(labels, 10).float()
     assert float(train_loss(s)(logits, onehot)) == pytest.approx(float(train_loss(s)(logits, labels)), rel=1e-6)
+
+
+def test_a_soft_target_counts_as_right_when_the_prediction_is_its_largest_class():
+    """train_step under MixUp/CutMix: the loss is the soft targets' cross-entropy summed, and train/acc counts an
+    image whose prediction is its target's largest class (lam >= 0.5: its own label)."""
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(4, 3), torch.optim.SGD([torch.nn.Parameter(
+        torch.zeros(1))], lr=0.0))
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    predicted = model(x).argmax(1)
+    largest = torch.stack([predicted[0], predicted[1], (predicted[2] + 1) % 3, (predicted[3] + 2) % 3])
+    targets = 0.7 * torch.nn.functional.one_hot(largest, 3).float() + 0.1
+    loss, correct, n, _, _ = train_step(accelerator, model, optimizer, train_loss(0.0), [(x, targets)], None)
+    assert (int(correct), n) == (2, 4)
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(-(targets * model(x).log_softmax(1)).sum()), rel=1e-6)
 
 
 def test_cutmix_box_and_lambda_on_a_fixed_pair():
