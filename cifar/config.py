@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from . import yaml_io
+from .augment import POLICIES, build_policy
 from .errors import UserError, shorten
 from .models import MODELS, check_name
 from .nested import flatten
@@ -61,6 +62,20 @@ class DataConfig:
     # Input normalisation, on every path and in evaluate/predict/export: the tutorial's (0.5, 0.5, 0.5) /
     # (0.5, 0.5, 0.5), or CIFAR-10's per-channel mean/std. Weights only score as trained with their own.
     normalize: Literal["cifar", "tutorial"] = "tutorial"
+    # a per-image augmentation after crop and flip: autoaugment (torchvision's CIFAR-10 policy), randaugment,
+    # trivialaugment (TrivialAugment Wide), or <module>:<callable>: your own (docs/extending.md); dataloader path only
+    policy: str = "none"
+    # random erasing: the probability that an image gets one rectangle (2-33% of it, aspect 0.3-3.3: torchvision's
+    # RandomErasing) set to 0 after normalisation (the mean pixel); 0: off. Both loaders, batched on the device
+    erasing: float = 0.0
+    # Cutout: a square of this many pixels (16 for CIFAR-10) centred anywhere, set to 0 after normalisation; 0: off
+    cutout: int = 0
+    # MixUp: each image blended with its neighbour in the batch (the same pair, whatever the processes), the
+    # targets alike, lambda ~ Beta(alpha, alpha) (0.2-1); 0: off. Needs an even data.batch_size
+    mixup_alpha: float = 0.0
+    # CutMix: a box of the neighbour pasted in, of area 1 - lambda, lambda ~ Beta(alpha, alpha) (1.0); 0: off. With
+    # mixup_alpha as well, each pair gets one of the two at random
+    cutmix_alpha: float = 0.0
 
 
 @dataclass
@@ -188,7 +203,7 @@ def registry_choices() -> dict[str, list[str]]:
     """The names registered now (a user's @register too) for the keys a registry holds (cifar/registry.py), and
     the other forms its module resolves (torchvision:<name>): `--help` lists them. <module>:<callable>, which every
     registry takes, is in each key's comment."""
-    return {registry.key: [*registry, *registry.forms] for registry in (MODELS, OPTIMIZERS, SCHEDULES)}
+    return {registry.key: [*registry, *registry.forms] for registry in (MODELS, OPTIMIZERS, SCHEDULES, POLICIES)}
 
 
 def with_saved_defaults(saved: dict) -> dict:
@@ -393,6 +408,17 @@ def validate(cfg: Config) -> None:
     for k in ("limit_train", "limit_test"):
         v = getattr(d, k)
         _require(v is None or v >= 1, f"data.{k}", ">= 1 or null", v)
+    build_policy(d)           # the name, and what its transform makes of an image: refused here, before any work
+    _require(d.policy == "none" or d.loader == "dataloader", "data.policy", "none with data.loader=device (a "
+             "policy runs per image in the DataLoader's workers; the device path batches crop, flip, erasing, "
+             "cutout, MixUp and CutMix only): set data.loader=dataloader, or data.policy=none", d.policy)
+    _require(0 <= d.erasing <= 1, "data.erasing", "a probability in [0, 1] (0: off)", d.erasing)
+    _require(0 <= d.cutout <= 32, "data.cutout", "in 0..32 pixels (0: off; 16 is Cutout's CIFAR-10 size)", d.cutout)
+    for k in ("mixup_alpha", "cutmix_alpha"):
+        _require(getattr(d, k) >= 0, f"data.{k}", ">= 0 (0: off)", getattr(d, k))
+    _require(not (d.mixup_alpha or d.cutmix_alpha) or d.batch_size % 2 == 0, "data.batch_size",
+             "even with data.mixup_alpha or data.cutmix_alpha (images are mixed in pairs of neighbours, never across "
+             "processes)", d.batch_size)
     _require(o.lr > 0, "optim.lr", "> 0", o.lr)
     _require(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)

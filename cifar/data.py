@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import augment as aug
 from . import download, safe_pickle
 from .config import DataConfig
 from .errors import UserError
@@ -36,6 +37,9 @@ CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship"
 STATS = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
          "tutorial": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 PAD = 4
+# The third value hashed with (seed, epoch) for the random numbers of a policy and of the batched augmentations:
+# streams of their own, apart from the crop's (mix(seed, epoch, index)) and the device path's (1, 2)
+POLICY_STREAM, BATCH_STREAM = 7, 8
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -394,12 +398,15 @@ class EpochSampler(Sampler):
 
 
 class CifarDataset(Dataset):
-    """uint8 images; training samples are cropped (from the padded image) and flipped as augment_params says."""
+    """uint8 images; training samples are cropped (from the padded image) and flipped as augment_params says, then
+    given to `policy` (data.policy's transform, seeded by (seed, epoch, index)). with_index: each sample also says
+    its index, for the batched augmentations (cifar/augment.py)."""
 
     def __init__(self, split: Split, augment: bool, seed: int, pad: int = PAD, alternating_flip: bool = False,
-                 pad_mode: str = "zeros"):
+                 pad_mode: str = "zeros", policy=None, with_index: bool = False):
         self.split, self.augment, self.seed = split, augment, seed
         self.pad, self.alternating_flip, self.pad_mode = pad, alternating_flip, pad_mode
+        self.policy, self.with_index = policy, with_index
 
     def __len__(self):
         return len(self.split)
@@ -415,7 +422,12 @@ class CifarDataset(Dataset):
             image = padded[:, dy:dy + 32, dx:dx + 32]
             if flip:
                 image = image[:, :, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(image)), int(self.split.labels[index])
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        if self.policy is not None:
+            image = aug.policy_image(self.policy, image, mix(self.seed, epoch, index, POLICY_STREAM) >> 1)
+        if self.with_index:
+            return image, int(self.split.labels[index]), index
+        return image, int(self.split.labels[index])
 
 
 def _mean_std(stats: str, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,8 +484,10 @@ class DataLoaderBatches:
         workers = dict(num_workers=cfg.num_workers, pin_memory=cuda, persistent_workers=cfg.num_workers > 0,
                        prefetch_factor=4 if cfg.num_workers > 0 else None,
                        generator=torch.Generator().manual_seed(seed))
+        self.batched = BatchedAugmentation(cfg, seed, split, accelerator.device) if train else None
         dataset = CifarDataset(split, cfg.augment and train, seed, cfg.crop_padding, cfg.alternating_flip,
-                               cfg.pad_mode)
+                               cfg.pad_mode, aug.build_policy(cfg) if train else None,
+                               with_index=self.batched.on if train else False)
         if train:
             self.sampler = EpochSampler(len(split), seed, shuffle=True)
             self.loader = accelerator.prepare(DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler,
@@ -497,8 +511,13 @@ class DataLoaderBatches:
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter.
         loader.set_epoch(epoch)
-        for images, labels in loader:
-            yield normalize(images, self.stats), labels
+        if not self.batched.on:
+            for images, labels in loader:
+                yield normalize(images, self.stats), labels
+            return
+        draws = self.batched.draws(epoch)
+        for images, labels, index in loader:
+            yield self.batched(normalize(images, self.stats), labels, index, draws)
 
     def first_images(self, n: int) -> torch.Tensor:
         return normalize(torch.from_numpy(self.split.images[:n]).to(self.accelerator.device), self.stats)
@@ -525,6 +544,7 @@ class DeviceBatches:
         self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
         self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
+        self.batched = BatchedAugmentation(cfg, seed, split, self.device) if train else None
         if train and not len(self):   # every global batch is full, so an epoch would have no step at all
             raise UserError(f"data.batch_size {cfg.batch_size} x {self.world} process(es) = "
                             f"{cfg.batch_size * self.world} images per step, more than the training set's "
@@ -556,16 +576,36 @@ class DeviceBatches:
             return
         order = epoch_order(len(self.labels), self.seed, epoch).to(self.device)
         params = self.augmentation(epoch) if self.augment else None
+        draws = self.batched.draws(epoch) if self.batched.on else None
         step = self.batch_size * self.world
         for k in range(skip, len(self)):
             idx = order[k * step + self.rank * self.batch_size:k * step + (self.rank + 1) * self.batch_size]
             images = self.images[idx]
             if params is not None:
                 images = crop_flip(images, *(p[idx] for p in params), self.pad, self.pad_mode)
-            yield normalize(images, self.stats), self.labels[idx]
+            if draws is None:
+                yield normalize(images, self.stats), self.labels[idx]
+            else:
+                yield self.batched(normalize(images, self.stats), self.labels[idx], idx, draws)
 
     def first_images(self, n: int) -> torch.Tensor:
         return normalize(self.images[:n], self.stats)
+
+
+class BatchedAugmentation:
+    """data.erasing, data.cutout, data.mixup_alpha and data.cutmix_alpha on the device, for either loader: one
+    epoch's draws for every training sample (seeded by (seed, epoch)), applied to a normalised batch by its samples'
+    indices. `on`: whether the config asks for any."""
+
+    def __init__(self, cfg: DataConfig, seed: int, split: Split, device):
+        self.cfg, self.seed, self.n, self.device = cfg, seed, len(split), device
+        self.classes, self.on = len(split.classes), aug.batch_ops(cfg)
+
+    def draws(self, epoch: int) -> aug.Draws:
+        return aug.epoch_draws(self.cfg, mix(self.seed, epoch, BATCH_STREAM) >> 1, self.n).to(self.device)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, draws: aug.Draws):
+        return aug.apply_batch(images, labels, index, draws, self.classes)
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int,

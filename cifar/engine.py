@@ -35,7 +35,7 @@ from .run_folder import LATEST, read_pointer
 from .runtime import make_accelerator, on_main, shut_down
 from .schedule import build_scheduler
 from .signals import StopRequest
-from .step import StepStats, feed, train_step, windows
+from .step import StepStats, feed, train_loss, train_step, windows
 from .tracking import run_info
 
 
@@ -302,7 +302,7 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
     # FLOPs for the MFU estimate and the compile warm-up: measured before, and apart from, the training time, and
     # invisible to the RNG: a dropout mask drawn here would shift every later draw, so that a resumed run's draws
     # would no longer be the uninterrupted run's
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=t.label_smoothing)
+    loss_fn = train_loss(t.label_smoothing)
     compile_seconds = 0.0
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         probe = next(iter(train_batches.epoch(0)))

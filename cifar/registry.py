@@ -1,7 +1,7 @@
 """One way to extend every component: a Registry maps a config name to its builder. Models, optimizers and LR
-schedules each have one (cifar/models.py MODELS, cifar/optim.py OPTIMIZERS, cifar/schedule.py SCHEDULES; data
-augmentation policies will be the next); the config validates its names against them and `train.py --help` lists
-them. Two ways in, for every registry (docs/extending.md):
+schedules each have one (cifar/models.py MODELS, cifar/optim.py OPTIMIZERS, cifar/schedule.py SCHEDULES), and so
+do data augmentation policies (cifar/augment.py POLICIES); the config validates its names against them and
+`train.py --help` lists them. Two ways in, for every registry (docs/extending.md):
 
 - in this project's code: @OPTIMIZERS.register("rmsprop") on the builder;
 - from your own code, nothing edited here: optim.name=my_module:my_builder, any callable that Python's import system

@@ -42,6 +42,14 @@ class StepStats:
         return [loss_sum, int(correct), int(samples)]
 
 
+def train_loss(label_smoothing: float) -> torch.nn.Module:
+    """The training loss, summed over the batch (train_step divides by the window's images). Class indices, or the
+    soft targets of MixUp/CutMix batches (data.mixup_alpha: a distribution over the classes per image), which
+    CrossEntropyLoss takes as they are and smooths as it does indices, (1 - s) * target + s / classes: timm's
+    mixup_target with smoothing, so train.label_smoothing means the same with and without mixing."""
+    return torch.nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
+
+
 def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 int, float | None, bool]:
     """One optimizer step over a window of micro-batches: (loss sum, correct, images, grad norm, stepped).
@@ -61,7 +69,8 @@ def train_step(accelerator, model, optimizer, loss_fn, window, grad_clip) -> tup
                 accelerator.backward(loss / n)       # fp16: scaled by Accelerate's grad scaler
             else:
                 (loss / n).backward()                # what accelerator.backward does here, minus a no-op /1
-        hits = (logits.argmax(1) == labels).sum()
+        # soft targets (MixUp/CutMix: a distribution over the classes) count as their largest class
+        hits = (logits.argmax(1) == (labels.argmax(1) if labels.ndim == 2 else labels)).sum()
         loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         correct = hits if correct is None else correct + hits
     grad_norm = None

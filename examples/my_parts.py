@@ -1,10 +1,13 @@
-"""A model, an optimizer and an LR schedule of one's own, nothing in cifar/ edited (docs/extending.md):
+"""A model, an optimizer, an LR schedule and an augmentation policy of one's own, nothing in cifar/ edited
+(docs/extending.md):
 
     python train.py --config configs/debug.yaml model.name=examples.my_parts:small_cnn \
         optim.name=examples.my_parts:rmsprop schedule.name=examples.my_parts:exponential
+    python train.py --config configs/debug.yaml data.policy=examples.my_parts:jitter
 """
 import torch
 import torch.nn as nn
+from torchvision.transforms import v2
 
 
 def small_cnn(num_classes):
@@ -22,3 +25,9 @@ def rmsprop(groups, cfg):
 def exponential(progress):
     """A schedule: the factor of optim.lr at `progress` (0 at the first step after the warmup, 1 at the last)."""
     return 0.01 ** progress
+
+
+def jitter(cfg):
+    """An augmentation policy: called with the config's data section, returns a transform of one uint8 image
+    (3, 32, 32) that draws from torch's random generator (the loader seeds it per image)."""
+    return v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), v2.RandomGrayscale(p=0.1)])

@@ -173,7 +173,7 @@ def test_help_lists_what_each_registry_holds(capsys):
            "tutorial_net)" in out
     assert "optim.name (sgd | adamw | muon, default sgd)" in out
     assert "schedule.name (constant | cosine | onecycle | linear, default constant)" in out
-    assert out.count("<module>:<callable>: your own (docs/extending.md)") == 3
+    assert out.count("<module>:<callable>: your own (docs/extending.md)") == 4     # models, optim, schedule, policy
     assert "model.cifar_stem (bool, default false)" in out
 
 
