@@ -34,6 +34,13 @@ class ModelConfig:
     # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
     # it after: the backward pass then stops at the first block (3.8% of a step's FLOPs). null: train it throughout.
     whiten_bias_epochs: Optional[int] = None
+    # fine-tuning: start from these weights (a run folder, a checkpoint folder, a .safetensors or .pth/.pt file),
+    # weights only: a new optimizer and schedule, step 0. Tensors whose shape differs (the head, CIFAR-10 -> CIFAR-100)
+    # keep their new initialisation, listed in one line. A resumed run takes its checkpoint's weights instead.
+    init_from: Optional[str] = None
+    # backbone: train only the head (the last nn.Linear); the rest is left out of the optimizer and its BatchNorm
+    # statistics are kept (eval mode) (docs/checkpoints.md, fine-tuning)
+    freeze: Literal["none", "backbone"] = "none"
 
 
 @dataclass
@@ -192,6 +199,8 @@ def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
 # not change what old runs were).
 # Every run before model.cifar_stem existed had its network's own stem.
 SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}, "model": {"cifar_stem": False}}
+# Every run before model.freeze existed trained all of its parameters.
+SAVED_DEFAULTS["model"]["freeze"] = "none"
 
 
 def registry_choices() -> dict[str, list[str]]:
@@ -395,6 +404,9 @@ def validate(cfg: Config) -> None:
     SCHEDULES.check(s.name)
     _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
              "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
+    _require(m.whiten_bias_epochs is None or m.freeze == "none", "model.whiten_bias_epochs",
+             "null with model.freeze=backbone (the whitening bias is part of the frozen backbone)", m.whiten_bias_epochs)
+    _require(m.init_from is None or m.init_from != "", "model.init_from", "a path, or null", m.init_from)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
              d.eval_batch_size)
