@@ -26,6 +26,7 @@ from .errors import UserError, shorten
 from .evaluate_run import find_run_files, is_state_dict_file
 from .files import read_state_dict, sha256
 from .models import head
+from .registry import spelled
 
 # A weights file larger than this is not a CIFAR network's (ViT-L/16, among the largest torchvision classifiers, is
 # 1.2 GB): refused before it is read.
@@ -39,12 +40,12 @@ def weights_file(path: str) -> str:
     given = path
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise UserError(f"model.init_from={shorten(given)} does not exist; pass a run folder, a checkpoint folder, "
+        raise UserError(f"model.init_from={spelled(given)} does not exist; pass a run folder, a checkpoint folder, "
                         f"a .safetensors or a .pth/.pt file of weights")
     if os.path.isdir(path):
         return find_run_files(path)[1]
     if not (path.lower().endswith(".safetensors") or is_state_dict_file(path)):
-        raise UserError(f"model.init_from={shorten(given)} is not a weights file (.safetensors, .pth or .pt) nor a "
+        raise UserError(f"model.init_from={spelled(given)} is not a weights file (.safetensors, .pth or .pt) nor a "
                         f"run or checkpoint folder; pass one of those")
     return path
 
