@@ -29,6 +29,7 @@ from .lock import RunLock
 from .models import expiring_parameters, model_from_config, train_only_until
 from .optim import build_optimizer
 from .outputs import claim_run_dir
+from .profiling import StepProfiler, step_profiler
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
 from .reporting import Reporter
 from .resume import resume, vet
@@ -78,6 +79,7 @@ class Run:
     data_seconds: float
     flops: float
     compile_seconds: float
+    profiler: StepProfiler | None = None    # train.profile: traces the first optimizer steps (main process)
 
 
 def train(cfg: Config) -> dict:
@@ -178,6 +180,8 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     pause_point("pause-at-step", state.step)     # the signal tests' hold mid-run, in runs that save nothing there
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
+    if run.profiler:
+        run.profiler.step(last=state.step == run.total_steps)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes
     meters.epoch.add(loss_sum, correct, n)
     meters.window.add(loss_sum, correct, n)
@@ -330,7 +334,8 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
                scheduler=scheduler, loss_fn=loss_fn, train_batches=train_batches, test_batches=test_batches,
                expiring=expiring, ema=ema, checkpoints=checkpoints, lock=lock, report=report, stop=stop,
                state=state, meters=meters, total_steps=total_steps, epochs=epochs, output_dir=output_dir,
-               resumed_from=resumed_from, data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds)
+               resumed_from=resumed_from, data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds,
+               profiler=step_profiler(t.profile, output_dir, accelerator))
 
 
 def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_training: int | None,

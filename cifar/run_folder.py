@@ -49,6 +49,8 @@ TMP_PREFIX = ".tmp-"                # write_atomic's temporary files, and checkp
 # What train.py and evaluate.py write: a fresh start moves these aside into previous-<time>/, never deletes them.
 OUTPUTS = (CHECKPOINTS, CONFIG, METRICS, STATUS, SUMMARY, WEIGHTS, EMA_WEIGHTS, EVAL, CONFUSION_PNG,
            PREDICTIONS_PNG, WANDB)
+PROFILE = "profile"                 # train.profile's torch.profiler trace (cifar/profiling.py)
+OUTPUTS += (PROFILE,)
 
 # ----------------------------------------------------------------------------- the states
 
