@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 from conftest import DEBUG, read_json, weights
-from inprocess import as_a_process, refusal, train_here
+from test_tracking import leet
+from test_wandb_training import runs_in, wandb_env
+from inprocess import as_a_process, call, refusal, train_here
 from safetensors.torch import save_file
 
 from cifar import finetune
@@ -90,6 +92,20 @@ def test_a_cifar10_debug_run_starts_a_cifar100_run(baseline, tmp_path, caplog):
     assert config["model"]["init_from"] == str(source) and config["data"]["dataset"] == "cifar100"
 
 
+@pytest.mark.slow
+def test_the_wandb_run_config_says_what_the_run_started_from(source, tmp_path):
+    """W&B (offline, read back with its own reader): the run's config holds model.init_from as given and, under
+    run.init_from, summary.json's record with the file's SHA-256."""
+    out = tmp_path / "wb"
+    call("train.py", *SMALL, f"model.init_from={source}", "train.max_steps=1", f"output_dir={out}",
+         **wandb_env(tmp_path))
+    (run_dir,) = runs_in(out)
+    config = leet(run_dir, summary=True)["config"]
+    record = read_json(out / "summary.json")["init_from"]
+    assert config["run"]["init_from"] == record and record["sha256"] == sha256(source / "model.safetensors")
+    assert config["model"]["init_from"] == str(source)
+
+
 def test_a_frozen_backbone_stays_the_sources_bitwise(source, tmp_path):
     """model.freeze=backbone: after training, every tensor but the head's is the source's, BatchNorm's running
     statistics too (the backbone's BatchNorm is kept in eval mode); the head trained; the optimizer holds only the
@@ -136,7 +152,7 @@ def test_a_tutorial_pth_and_a_checkpoint_folder_start_a_run(source, tmp_path, ca
     assert read_json(tmp_path / "ckpt" / "summary.json")["init_from"]["path"] == str(checkpoint / "model.safetensors")
 
 
-def test_a_resumed_run_takes_its_checkpoint_not_the_source_again(source, tmp_path, caplog):
+def test_a_resumed_run_takes_its_checkpoint_not_the_source_again(source, tmp_path, caplog, capsys):
     """Resume wins: the rerun continues from its checkpoint even with the source gone (init_from is not read
     again, no line says it is), and its record still says what the run started from."""
     src = tmp_path / "src"
@@ -151,6 +167,11 @@ def test_a_resumed_run_takes_its_checkpoint_not_the_source_again(source, tmp_pat
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["resumed_from"] and summary["steps"] == 4 and said(caplog) == []
     assert summary["init_from"] == first and first["sha256"] == sha256(source / "model.safetensors")
+    # what the steps so far started from cannot change: another source, or freezing now, is refused like any
+    # other model key
+    for change in (f"model.init_from={source}", "model.freeze=backbone"):
+        line = refusal(capsys, "train.py", *args, "train.max_steps=6", change)
+        assert line.startswith("error: cannot resume ") and change.split("=")[0] in line, line
 
 
 def test_what_holds_no_fitting_weights_is_one_line(source, tmp_path, capsys):
