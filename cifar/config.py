@@ -417,7 +417,8 @@ def validate(cfg: Config) -> None:
     _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
              "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
     _require(m.whiten_bias_epochs is None or m.freeze == "none", "model.whiten_bias_epochs",
-             "null with model.freeze=backbone (the whitening bias is part of the frozen backbone)", m.whiten_bias_epochs)
+             "null with model.freeze=backbone (the whitening bias is part of the frozen backbone)",
+             m.whiten_bias_epochs)
     _require(m.init_from is None or m.init_from != "", "model.init_from", "a path, or null", m.init_from)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",

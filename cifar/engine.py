@@ -29,8 +29,8 @@ from .lock import RunLock
 from .models import expiring_parameters, model_from_config, train_only_until
 from .optim import build_optimizer
 from .outputs import claim_run_dir
-from .profiling import StepProfiler, step_profiler
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
+from .profiling import StepProfiler, step_profiler
 from .reporting import Reporter
 from .resume import resume, vet
 from .run_folder import LATEST, read_pointer
@@ -352,7 +352,8 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
         "train_seconds": train_seconds, "images_per_sec": state.samples_seen / max(train_seconds, 1e-9),
         "world_size": accelerator.num_processes, "mixed_precision": t.mixed_precision,
         "global_batch_size": state.global_batch, "device": accelerator.device.type,
-        "resumed_from": run.resumed_from, "init_from": state.init_from, "config_changes": state.config_changes, "wandb_run_id": state.wandb_run_id,
+        "resumed_from": run.resumed_from, "config_changes": state.config_changes, "wandb_run_id": state.wandb_run_id,
+        "init_from": state.init_from,    # model.init_from: the weights file, its SHA-256, what was not loaded
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": run.data_seconds,
         "compile_seconds": run.compile_seconds, "eval_seconds": state.eval_seconds,
