@@ -146,4 +146,5 @@ def prepare_model(model: torch.nn.Module, cfg: Config, resumed: bool) -> dict | 
     (checkpoint.resume) takes its weights from the checkpoint: init_from is not applied again (None)."""
     record = init_from(model, cfg.model) if cfg.model.init_from and not resumed else None
     freeze_backbone(model, cfg.model)
+    hold_frozen_norms(model, cfg.model)      # from the start: train.compile's warm-up compiles the graph it will run
     return record

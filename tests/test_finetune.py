@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 
 from cifar import finetune
 from cifar.checkpoint import read_training
-from cifar.config import load_config
+from bn_model import BnNet
+
+from cifar.config import ModelConfig, load_config
 from cifar.engine import start_run
 from cifar.errors import UserError
 from cifar.runtime import shut_down
@@ -233,3 +235,16 @@ def test_freezing_needs_a_head_and_no_expiring_parameter(tmp_path, capsys):
     with pytest.raises(UserError, match="model.freeze"):
         load_config(None, ["model.freeze=all"])
     assert load_config(None, ["model.freeze=backbone"]).model.freeze == "backbone"
+
+
+def test_a_long_list_is_cut_to_eight_names_and_a_count(tmp_path, caplog):
+    """The line stays a line: eight names of a kind, then how many more; the record keeps them all."""
+    state = {**BnNet().state_dict(), **{f"extra{i}.weight": torch.zeros(1) for i in range(10)}}
+    file = str(tmp_path / "w.safetensors")
+    save_file(state, file)
+    with caplog.at_level("INFO", logger="cifar"):
+        record = finetune.init_from(BnNet(), ModelConfig(name="bn_model:BnNet", init_from=file))
+    (line,) = said(caplog)
+    listed = ", ".join(f"extra{i}.weight" for i in range(8))
+    assert line.endswith(f"; in the file but not in the model, ignored: {listed} and 2 more"), line
+    assert record["unexpected"] == [f"extra{i}.weight" for i in range(10)] and record["loaded"] == 9
