@@ -4,8 +4,9 @@
 Weights only, as timm's --initial-checkpoint and Lightning's load_from_checkpoint: the optimizer, the schedule and
 the step start afresh. Every tensor whose name and shape fit is copied; the rest keep the new network's own
 initialisation (the head, when CIFAR-10 weights start a CIFAR-100 run) and are listed in one line. The weights are
-found and read as evaluate.py reads them (a run or checkpoint folder, a .safetensors file, a bare .pth/.pt
-state_dict read with weights_only=True), and refused in one line when the path holds no weights or nothing fits.
+found and read as evaluate.py finds and reads them (run_folder.find_run_files: a run or checkpoint folder;
+files.read_state_dict: a bare .pth/.pt state_dict, weights_only=True; or a .safetensors file), and refused in one
+line when the path holds no weights or nothing fits.
 
 The head is the network's last nn.Linear (models.head): every built-in model ends in one (tutorial_net's fc3,
 resnet18's fc, fastnet's head), as do torchvision's and timm's classifiers. model.freeze=backbone trains only the
@@ -23,10 +24,10 @@ from safetensors.torch import load_file
 from . import log
 from .config import Config, ModelConfig, load_saved_config
 from .errors import UserError, shorten
-from .evaluate_run import find_run_files, is_state_dict_file
 from .files import read_state_dict, sha256
 from .models import head
 from .registry import spelled
+from .run_folder import CONFIG, find_run_files, is_state_dict_file
 
 # A weights file larger than this is not a CIFAR network's (ViT-L/16, among the largest torchvision classifiers, is
 # 1.2 GB): refused before it is read.
@@ -68,7 +69,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def source_model(weights: str) -> str | None:
     """model.name of the run that saved the weights, when its config.yaml lies beside them (for the refusal)."""
-    config = os.path.join(os.path.dirname(weights), "config.yaml")
+    config = os.path.join(os.path.dirname(weights), CONFIG)
     try:
         return load_saved_config(config).model.name if os.path.isfile(config) else None
     except UserError:
