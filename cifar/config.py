@@ -124,8 +124,8 @@ class TrainConfig:
     # trace N optimizer steps (after one warm-up step) with torch.profiler into <run>/profile/ (Perfetto,
     # TensorBoard); main process only; null: off
     profile: Optional[int] = None
-    # GPU: cuDNN's benchmark off and torch.use_deterministic_algorithms (ops without a deterministic kernel raise);
-    # CPU runs are bitwise reproducible already, there it only fills new tensors and refuses such ops
+    # GPU: cuDNN's benchmark off and torch.use_deterministic_algorithms (an op without a deterministic kernel warns,
+    # naming itself); CPU runs are bitwise reproducible already: there it only fills new tensors
     deterministic: bool = False
 
 

@@ -42,12 +42,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def deterministic(on: bool) -> None:
-    """train.deterministic: torch's deterministic algorithms on (an op that has none raises, naming itself), or
-    off (torch's default; set either way, so that a run in the same process as an earlier one gets what its config
-    says). cuBLAS needs a fixed workspace for deterministic matmuls on CUDA >= 10.2; one the user set is kept."""
+    """train.deterministic: torch's deterministic algorithms on, or off (torch's default; set either way, so that a
+    run in the same process as an earlier one gets what its config says). An op with no deterministic CUDA kernel
+    warns, naming itself, and runs as it is (warn_only): the backward passes of adaptive pooling, which resnet18 and
+    fastnet end with, have none, and an error there would leave the mode unusable for every recipe. cuBLAS needs a
+    fixed workspace for deterministic matmuls (CUDA >= 10.2); one the user set is kept."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
+    torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
 
 
