@@ -58,6 +58,8 @@ class TrainState:
     lr: float | None = None                  # group 0's lr in the last optimizer step (an epoch row reports it)
     # keys changed on resume and applied from then on (cifar/resume.py): {"step", "key", "from", "to"} each
     config_changes: list = field(default_factory=list)
+    # model.init_from: the weights file the run started from, its SHA-256, the tensors not loaded (cifar/finetune.py)
+    init_from: dict | None = None
 
 
 # ----------------------------------------------------------------------------- files

@@ -37,6 +37,13 @@ class ModelConfig:
     # fastnet: train the whitening conv's bias for the first N epochs only, its lr falling to 0 by then, and freeze
     # it after: the backward pass then stops at the first block (3.8% of a step's FLOPs). null: train it throughout.
     whiten_bias_epochs: Optional[int] = None
+    # fine-tuning: start from these weights (a run folder, a checkpoint folder, a .safetensors or .pth/.pt file),
+    # weights only: a new optimizer and schedule, step 0. Tensors whose shape differs (the head, CIFAR-10 -> CIFAR-100)
+    # keep their new initialisation, listed in one line. A resumed run takes its checkpoint's weights instead.
+    init_from: Optional[str] = None
+    # backbone: train only the head (the last nn.Linear); the rest is left out of the optimizer and its BatchNorm
+    # statistics are kept (eval mode) (docs/checkpoints.md, fine-tuning)
+    freeze: Literal["none", "backbone"] = "none"
 
 
 @dataclass
@@ -89,6 +96,9 @@ class OptimConfig:
     bias_lr: Optional[float] = None          # muon: lr of biases and norms (default lr)
     head_lr: Optional[float] = None          # muon: lr of 2-D weights such as the classifier (default lr)
     muon_momentum: float = 0.6               # muon: momentum of the orthogonalised updates
+    # false: no weight decay on norm and bias parameters (those of fewer than 2 dimensions, or named *.bias), as
+    # timm and most modern recipes; true (the default): decay on every parameter, as every recipe here was trained
+    decay_norm_bias: bool = True
 
 
 @dataclass
@@ -128,6 +138,12 @@ class TrainConfig:
     # CPU runs: malloc keeps freed memory for the next step instead of page-faulting it in again (perf.py)
     keep_freed_memory: bool = True
     ema: EmaConfig = field(default_factory=EmaConfig)
+    # trace N optimizer steps (after one warm-up step) with torch.profiler into <run>/profile/ (Perfetto,
+    # TensorBoard); main process only; null: off
+    profile: Optional[int] = None
+    # GPU: cuDNN's benchmark off and torch.use_deterministic_algorithms (an op without a deterministic kernel warns,
+    # naming itself); CPU runs are bitwise reproducible already: there it only fills new tensors
+    deterministic: bool = False
 
 
 @dataclass
@@ -197,6 +213,11 @@ def config_loader(path: str | None) -> typing.Callable[[list[str]], Config]:
 # not change what old runs were).
 # Every run before model.cifar_stem existed had its network's own stem.
 SAVED_DEFAULTS = {"data": {"normalize": "cifar", "dataset": "cifar10"}, "model": {"cifar_stem": False}}
+# Every run before model.freeze existed trained all of its parameters.
+SAVED_DEFAULTS.setdefault("model", {})["freeze"] = "none"
+# ... and decayed every parameter (optim.decay_norm_bias), and chose its GPU kernels by speed (train.deterministic).
+SAVED_DEFAULTS.setdefault("optim", {})["decay_norm_bias"] = True
+SAVED_DEFAULTS.setdefault("train", {})["deterministic"] = False
 
 
 def registry_choices() -> dict[str, list[str]]:
@@ -400,6 +421,10 @@ def validate(cfg: Config) -> None:
     SCHEDULES.check(s.name)
     _require(m.whiten_bias_epochs is None or (m.name == "fastnet" and m.whiten_bias_epochs >= 1),
              "model.whiten_bias_epochs", ">= 1 with model.name=fastnet, or null", m.whiten_bias_epochs)
+    _require(m.whiten_bias_epochs is None or m.freeze == "none", "model.whiten_bias_epochs",
+             "null with model.freeze=backbone (the whitening bias is part of the frozen backbone)",
+             m.whiten_bias_epochs)
+    _require(m.init_from is None or m.init_from != "", "model.init_from", "a path, or null", m.init_from)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
              d.eval_batch_size)
@@ -436,6 +461,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", t.label_smoothing)
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", ">= 1", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(t.profile is None or t.profile >= 1, "train.profile", ">= 1 (optimizer steps to trace) or null",
+             t.profile)
     _require(t.top_k is None or t.top_k >= 1, "train.top_k", ">= 1 (5: top-5 accuracy) or null", t.top_k)
     _require(t.ema.decay is None or 0 < t.ema.decay < 1, "train.ema.decay", "in (0, 1), or null (off)", t.ema.decay)
     _require(t.ema.every_steps >= 1, "train.ema.every_steps", ">= 1", t.ema.every_steps)

@@ -24,11 +24,13 @@ from .divergence import blow_up_fault, check_loss, check_weights
 from .ema import Ema, build_ema
 from .errors import Stopped, resume_advice, resume_command, set_resume
 from .evaluation import EvalResult, evaluate
+from .finetune import hold_frozen_norms, prepare_model
 from .lock import RunLock
 from .models import expiring_parameters, model_from_config, train_only_until
 from .optim import build_optimizer
 from .outputs import claim_run_dir
 from .perf import compile_warmup, compiled_graphs, flops_per_image, mfu
+from .profiling import StepProfiler, step_profiler
 from .reporting import Reporter
 from .resume import resume, vet
 from .run_folder import LATEST, read_pointer
@@ -77,6 +79,7 @@ class Run:
     data_seconds: float
     flops: float
     compile_seconds: float
+    profiler: StepProfiler | None = None    # train.profile: traces the first optimizer steps (main process)
 
 
 def train(cfg: Config) -> dict:
@@ -129,6 +132,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
     cfg, state, meters, accelerator = run.cfg, run.state, run.meters, run.accelerator
     world = accelerator.num_processes
     run.model.train()
+    hold_frozen_norms(run.raw_model, cfg.model)      # model.freeze=backbone: its BatchNorm statistics stay
     train_only_until(run.expiring, state.step)       # expiring parameters stop at an epoch's start
     resumed = epoch == state.epoch and state.samples_in_epoch > 0
     skip = state.samples_in_epoch // (cfg.data.batch_size * world) if resumed else 0
@@ -176,6 +180,8 @@ def optimizer_step(run: Run, window: list, epoch: int) -> None:
     pause_point("pause-at-step", state.step)     # the signal tests' hold mid-run, in runs that save nothing there
     if run.ema:
         run.ema.after_step(run.raw_model, state.step)
+    if run.profiler:
+        run.profiler.step(last=state.step == run.total_steps)
     state.samples_in_epoch += len(window) * cfg.data.batch_size * run.accelerator.num_processes
     meters.epoch.add(loss_sum, correct, n)
     meters.window.add(loss_sum, correct, n)
@@ -275,6 +281,7 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
     model = model_from_config(cfg.model, num_classes(cfg.data))
     if hasattr(model, "init_from_data"):          # e.g. FastNet's whitening filters
         model.init_from_data(train_batches.first_images(5000).cpu())
+    initialised = prepare_model(model, cfg, resumed=bool(resumed_from))   # model.init_from (not on resume), freeze
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_batches) / t.grad_accum_steps)
@@ -295,7 +302,9 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
         # a run that train.max_steps ended mid-epoch continues, when trained longer, at the next epoch's start (its
         # checkpoint counts that epoch as done): the epochs still to go are counted from there
         epochs = checkpoints.epochs = max(epochs, state.epoch + math.ceil((total_steps - state.step) / steps_per_epoch))
-    report = Reporter(cfg, output_dir, main=main, run_info=run_info(cfg, accelerator),
+    state.init_from = initialised or state.init_from      # a resumed run keeps its record of what it started from
+    info = {**run_info(cfg, accelerator), **({"init_from": state.init_from} if state.init_from else {})}
+    report = Reporter(cfg, output_dir, main=main, run_info=info,
                       resume_step=state.step if resumed_from else None, wandb_run_id=state.wandb_run_id)
     state.wandb_run_id = report.started(state.step, state.epoch, total_steps, world, resumed_from, changes)
 
@@ -325,7 +334,8 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
                scheduler=scheduler, loss_fn=loss_fn, train_batches=train_batches, test_batches=test_batches,
                expiring=expiring, ema=ema, checkpoints=checkpoints, lock=lock, report=report, stop=stop,
                state=state, meters=meters, total_steps=total_steps, epochs=epochs, output_dir=output_dir,
-               resumed_from=resumed_from, data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds)
+               resumed_from=resumed_from, data_seconds=data_seconds, flops=flops, compile_seconds=compile_seconds,
+               profiler=step_profiler(t.profile, output_dir, accelerator))
 
 
 def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_training: int | None,
@@ -343,6 +353,7 @@ def summarize(run: Run, result: EvalResult, wall_seconds: float, graphs_in_train
         "world_size": accelerator.num_processes, "mixed_precision": t.mixed_precision,
         "global_batch_size": state.global_batch, "device": accelerator.device.type,
         "resumed_from": run.resumed_from, "config_changes": state.config_changes, "wandb_run_id": state.wandb_run_id,
+        "init_from": state.init_from,    # model.init_from: the weights file, its SHA-256, what was not loaded
         "tta": t.tta, "target_acc": t.target_acc, "time_to_target": state.time_to_target,
         "steps_to_target": state.steps_to_target, "data_seconds": run.data_seconds,
         "compile_seconds": run.compile_seconds, "eval_seconds": state.eval_seconds,

@@ -15,10 +15,10 @@ from .evaluation import evaluate
 from .files import write_atomic
 from .outputs import to_json
 from .plots import confusion_png, predictions_png
-from .run_folder import CONFUSION_PNG, EMA_WEIGHTS, EVAL, PREDICTIONS_PNG, SUMMARY
+from .run_folder import CONFUSION_PNG, EMA_WEIGHTS, EVAL, PREDICTIONS_PNG, SUMMARY, is_state_dict_file
 from .runtime import make_accelerator, shut_down
 from .tracking import Tracker, run_info
-from .trained import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_trained
+from .trained import add_run_arguments, bare_state_dict_note, load_trained
 
 
 def trained_run(weights: str) -> tuple[str | None, int | None]:

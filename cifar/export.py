@@ -23,7 +23,8 @@ import torch
 from .data import STATS, class_names, dataset_info
 from .errors import UserError, cli, warn
 from .files import refuse_non_file, state_dict_bytes, write_atomic
-from .trained import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_trained
+from .run_folder import is_state_dict_file
+from .trained import add_run_arguments, bare_state_dict_note, load_trained
 
 FORMATS = {"tutorial": "cifar_net.pth", "pt2": "model.pt2"}   # and the file each writes by default
 METADATA = "cifar.json"   # inside a .pt2: classes, input, normalisation (torch.export.load(..., extra_files=...))

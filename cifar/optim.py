@@ -14,9 +14,21 @@ def build_optimizer(cfg, model: torch.nn.Module,
                     expiring: dict[torch.nn.Parameter, int] | None = None) -> torch.optim.Optimizer:
     """The optimizer cfg (the OptimConfig) names, over the model's trainable parameters. expiring: parameters
     trained only until an optimizer step; each gets a group of its own (the hyperparameters of the group it would
-    have joined) marked `until_step`, which the LR schedule takes to 0 by that step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[cfg.name](split_expiring([dict(params=params)], expiring or {}), cfg)
+    have joined) marked `until_step`, which the LR schedule takes to 0 by that step. Frozen parameters
+    (requires_grad false: model.freeze) are left out."""
+    return OPTIMIZERS[cfg.name](split_expiring(decay_groups(model, cfg.decay_norm_bias), expiring or {}), cfg)
+
+
+def decay_groups(model: torch.nn.Module, decay_norm_bias: bool = True) -> list[dict]:
+    """The trainable parameters as groups: one group (decay_norm_bias, the default: every recipe's results as
+    before), or, with optim.decay_norm_bias=false, the rest and then the norm and bias parameters (every parameter
+    of fewer than 2 dimensions, or named *.bias, as timm's param_groups_weight_decay) with weight_decay 0."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if decay_norm_bias:
+        return [dict(params=[p for _, p in named])]
+    quiet = [p for name, p in named if p.ndim <= 1 or name.endswith(".bias")]
+    loud = [p for name, p in named if not (p.ndim <= 1 or name.endswith(".bias"))]
+    return [g for g in (dict(params=loud), dict(params=quiet, weight_decay=0.0)) if g["params"]]
 
 
 @OPTIMIZERS.register("sgd")
@@ -37,14 +49,14 @@ def muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     bias_lr, head_lr = cfg.bias_lr or cfg.lr, cfg.head_lr or cfg.lr
     split = []
     for group in groups:
-        params = group["params"]
+        params, decay = group["params"], group.get("weight_decay", cfg.weight_decay)   # 0: optim.decay_norm_bias
         # weight decay per step is the same for every group whatever its lr: torch multiplies it by the lr
         split += [{**group, "params": [p for p in params if p.ndim == 4], "lr": cfg.lr, "muon": True,
                    "momentum": cfg.muon_momentum, "weight_decay": 0.0},
                   {**group, "params": [p for p in params if p.ndim < 2], "lr": bias_lr,
-                   "weight_decay": cfg.weight_decay / bias_lr},
+                   "weight_decay": decay / bias_lr},
                   {**group, "params": [p for p in params if p.ndim == 2], "lr": head_lr,
-                   "weight_decay": cfg.weight_decay / head_lr}]
+                   "weight_decay": decay / head_lr}]
     return Muon([g for g in split if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 

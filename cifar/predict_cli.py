@@ -26,7 +26,8 @@ from .errors import UserError, cli, exit_as_command
 from .files import refuse_non_file
 from .plots import grid_png
 from .runtime import make_accelerator
-from .trained import add_run_arguments, bare_state_dict_note, is_state_dict_file, load_trained
+from .run_folder import is_state_dict_file
+from .trained import add_run_arguments, bare_state_dict_note, load_trained
 
 SIZE = 32                 # what a CIFAR-10 network takes
 EXIT_SOME_FAILED = 1      # some inputs were not images (each named on an error line); the rest were predicted

@@ -26,12 +26,12 @@ from .run_folder import CHECKPOINTS, FINISHED, read_status, read_summary
 
 # Keys (and prefixes) that may change without changing what is trained: where the run writes, reads and logs.
 FREE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
-        "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs", "train.top_k")
+        "data.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs", "train.top_k", "train.profile")
 # Keys (and prefixes) applied from the resume step on. data.batch_size and train.grad_accum_steps only split the same
 # global batch differently (another number of processes): a changed global batch is refused before this list counts.
 APPLIED = ("optim.lr", "optim.bias_lr", "optim.head_lr", "optim.weight_decay", "train.epochs", "train.max_steps",
            "train.grad_clip", "train.ema.", "train.tta", "train.target_acc", "train.compile", "train.channels_last",
-           "train.keep_freed_memory", "data.batch_size", "train.grad_accum_steps")
+           "train.keep_freed_memory", "data.batch_size", "train.grad_accum_steps", "train.deterministic")
 LENGTH = ("train.epochs", "train.max_steps")
 _FRESH = "start over with checkpoint.resume=never checkpoint.overwrite=true (or another output_dir)"
 

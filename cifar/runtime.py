@@ -21,8 +21,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
-    if cuda:    # fixed shapes: let cuDNN time its conv algorithms once; fp32 matmuls may use TF32
-        torch.backends.cudnn.benchmark = True
+    deterministic(cfg.train.deterministic)
+    if cuda:    # fixed shapes: let cuDNN time its conv algorithms once (not train.deterministic: timing may pick
+        # another algorithm each run); fp32 matmuls may use TF32
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.set_float32_matmul_precision("high")
     elif cfg.train.keep_freed_memory:
         keep_freed_memory()
@@ -37,6 +39,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if accelerator.num_processes > 1:
         leave_without_finalizing()
     return accelerator
+
+
+def deterministic(on: bool) -> None:
+    """train.deterministic: torch's deterministic algorithms on, or off (torch's default; set either way, so that a
+    run in the same process as an earlier one gets what its config says). An op with no deterministic CUDA kernel
+    warns, naming itself, and runs as it is (warn_only): the backward passes of adaptive pooling, which resnet18 and
+    fastnet end with, have none, and an error there would leave the mode unusable for every recipe. cuBLAS needs a
+    fixed workspace for deterministic matmuls (CUDA >= 10.2); one the user set is kept."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
 
 
 def compile_mode(mode: str, world: int) -> str:

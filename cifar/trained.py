@@ -13,7 +13,7 @@ from .data import DATASETS, dataset_info, num_classes
 from .errors import UserError
 from .files import load_fitting, read_state_dict
 from .models import MODELS, head, model_from_config
-from .run_folder import BEST, CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, WEIGHTS, read_pointer
+from .run_folder import find_run_files, is_state_dict_file
 
 
 def add_run_arguments(parser) -> None:
@@ -25,48 +25,6 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--pick", choices=["auto", "final", "latest", "best", "ema"], default="auto",
                         help="in a run folder: final weights, latest or best checkpoint (auto: final if finished); "
                              "ema: the moving average of the weights (train.ema), final or else the latest")
-
-
-def find_run_files(path: str, pick: str = "auto") -> tuple[str, str]:
-    """(config.yaml, weights) for a checkpoint folder, a weights file, or a run folder. In a run folder, `pick`
-    chooses the final weights, the `latest` or the `best` checkpoint; auto means final if the run finished, else
-    latest; ema the moving average (train.ema) beside the final weights, else in the latest checkpoint (or in the
-    checkpoint folder given)."""
-    path = os.path.abspath(path)
-    if pick == "ema":
-        return _find_ema(path)
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
-    checkpoints = os.path.join(folder, CHECKPOINTS)
-    if os.path.isdir(folder) and not os.path.isfile(path):
-        finished = os.path.isfile(os.path.join(folder, WEIGHTS))
-        has_latest = read_pointer(checkpoints, LATEST) is not None
-        if pick == "final" and not finished and has_latest:
-            raise UserError(f"{folder} has no final weights yet (no {WEIGHTS}: the run has not finished); use "
-                            f"--pick latest to evaluate its newest checkpoint, or rerun the training command to "
-                            f"finish it")
-        if pick in ("latest", "best") or (pick == "auto" and not finished):
-            target = read_pointer(checkpoints, {"auto": LATEST, "latest": LATEST, "best": BEST}[pick])
-            if target is None and pick != "auto":
-                others = [p for p, ok in (("latest", has_latest), ("final", finished)) if ok and p != pick]
-                hint = f"use --pick {' or '.join(others)}" if others else "it holds no weights to evaluate yet"
-                raise UserError(f"{folder} has no '{pick}' checkpoint; {hint}")
-            folder = target or folder
-    weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, CONFIG)
-    if not os.path.isfile(weights) or not os.path.isfile(config):
-        raise UserError(f"no weights at {path} (need {WEIGHTS} and config.yaml); pass a run folder written by "
-                        f"train.py (runs/<name>-<time>) or one of its checkpoints/step-<N> folders")
-    return config, weights
-
-
-def _find_ema(path: str) -> tuple[str, str]:
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if not os.path.isfile(os.path.join(folder, EMA_WEIGHTS)):     # a run folder still training: its newest save
-        folder = read_pointer(os.path.join(folder, CHECKPOINTS), LATEST) or folder
-    weights, config = os.path.join(folder, EMA_WEIGHTS), os.path.join(folder, CONFIG)
-    if not os.path.isfile(weights) or not os.path.isfile(config):
-        raise UserError(f"{path} holds no moving average of the weights ({EMA_WEIGHTS}): it was trained without "
-                        f"train.ema; evaluate its own weights (--pick auto), or train with train.ema.decay=0.999")
-    return config, weights
 
 
 def load_run_weights(model, weights: str, cfg: Config | None = None) -> None:
@@ -82,14 +40,6 @@ def load_run_weights(model, weights: str, cfg: Config | None = None) -> None:
         raise UserError(f"{weights} cannot be read as model weights ({reason}): the file is truncated, corrupt or "
                         f"not a safetensors file; evaluate another checkpoint of the run (a checkpoints/step-<N> "
                         f"folder, or --pick latest) or retrain") from None
-
-
-# What torch.save(net.state_dict(), PATH) files are called: the tutorial's cifar_net.pth, and PyTorch's examples.
-STATE_DICT_SUFFIXES = (".pth", ".pt")
-
-
-def is_state_dict_file(path: str) -> bool:
-    return path.lower().endswith(STATE_DICT_SUFFIXES) and not os.path.isdir(path)
 
 
 def check_dataset(model, state: dict, weights: str, cfg: Config) -> None:
