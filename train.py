@@ -8,7 +8,9 @@ With no --config the defaults are the PyTorch 60-minute tutorial (configs/tutori
 """
 import argparse
 
-from cifar import log
+import os
+
+from cifar import log, precedence
 from cifar.config import load_config
 from cifar.config_help import help_text
 from cifar.engine import train
@@ -27,6 +29,11 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     log.setup(args.log_level)
     cfg = load_config(args.config, overrides)
+    # the launcher's and W&B's variables, under train.py's own keys (cifar/precedence.py); every rank resolves the
+    # same, the first says what lost
+    cfg, notes = precedence.resolve(cfg, precedence.given_keys(overrides), os.environ)
+    for note in notes if os.environ.get("RANK", "0") == "0" else ():
+        log.warning(note)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
