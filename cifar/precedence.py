@@ -69,13 +69,13 @@ def launcher_options(environ=os.environ, parent: int | None = None) -> set[str] 
     return {a[2:].split("=")[0].replace("-", "_") for a in options if a.startswith("--")}
 
 
-def resolve(cfg: Config, given: set[str], environ=os.environ) -> tuple[Config, list[str]]:
+def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None = None) -> tuple[Config, list[str]]:
     """cfg with the launcher's and W&B's variables applied where the command line did not set the key; and one
     line for each value the user set that is not the one used. A launcher value this trainer cannot run is a
-    UserError naming it."""
+    UserError naming it. parent: the launcher's process id (default this process's parent)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), wandb=dataclasses.replace(cfg.wandb))
     notes: list[str] = []
-    options = launcher_options(environ)
+    options = launcher_options(environ, parent)
     chose = _chooser(cfg, given, notes)
 
     precision = environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
@@ -162,7 +162,7 @@ def _chooser(cfg: Config, given: set[str], notes: list[str]):
             notes.append(f"{key}={_text(current)} from train.py's command line wins over {where}")
             return
         setattr(node, name, value)
-        if current != getattr(type(node)(), name):     # the recipe set it (not the dataclass's default)
+        if current is not None and current != []:       # a value replaced (a null or empty one says nothing)
             notes.append(f"{key}={_text(value)} from {where} wins over the recipe's {_text(current)}; set {key} on "
                          f"train.py's command line to choose")
     return choose
