@@ -13,7 +13,8 @@ never imported and every call returns at once. Any W&B failure (not installed, n
 WANDB_DIR, an exception while logging) prints one `warning: W&B ...` line on stderr and turns the tracker into
 a no-op for the rest of the run. Curves are drawn against an explicit `global_step`, so a resumed run continues
 where it stopped instead of restarting at wandb's own step 0. A failed model artifact (log_model) only stops the
-artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged.
+artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged. What wandb stages besides its
+records (tables, images, artifacts) goes under the run's W&B folder too (STAGING), so the run folder carries it.
 """
 from __future__ import annotations
 
