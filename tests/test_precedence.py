@@ -184,7 +184,7 @@ def accelerate(*args, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.budget(seconds=240, reason="five accelerate launches (about 6 s each to start) and one short bf16 run")
+@pytest.mark.budget(seconds=240, reason="six accelerate launches (about 6 s each to start) and one short bf16 run")
 def test_accelerate_launch_precision_reaches_the_run_and_its_record(tmp_path):
     """`accelerate launch --mixed_precision bf16` with a `no` recipe trains in bf16, recorded in config.yaml and
     summary.json; train.py's key beats it; the launcher's `no` beats a bf16 recipe only when it was given; and
@@ -210,6 +210,13 @@ def test_accelerate_launch_precision_reaches_the_run_and_its_record(tmp_path):
     assert precision == "no" and len(lines) == 1 and "wins over the recipe's bf16" in lines[0]
     precision, lines = printed("--num_processes", "2", "--main_process_port", str(free_port()), "train.py")
     assert lines == ["warning: " + precedence.process_count({**LAUNCHED, "MASTER_PORT": "1"})[0]]
+    # two processes: the line once, from rank 0
+    proc = accelerate("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+                      "--mixed_precision", "bf16", "train.py", "train.mixed_precision=no", "--print-config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("warning: ")] == [
+        "warning: train.mixed_precision=no from train.py's command line wins over the launcher's bf16 (accelerate "
+        "launch --mixed_precision, its config file or $ACCELERATE_MIXED_PRECISION)"]
 
 
 @pytest.mark.slow
