@@ -16,7 +16,8 @@ from inprocess import call, refusal
 
 from cifar import precedence
 from cifar.config import load_config
-from cifar.errors import UserError
+from cifar.sweep import changed
+from cifar.sweep_plan import Run, Sweep
 
 RESNET = f"{ROOT}/configs/resnet18.yaml"      # a recipe with mixed_precision: bf16
 DEBUG = f"{ROOT}/configs/debug.yaml"          # one with no
@@ -162,6 +163,19 @@ def test_wandb_mode_beats_the_recipes_mode_and_a_null_mode_keeps_following_it(tm
     assert cfg.wandb.mode == "disabled" and len(notes) == 1
     assert resolved(DEBUG, WANDB_MODE="offline")[0].wandb.mode is None     # null: the tracker reads $WANDB_MODE
     assert resolved(str(recipe), WANDB_MODE="loud")[0].wandb.mode == "online"   # the tracker warns about it
+
+
+def test_a_sweep_compares_a_finished_run_with_the_config_its_train_py_resolved(tmp_path, monkeypatch):
+    """cifar.sweep decides whether a finished run is the one asked for from its config.yaml, which holds the
+    WANDB_* values its train.py resolved: the sweep resolves the same (its runs get its environment)."""
+    monkeypatch.setenv("WANDB_PROJECT", "x")
+    args = ["--config", DEBUG, "optim.lr=0.1"]
+    cfg, _ = precedence.resolve(load_config(DEBUG, args[2:]), precedence.given_keys(args[2:]))
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    run_, sweep_ = Run(0, {"optim.lr": 0.1}, str(tmp_path), args), Sweep("s.yaml", "s", "grid", DEBUG, [], {})
+    assert changed(run_, sweep_) is None
+    monkeypatch.setenv("WANDB_PROJECT", "y")
+    assert changed(run_, sweep_) == "wandb.project: 'x' -> 'y'"
 
 
 # ----------------------------------------------------------------------------- the number of processes
