@@ -19,16 +19,18 @@ import contextlib
 import dataclasses
 import io
 import os
+import typing
 
 import torch
 
-from .config import Config, flatten, parse_overrides
+from .config import Config, TrainConfig, flatten, parse_overrides
 from .errors import UserError, shorten
 from .tracking import resolve_mode
 
 # Every accelerate launcher (simple, multi-GPU, DeepSpeed, ...) exports this one; a user has no reason to.
 LAUNCHED = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = typing.get_args(typing.get_type_hints(TrainConfig)["mixed_precision"])
+COMPILE_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["compile_mode"])
 # WANDB_* variable -> its wandb.* key (WANDB_MODE is read as tracking.resolve_mode reads it)
 WANDB_VARIABLES = {"WANDB_PROJECT": "project", "WANDB_ENTITY": "entity", "WANDB_RUN_GROUP": "group",
                    "WANDB_NAME": "name", "WANDB_JOB_TYPE": "job_type", "WANDB_TAGS": "tags", "WANDB_NOTES": "notes",
@@ -94,7 +96,11 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
         chose("train.compile", backend == "inductor", where)
     mode = environ.get("ACCELERATE_DYNAMO_MODE", "").strip()
     if _asked(mode, "default", "dynamo_mode", options):
-        chose("train.compile_mode", mode, _launcher("ACCELERATE_DYNAMO_MODE", "--dynamo_mode", mode, options))
+        where = _launcher("ACCELERATE_DYNAMO_MODE", "--dynamo_mode", mode, options)
+        if mode not in COMPILE_MODES and "train.compile_mode" not in given:
+            raise UserError(f"{where}: not a torch.compile mode this trainer runs ({', '.join(COMPILE_MODES)}); "
+                            f"launch with one of them")
+        chose("train.compile_mode", mode, where)
 
     for variable, key in WANDB_VARIABLES.items():
         text = environ.get(variable, "").strip()
@@ -110,11 +116,11 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
             value = text
         chose(f"wandb.{key}", value, f"${variable}={_text(text)}")
 
-    notes.extend(process_count(environ, options))
+    notes.extend(process_count(environ))
     return cfg, notes
 
 
-def process_count(environ=os.environ, options: set[str] | None = None) -> list[str]:
+def process_count(environ=os.environ) -> list[str]:
     """A line when accelerate launch was asked for several processes (it sets MASTER_PORT then) but started this
     one alone (no WORLD_SIZE): without --multi_gpu its simple launcher runs the script once, on CPU silently."""
     if LAUNCHED in environ and "MASTER_PORT" in environ and "WORLD_SIZE" not in environ:
@@ -169,5 +175,9 @@ def _chooser(cfg: Config, given: set[str], notes: list[str]):
 
 
 def _text(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else shorten(value) if isinstance(value, str) and \
-        len(value) > 80 else str(value)
+    """A value as an override writes it: true, null, a,b; a long string cut (errors.shorten)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, list):
+        return ",".join(map(_text, value))
+    return shorten(value) if isinstance(value, str) and len(value) > 80 else str(value)

@@ -93,13 +93,13 @@ def test_accelerate_launchs_default_is_not_a_choice_but_its_flag_is(launcher):
 def test_the_launchers_dynamo_backend_and_mode_set_compile():
     cfg, notes = resolved(DEBUG, ACCELERATE_DYNAMO_BACKEND="INDUCTOR", ACCELERATE_DYNAMO_MODE="max-autotune")
     assert (cfg.train.compile, cfg.train.compile_mode) == (True, "max-autotune")
-    assert notes == ["train.compile=True from $ACCELERATE_DYNAMO_BACKEND=inductor wins over the recipe's False; set "
+    assert notes == ["train.compile=true from $ACCELERATE_DYNAMO_BACKEND=inductor wins over the recipe's false; set "
                      "train.compile on train.py's command line to choose",
                      "train.compile_mode=max-autotune from $ACCELERATE_DYNAMO_MODE=max-autotune wins over the "
                      "recipe's default; set train.compile_mode on train.py's command line to choose"]
     cfg, notes = resolved(DEBUG, ["train.compile=false"], ACCELERATE_DYNAMO_BACKEND="INDUCTOR")
     assert not cfg.train.compile
-    assert notes == ["train.compile=False from train.py's command line wins over $ACCELERATE_DYNAMO_BACKEND=inductor"]
+    assert notes == ["train.compile=false from train.py's command line wins over $ACCELERATE_DYNAMO_BACKEND=inductor"]
 
 
 def test_a_launcher_value_this_trainer_cannot_run_is_one_line(capsys):
@@ -110,6 +110,9 @@ def test_a_launcher_value_this_trainer_cannot_run_is_one_line(capsys):
     line = refusal(capsys, "train.py", "--print-config", ACCELERATE_MIXED_PRECISION="fp8")
     assert line == ("error: $ACCELERATE_MIXED_PRECISION=fp8: mixed precision 'fp8' is not one this trainer runs "
                     "(no, fp16, bf16); launch with one of them")
+    line = refusal(capsys, "train.py", "--print-config", ACCELERATE_DYNAMO_MODE="fastest")
+    assert line == ("error: $ACCELERATE_DYNAMO_MODE=fastest: not a torch.compile mode this trainer runs (default, "
+                    "reduce-overhead, max-autotune, max-autotune-no-cudagraphs); launch with one of them")
     # the command line's key decides instead: nothing to refuse
     call("train.py", "--print-config", "train.mixed_precision=no", ACCELERATE_MIXED_PRECISION="fp8")
     assert "mixed_precision: 'no'" in capsys.readouterr().out
