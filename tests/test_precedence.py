@@ -227,13 +227,17 @@ def test_accelerate_launch_precision_reaches_the_run_and_its_record(tmp_path):
     assert precision == "no" and len(lines) == 1 and "wins over the recipe's bf16" in lines[0]
     precision, lines = printed("--num_processes", "2", "--main_process_port", str(free_port()), "train.py")
     assert lines == ["warning: " + precedence.process_count({**LAUNCHED, "MASTER_PORT": "1"})[0]]
-    # two processes: the line once, from rank 0
+    # two processes (the multi-GPU launcher: its workers' parent is still the accelerate launch process): its `no`
+    # was given, and the line comes once, from rank 0
     proc = accelerate("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-                      "--mixed_precision", "bf16", "train.py", "train.mixed_precision=no", "--print-config")
+                      "--mixed_precision", "no", "train.py", "--config", "configs/resnet18.yaml", "--print-config")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.strip() for line in proc.stdout.splitlines() if "mixed_precision" in line] == \
+        ["mixed_precision: 'no'"] * 2                                  # each rank prints the config it trains
     assert [line for line in proc.stderr.splitlines() if line.startswith("warning: ")] == [
-        "warning: train.mixed_precision=no from train.py's command line wins over the launcher's bf16 (accelerate "
-        "launch --mixed_precision, its config file or $ACCELERATE_MIXED_PRECISION)"]
+        "warning: train.mixed_precision=no from the launcher's no (accelerate launch --mixed_precision, its config "
+        "file or $ACCELERATE_MIXED_PRECISION) wins over the recipe's bf16; set train.mixed_precision on train.py's "
+        "command line to choose"]
 
 
 @pytest.mark.slow
