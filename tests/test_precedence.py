@@ -4,14 +4,13 @@ W&B's WANDB_* variables > the recipe, resolved into the Config before the run, o
 The rule itself is checked in this process with crafted environments (and a real process standing for the
 `accelerate launch` whose command line is read back); the slow tests launch the real thing: `accelerate launch`
 with and without its flags, a one-process `accelerate launch --num_processes 2`, and `torchrun`."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from conftest import DOUBLE_BATCH, ROOT, env, free_port, max_diff, read_json, run, weights
+from conftest import DOUBLE_BATCH, ROOT, env, free_port, max_diff, read_json, weights
 from inprocess import call, refusal
 
 from cifar import precedence
