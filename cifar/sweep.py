@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Iterable, Iterator
 
-from . import log, run_folder
+from . import log, precedence, run_folder
 from .config import flatten, load_config, load_saved_config
 from .errors import EXIT_RESUMABLE, UserError, cli, shorten, warn
 from .run_folder import CONFIG, FINISHED, RUNNING, STATUS, describe_holder, holder, read_summary
@@ -61,7 +61,10 @@ def changed(run: PlannedRun, sweep: Sweep) -> str | None:
     """How a finished run's saved config differs from what the sweep asks for now (None: the same)."""
     try:
         saved = flatten(load_saved_config(os.path.join(run.folder, CONFIG)).to_dict(), ".")
-        wanted = flatten(load_config(sweep.recipe, run.args[2 if sweep.recipe else 0:]).to_dict(), ".")
+        overrides = run.args[2 if sweep.recipe else 0:]
+        # as the run's train.py resolves it: its environment is this process's (child_env)
+        wanted, _ = precedence.resolve(load_config(sweep.recipe, overrides), precedence.given_keys(overrides))
+        wanted = flatten(wanted.to_dict(), ".")
     except UserError:
         return "its config.yaml cannot be read"
     diff = [k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]

@@ -13,7 +13,8 @@ never imported and every call returns at once. Any W&B failure (not installed, n
 WANDB_DIR, an exception while logging) prints one `warning: W&B ...` line on stderr and turns the tracker into
 a no-op for the rest of the run. Curves are drawn against an explicit `global_step`, so a resumed run continues
 where it stopped instead of restarting at wandb's own step 0. A failed model artifact (log_model) only stops the
-artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged.
+artifacts: one `warning: W&B log_model ...` line, and metrics go on being logged. What wandb stages besides its
+records (tables, images, artifacts) goes under the run's W&B folder too (STAGING), so the run folder carries it.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ MODES = ("online", "offline", "disabled")
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INIT_TIMEOUT = 30.0          # seconds wandb.init may spend reaching the server; $WANDB_INIT_TIMEOUT overrides
 MAX_SAMPLES = 64             # sample predictions per log_eval table
+# Where wandb stages what a run logs besides its records (the files of tables, images and model artifacts; the
+# backend's logs; downloads), by default under HOME (~/.local/share/wandb, ~/.cache/wandb): inside the run's W&B
+# folder instead, so that copying the run folder carries everything `wandb sync` uploads. A value the user set wins.
+STAGING = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_ARTIFACT_DIR": "artifacts"}
 
 
 def resolve_mode(mode: str | None, environ=os.environ) -> tuple[str, str | None]:
@@ -113,6 +118,15 @@ def agent_parameters(cfg, folder: str, environ=os.environ) -> list[str]:
     return tags
 
 
+def stage_in(folder: str, environ=os.environ) -> dict[str, str]:
+    """Point the STAGING variables the user did not set at <folder>/wandb/...; the ones set, to undo when the run
+    ends (a later run in this process stages in its own folder)."""
+    staged = {name: os.path.join(os.path.abspath(folder), "wandb", sub) for name, sub in STAGING.items()
+              if not environ.get(name)}
+    environ.update(staged)
+    return staged
+
+
 def _code_info(wandb) -> dict:
     return {"git_commit": git_commit(), "torch": torch.__version__, "accelerate": accelerate.__version__,
             "wandb": wandb.__version__, "python": platform.python_version()}
@@ -126,6 +140,7 @@ class Tracker:
         self._wandb = None
         self._run_id = run_id
         self._artifacts_failed = False
+        self._staged: dict[str, str] = {}      # the staging variables this tracker set (stage_in)
 
     @property
     def active(self) -> bool:
@@ -161,6 +176,7 @@ class Tracker:
             tracker._init(cfg, mode, output_dir, run_id, job_type, extra)
         except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
             tracker._fail("init", e)
+            tracker._unstage()
         return tracker
 
     def _init(self, cfg, mode, output_dir, run_id, job_type, extra) -> None:
@@ -169,6 +185,7 @@ class Tracker:
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"W&B folder {folder} is not writable")
         sweep_tags = agent_parameters(cfg, folder)  # before wandb reads its settings
+        self._staged = stage_in(folder)             # before wandb starts its backend
         try:
             import wandb
         except ImportError as e:
@@ -277,6 +294,14 @@ class Tracker:
             run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
             self._fail("finish", e)
+        self._unstage()
+
+    def _unstage(self) -> None:
+        """Undo stage_in: the variables this tracker set, unless something else changed them since."""
+        for name, value in self._staged.items():
+            if os.environ.get(name) == value:
+                del os.environ[name]
+        self._staged = {}
 
     # ------------------------------------------------------------------ failure
 

@@ -162,8 +162,8 @@ build_launch() {
     fi
     LAUNCH_KIND=accelerate
     LAUNCH=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes $(( machines * NPROC ))
-            --num_machines "$machines" --machine_rank "$rank" --main_process_port "$(job_port)"
-            --mixed_precision no --dynamo_backend no)   # precision comes from the recipe
+            --num_machines "$machines" --machine_rank "$rank" --main_process_port "$(job_port)")
+    # no --mixed_precision / --dynamo_backend: given, even as `no`, they would beat the recipe (cifar/precedence.py)
     if (( machines > 1 )); then
         # c10d rendezvous at the first node; only machine 0 hosts the store (so two "machines" on one node,
         # as in the tests, do not race for the port).

@@ -83,6 +83,11 @@ def check_command(cmd: str) -> list[str]:
             script, rest = argv[i + 1].replace(".", "/") + ".py", argv[i + 2:]
         else:
             script, rest = argv[i], argv[i + 1:]
+    elif argv[0] == "torchrun":             # its options, then the script and the script's own arguments
+        i = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
+        if i is None:
+            return [f"{cmd}: no script"]
+        script, rest = argv[i], argv[i + 1:]
     elif argv[0] == "sbatch":
         i = next(i for i, a in enumerate(argv[1:], 1) if not a.startswith("-"))
         script, rest = argv[i], argv[i + 1:]

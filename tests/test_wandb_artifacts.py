@@ -11,6 +11,8 @@ from conftest import read_json, run, weights
 from test_tracking import history, leet
 from test_wandb_training import runs_in, wandb_env
 
+from cifar.tracking import stage_in
+
 TINY = ["--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=128", "train.epochs=2"]
 
 
@@ -66,6 +68,16 @@ def test_log_model_best_logs_the_best_checkpoint_with_its_alias(tmp_path):
     assert {c["path"] for c in last["manifest"]["contents"]} >= {"model.safetensors", "training.pt", "state.json",
                                                                    "config.yaml", "manifest.json"}
     assert_holds_checkpoint_weights(last, best)
+    # the user's WANDB_DATA_DIR (wandb_env sets one) wins over staging in the run folder
+    assert all(c["local_path"].startswith(str(tmp_path / "home" / "data")) for c in last["manifest"]["contents"])
+
+
+def test_staging_goes_into_the_run_folder_unless_the_user_chose_a_folder(tmp_path):
+    environ = {"WANDB_DATA_DIR": "/mine", "WANDB_CACHE_DIR": ""}
+    staged = stage_in(str(tmp_path), environ)
+    assert staged == {"WANDB_CACHE_DIR": str(tmp_path / "wandb" / "cache"),
+                      "WANDB_ARTIFACT_DIR": str(tmp_path / "wandb" / "artifacts")}
+    assert environ == {"WANDB_DATA_DIR": "/mine", **staged}
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ What must happen mid-run happens while the run is held there by the pause fault 
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from conftest import DEBUG, ROOT, command, env, logged_warnings, read_json, read_jsonl, run, weights
 from test_tracking import DEBUG_LR, SENTINEL_KEY, files_under, history, leet
 
@@ -157,6 +159,17 @@ def test_resume_continues_the_same_run_past_the_checkpoint(tmp_path, baseline, s
     assert steps[0] > stopped - 4 and steps[0] == (stopped // 4 + 1) * 4 and steps[-1] == 192
     assert before + steps == list(range(4, 193, 4))
     assert same_weights(out, baseline(*DEBUG))
+    assert sync_folders(out) == [first, second]        # what docs/wandb.md's sync command names: this one run
+
+
+def sync_folders(out) -> list[str]:
+    """The folders docs/wandb.md's `wandb sync` command for a resumed offline run names, for the run folder out, in
+    the order the shell passes them."""
+    with open(os.path.join(ROOT, "docs", "wandb.md")) as f:
+        (line,) = [line.strip() for line in f if line.startswith("wandb sync ")]
+    *words, pattern = shlex.split(line)
+    assert words == ["wandb", "sync"], line
+    return sorted(glob.glob(pattern.replace("<run>", str(out))))
 
 
 @pytest.mark.slow
@@ -223,3 +236,62 @@ def test_evaluate_logs_an_eval_run_or_into_the_training_run(tmp_path, wandb_debu
         **wandb_env(tmp_path))
     (into,) = runs_in(tmp_path / "e2")
     assert leet(into, summary=True)["run_id"] == train_id
+
+
+# --- What the user set, and where W&B stages what it logs ------------------------------------------------------------
+STAGED = (*DEBUG, "data.limit_train=256", "data.limit_test=128", "train.epochs=1", "wandb.log_model=final")
+
+
+WANDB_HOMES = ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR", "WANDB_DIR")
+
+
+def private_home_env(folder, **extra):
+    """W&B offline with only a private HOME: none of WANDB_HOMES (the run's environment is this process's,
+    conftest.env), so wandb's own defaults under HOME apply unless the tracker stages elsewhere."""
+    assert not [name for name in WANDB_HOMES if name in os.environ], "unset these for the staging tests"
+    return dict(HOME=f"{folder}/home", WANDB_MODE="offline", WANDB_API_KEY=SENTINEL_KEY, **extra)
+
+
+@pytest.fixture
+def wandb_staged(baseline):
+    """A short debug run with W&B offline, a private HOME and WANDB_PROJECT=elsewhere, logging its final model:
+    trained once per session; read-only."""
+    return baseline(*STAGED, **private_home_env("{dir}", WANDB_PROJECT="elsewhere"))
+
+
+@pytest.mark.slow
+def test_everything_the_run_logs_is_staged_inside_the_run_folder(wandb_staged):
+    """Tables, their images and the model artifact are staged under <run>/wandb, so copying the run folder carries
+    all that `wandb sync` uploads; nothing is written under HOME."""
+    out = wandb_staged
+    (run_dir,) = runs_in(out)
+    artifacts = [r["artifact"] for r in leet(run_dir) if r["type"] == "artifact"]
+    assert {a["type"] for a in artifacts} == {"run_table", "model"}
+    staged = [c["local_path"] for a in artifacts for c in a["manifest"]["contents"]]
+    assert any(c["path"].startswith("media/images/") for a in artifacts for c in a["manifest"]["contents"])
+    assert staged and all(p.startswith(f"{out}{os.sep}wandb{os.sep}") and os.path.isfile(p) for p in staged)
+    assert files_under(out.parent / f"{out.name}.env" / "home") == []
+
+
+@pytest.mark.slow
+def test_wandb_project_lands_the_run_in_that_project(wandb_staged):
+    out = wandb_staged
+    (run_dir,) = runs_in(out)
+    (meta,) = [r["run"] for r in leet(run_dir) if r["type"] == "run"]
+    assert meta["project"] == "elsewhere"
+    assert yaml.safe_load((out / "config.yaml").read_text())["wandb"]["project"] == "elsewhere"
+    assert leet(run_dir, summary=True)["config"]["wandb"]["project"] == "elsewhere"
+    assert ("warning: wandb.project=elsewhere from $WANDB_PROJECT=elsewhere wins over the recipe's cifar10; set "
+            "wandb.project on train.py's command line to choose") in (out.parent / f"{out.name}.stderr").read_text()
+
+
+@pytest.mark.slow
+def test_an_explicit_wandb_project_beats_wandb_project_with_a_line(tmp_path):
+    out = tmp_path / "r"
+    proc = run("train.py", *DEBUG, "train.max_steps=2", "data.limit_test=64", "wandb.project=mine",
+               f"output_dir={out}", **private_home_env(tmp_path, WANDB_PROJECT="elsewhere"))
+    (run_dir,) = runs_in(out)
+    (meta,) = [r["run"] for r in leet(run_dir) if r["type"] == "run"]
+    assert meta["project"] == "mine"
+    assert [line for line in proc.stderr.splitlines() if "WANDB_PROJECT" in line] == [
+        "warning: wandb.project=mine from train.py's command line wins over $WANDB_PROJECT=elsewhere"]
