@@ -16,7 +16,7 @@ from inprocess import call, refusal
 from cifar import precedence
 from cifar.config import load_config
 from cifar.sweep import changed
-from cifar.sweep_plan import Run, Sweep
+from cifar.sweep_plan import PlannedRun, Sweep
 
 RESNET = f"{ROOT}/configs/resnet18.yaml"      # a recipe with mixed_precision: bf16
 DEBUG = f"{ROOT}/configs/debug.yaml"          # one with no
@@ -174,7 +174,7 @@ def test_a_sweep_compares_a_finished_run_with_the_config_its_train_py_resolved(t
     args = ["--config", DEBUG, "optim.lr=0.1"]
     cfg, _ = precedence.resolve(load_config(DEBUG, args[2:]), precedence.given_keys(args[2:]))
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
-    run_, sweep_ = Run(0, {"optim.lr": 0.1}, str(tmp_path), args), Sweep("s.yaml", "s", "grid", DEBUG, [], {})
+    run_, sweep_ = PlannedRun(0, {"optim.lr": 0.1}, str(tmp_path), args), Sweep("s.yaml", "s", "grid", DEBUG, [], {})
     assert changed(run_, sweep_) is None
     monkeypatch.setenv("WANDB_PROJECT", "y")
     assert changed(run_, sweep_) == "wandb.project: 'x' -> 'y'"
