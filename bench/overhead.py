@@ -23,7 +23,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from cifar.config import load_config  # noqa: E402
 from cifar.data import build_batches, num_classes  # noqa: E402
 from cifar.engine import train  # noqa: E402
-from cifar.models import build_model  # noqa: E402
+from cifar.models import model_from_config  # noqa: E402
 from cifar.optim import build_optimizer  # noqa: E402
 from cifar.schedule import build_scheduler  # noqa: E402
 from common import parser  # noqa: E402
@@ -38,7 +38,7 @@ def bare(cfg, steps: int) -> float:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     batches, _ = build_batches(acc, cfg.data, cfg.seed)
-    model = build_model(cfg.model.name, num_classes(cfg.data))
+    model = model_from_config(cfg.model, num_classes(cfg.data))
     if hasattr(model, "init_from_data"):
         model.init_from_data(batches.first_images(5000).cpu())
     model = model.to(acc.device)

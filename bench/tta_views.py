@@ -19,7 +19,7 @@ from cifar.config import load_saved_config  # noqa: E402
 from cifar.data import build_batches, num_classes                  # noqa: E402
 from cifar.checkpoint import WEIGHTS                  # noqa: E402
 from cifar.files import load_weights                  # noqa: E402
-from cifar.models import build_model                  # noqa: E402
+from cifar.models import model_from_config                  # noqa: E402
 from cifar.runtime import make_accelerator            # noqa: E402
 
 SHIFTS = (-1, 0, 1)
@@ -47,7 +47,7 @@ SCHEMES = {
 def view_logits(run_dir: str, overrides: list[str]):
     cfg = load_saved_config(os.path.join(run_dir, "config.yaml"), overrides)
     accelerator = make_accelerator(cfg)
-    model = build_model(cfg.model.name, num_classes(cfg.data))
+    model = model_from_config(cfg.model, num_classes(cfg.data))
     load_weights(model, os.path.join(run_dir, WEIGHTS), "pass runs trained by this project")
     model.eval()
     _, test = build_batches(accelerator, cfg.data, cfg.seed)
