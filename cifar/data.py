@@ -500,8 +500,11 @@ class DataLoaderBatches:
                 yield normalize(images, self.stats), labels
             return
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-        # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter.
+        # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter. A
+        # skipping loader over a sharded one (several processes) does not reach the sampler: set it here too, or a
+        # run resumed after epoch 0 would replay epoch 0's order.
         loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         for images, labels in loader:
             yield normalize(images, self.stats), labels
 

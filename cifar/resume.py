@@ -72,8 +72,8 @@ def _refuse_another_global_batch(path: str, saved: dict, cfg: Config, world: int
     else:
         fix = (f"resume with data.global_batch={theirs} (train.grad_accum_steps then follows the number of "
                f"processes: {alternatives(theirs, cfg.data.batch_size, world)})")
-    raise UserError(f"checkpoint {path} was trained with a global batch of {theirs} ({was}), this run has {ours} "
-                    f"({now}); {fix}")
+    raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has {ours} (saved by "
+                    f"{was}; now {now}); {fix}")
 
 
 def _refuse_what_cannot_change(path: str, diff: dict[str, tuple]) -> None:
