@@ -34,6 +34,7 @@ APPLIED = ("optim.lr", "optim.bias_lr", "optim.head_lr", "optim.weight_decay", "
            "train.grad_clip", "train.ema.", "train.tta", "train.target_acc", "train.compile", "train.channels_last",
            "train.keep_freed_memory", "data.batch_size", "train.grad_accum_steps", "data.global_batch")
 LENGTH = ("train.epochs", "train.max_steps")
+SPLIT = ("data.batch_size", "train.grad_accum_steps", "data.global_batch")   # of a global batch vetted equal
 _FRESH = "start over with checkpoint.resume=never checkpoint.overwrite=true (or another output_dir)"
 
 
@@ -49,7 +50,8 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
                         f"would stay, from the old settings, for a later resume to pick up; resume the newest "
                         f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
                         f"output_dir=<new folder>)")
-    if not diff and _finished(run_dir, path):
+    # another split of the same global batch (a requeue onto another number of processes) trains nothing else
+    if not diff.keys() - set(SPLIT) and _finished(run_dir, path):
         raise AlreadyFinished(f"{run_dir} already finished (step {step_of(path)}); nothing to do; evaluate.py "
                               f"--checkpoint {run_dir} to evaluate it again")
 

@@ -227,3 +227,20 @@ def test_a_checkpoint_resumed_with_another_global_batch_is_refused_naming_the_fi
     changes = read_json(copy / "summary.json")["config_changes"]
     assert {(c["key"], c["from"], c["to"]) for c in changes} == {("train.grad_accum_steps", 2, 4),
                                                                  ("data.batch_size", 16, 8), ("train.max_steps", 8, 16)}
+
+
+def test_a_finished_run_requeued_on_another_split_of_its_global_batch_does_nothing(accumulated, tmp_path, caplog):
+    """A finished run's command on another number of processes (here: another split, batch 8 accumulated 4 times)
+    has nothing left to train: one line, exit 0, no file touched, as on the same number.
+
+    Checked that it fails: with vet's finished check on an empty diff only (as before), the rerun rewrote
+    summary.json and metrics.jsonl with a config change."""
+    copy = tmp_path / "run"
+    shutil.copytree(accumulated, copy)
+    before = snapshot(copy)
+    with caplog.at_level("INFO", logger="cifar"):
+        train_here("--config", "configs/debug.yaml", "data.limit_train=256", "data.limit_test=32", "train.epochs=1",
+                   "data.global_batch=32", "data.batch_size=8", "checkpoint.every_steps=4", "train.max_steps=8",
+                   f"output_dir={copy}")
+    assert "already finished (step 8); nothing to do" in caplog.text
+    assert snapshot(copy) == before
