@@ -63,10 +63,10 @@ def _refuse_another_global_batch(path: str, saved: dict, cfg: Config, world: int
     theirs, ours = state["global_batch"], cfg.data.batch_size * world * cfg.train.grad_accum_steps
     if theirs == ours:
         return
+    sections = {k: v for k, v in saved["config"].items() if isinstance(v, dict)}     # a hand-edited file: no guess
     was = (f"{state.get('world_size', 1)} process(es)" + "".join(
-        f" x {k} {v}" for k, v in (("data.batch_size", saved["config"].get("data", {}).get("batch_size")),
-                                   ("train.grad_accum_steps", saved["config"].get("train", {}).get("grad_accum_steps")))
-        if isinstance(v, int)))
+        f" x {section}.{key} {value}" for section, key in (("data", "batch_size"), ("train", "grad_accum_steps"))
+        if isinstance(value := sections.get(section, {}).get(key), int)))
     now = f"{world} process(es) x data.batch_size {cfg.data.batch_size} x train.grad_accum_steps " \
           f"{cfg.train.grad_accum_steps}"
     if cfg.data.global_batch is not None:
@@ -116,8 +116,8 @@ def resume(checkpoints: Checkpoints, path: str, cfg: Config, total_steps: int) -
     saved_world, world = saved["state"].get("world_size", 1), checkpoints.accelerator.num_processes
     if saved_world != world:
         log.info(f"resuming at step {step}, saved by {saved_world} process(es), on {world}: the same global batch of "
-                 f"{saved['state']['global_batch']} (train.grad_accum_steps {cfg.train.grad_accum_steps}); each "
-                 f"rank's RNG states are saved rank (rank mod {saved_world})'s (docs/distributed.md)")
+                 f"{saved['state']['global_batch']} (train.grad_accum_steps {cfg.train.grad_accum_steps}); rank r "
+                 f"restores the RNG states of saved rank r mod {saved_world} (docs/distributed.md)")
     return state, changes
 
 

@@ -7,6 +7,7 @@ resume them on the other world size; both uninterrupted references are shared ba
 derivation run in this process."""
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,12 @@ from safetensors.torch import load_file
 from test_checkpoint import steps_of
 from test_resume_changes import snapshot
 
+from cifar.checkpoint import Checkpoints
 from cifar.config import load_config
 from cifar.errors import UserError
+from cifar.models import model_from_config
+from cifar.optim import build_optimizer
+from cifar.schedule import build_scheduler
 from cifar.worlds import fit, process_counts, rng_source
 
 # 512 synthetic images, a global batch of 32 (2 processes x 16, or 1 x 16 accumulated twice): 16 steps an epoch,
@@ -187,7 +192,7 @@ def test_fit_names_the_process_counts_and_batch_sizes_that_keep_the_global_batch
 
 def test_rng_mapping():
     """Rank r restores saved rank r's states on the same world size, saved rank r mod the saved world size's on
-    another (docs/distributed.md)."""
+    another (docs/distributed.md); Checkpoints.load follows it below."""
     assert [rng_source(r, 2) for r in range(2)] == [0, 1]
     assert [rng_source(r, 2) for r in range(4)] == [0, 1, 0, 1]
     assert [rng_source(r, 4) for r in range(2)] == [0, 1]
@@ -244,3 +249,31 @@ def test_a_finished_run_requeued_on_another_split_of_its_global_batch_does_nothi
                    f"output_dir={copy}")
     assert "already finished (step 8); nothing to do" in caplog.text
     assert snapshot(copy) == before
+
+
+def test_each_rank_of_another_world_size_restores_the_states_of_saved_rank_r_mod_the_saved_number(accumulated,
+                                                                                                tmp_path):
+    """A checkpoint holding two ranks' (different) RNG states, loaded by ranks 0..3 of 4 processes: rank r ends with
+    saved rank r mod 2's torch state.
+
+    Checked that it fails: with Checkpoints.load restoring rank 0's states everywhere, ranks 1 and 3 got the wrong
+    one; with the rule before (only ranks below the saved number restore any), ranks 2 and 3 kept their own."""
+    copy = tmp_path / "step-8"
+    shutil.copytree(accumulated / "checkpoints" / "step-8", copy)
+    training = torch.load(copy / "training.pt", weights_only=True)
+    saved = []
+    with torch.random.fork_rng():
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            saved.append(torch.get_rng_state())
+        training["rng"] = [dict(training["rng"][0], torch=state) for state in saved]
+        torch.save(training, copy / "training.pt")
+        cfg = load_config(str(copy / "config.yaml"))
+        for rank in range(4):
+            torch.manual_seed(100 + rank)                         # this process's own state, before the load
+            model = model_from_config(cfg.model, 10)
+            optimizer = build_optimizer(cfg.optim, model, {})
+            accelerator = SimpleNamespace(is_main_process=True, scaler=None, process_index=rank, num_processes=4)
+            Checkpoints(str(tmp_path), cfg, accelerator, model=model, optimizer=optimizer,
+                        scheduler=build_scheduler(cfg.schedule, optimizer, 8), total_steps=8, epochs=1).load(str(copy))
+            assert torch.equal(torch.get_rng_state(), saved[rank % 2]), rank
