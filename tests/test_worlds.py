@@ -18,7 +18,8 @@ from test_checkpoint import steps_of
 from test_resume_changes import snapshot
 
 from cifar.checkpoint import Checkpoints
-from cifar.config import load_config
+from cifar.config import DataConfig, load_config
+from cifar.data import DeviceBatches, synthetic_split
 from cifar.errors import UserError
 from cifar.models import model_from_config
 from cifar.optim import build_optimizer
@@ -159,6 +160,17 @@ def test_a_partial_last_window_is_dropped_on_the_device_path(tmp_path):
         "steps"] == 10
     assert max_diff(load_file(tmp_path / "acc" / "model.safetensors"),
                     load_file(tmp_path / "big" / "model.safetensors")) <= 1e-5
+
+
+def test_the_device_path_counts_whole_windows():
+    """88 images in micro-batches of 8 accumulated twice: 10 micro-batches (5 windows), not 11; a window larger than
+    the training set is refused naming it."""
+    one = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    assert len(DeviceBatches(one, synthetic_split(88, True), DataConfig(batch_size=8), True, seed=0, accum=2)) == 10
+    assert len(DeviceBatches(one, synthetic_split(88, True), DataConfig(batch_size=8), True, seed=0)) == 11
+    with pytest.raises(UserError, match="data.batch_size 8 x 1 process.es. x 2 accumulated = 16 images per step, "
+                                        "more than the training set's 15"):
+        DeviceBatches(one, synthetic_split(15, True), DataConfig(batch_size=8), True, seed=0, accum=2)
 
 
 def test_a_global_batch_that_does_not_split_is_one_line_naming_the_sizes_that_would(capsys, tmp_path):
