@@ -518,9 +518,7 @@ class DeviceBatches:
     Training batches follow the same (seed, epoch) order as the DataLoader path; global batch k is
     order[k*B : (k+1)*B] with B = batch_size x processes, and rank r takes its r-th slice, so what a global step
     sees does not depend on the number of processes. The last partial global batch of an epoch is dropped (every
-    rank must get a full, equal batch), and so is a last partial accumulation window of `accum` global batches: an
-    epoch is the same optimizer steps on the same images however the global batch is split into processes and
-    micro-batches. Crop offsets and flips are drawn once per epoch for the whole dataset from a
+    rank must get a full, equal batch). Crop offsets and flips are drawn once per epoch for the whole dataset from a
     generator seeded by (seed, epoch) and indexed by sample id. Test: rank r takes samples r, r + w, ...
     """
 
@@ -535,7 +533,9 @@ class DeviceBatches:
         self.pad, self.pad_mode, self.alternating_flip = cfg.crop_padding, cfg.pad_mode, cfg.alternating_flip
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
         self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
-        # whole accumulation windows only: an epoch is the same optimizer steps on any number of processes
+        # Whole accumulation windows only: a last partial window of `accum` global batches is dropped too, so that an
+        # epoch is the same optimizer steps on the same images however the global batch is split into processes and
+        # micro-batches (docs/distributed.md)
         self.accum = accum if train else 1
         if train and not len(self):   # every global batch is full, so an epoch would have no step at all
             raise UserError(f"data.batch_size {cfg.batch_size} x {self.world} process(es)"
