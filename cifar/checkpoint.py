@@ -33,6 +33,7 @@ from .files import (fsync_dir, load_tensors_only, load_weights, refused_global, 
                     write_durable)
 from .run_folder import BEST, CHECKPOINTS, CONFIG, EMA_WEIGHTS, LATEST, STEP_DIR, WEIGHTS, read_pointer
 from .runtime import on_main
+from .worlds import rng_source
 
 MANIFEST = "manifest.json"
 
@@ -312,9 +313,9 @@ class Checkpoints:
             self.scaler.load_state_dict(training["scaler"])
         if self.ema:
             self._load_ema(path, training.get("ema_updates"))
-        rank = self.accelerator.process_index
-        if rank < len(training["rng"]):
-            set_rng_state(training["rng"][rank])
+        # one state per rank that saved; on another number of processes rank r takes saved rank r mod their number's
+        if training["rng"]:
+            set_rng_state(training["rng"][rng_source(self.accelerator.process_index, len(training["rng"]))])
         return TrainState(**saved["state"])
 
     def _load_ema(self, path: str, updates: int | None) -> None:

@@ -57,6 +57,9 @@ class DataConfig:
     root: str = "./data"                     # the folder holding cifar-10-batches-py/ (cifar100: cifar-100-python/)
     download: bool = True                    # fetch the official archive (MD5-checked) when root lacks it
     batch_size: int = 4                      # per process
+    # images per optimizer step over all processes, kept on any number of them: train.grad_accum_steps follows it
+    # (global_batch / (batch_size x processes); a train.grad_accum_steps other than 1 must agree). null: off
+    global_batch: Optional[int] = None
     eval_batch_size: Optional[int] = None    # per process; default max(batch_size, 256)
     augment: bool = False                    # random crop and horizontal flip of the training images
     num_workers: int = 2                     # DataLoader worker processes (the dataloader path)
@@ -426,6 +429,7 @@ def validate(cfg: Config) -> None:
              m.whiten_bias_epochs)
     _require(m.init_from is None or m.init_from != "", "model.init_from", "a path, or null", m.init_from)
     _require(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    _require(d.global_batch is None or d.global_batch >= 1, "data.global_batch", ">= 1 or null", d.global_batch)
     _require(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", ">= 1 or null",
              d.eval_batch_size)
     _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)

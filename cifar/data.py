@@ -509,8 +509,11 @@ class DataLoaderBatches:
                 yield normalize(images, self.stats), labels
             return
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-        # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter.
+        # Accelerate's loader pushes its own epoch counter into the sampler when iterated: set that counter. A
+        # skipping loader over a sharded one (several processes) does not reach the sampler: set it here too, or a
+        # run resumed after epoch 0 would replay epoch 0's order.
         loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
         if not self.batched.on:
             for images, labels in loader:
                 yield normalize(images, self.stats), labels
@@ -533,7 +536,7 @@ class DeviceBatches:
     generator seeded by (seed, epoch) and indexed by sample id. Test: rank r takes samples r, r + w, ...
     """
 
-    def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int):
+    def __init__(self, accelerator, split: Split, cfg: DataConfig, train: bool, seed: int, accum: int = 1):
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.images = torch.from_numpy(split.images).to(self.device)
@@ -545,15 +548,20 @@ class DeviceBatches:
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size or max(cfg.batch_size, 256)
         self.shard = torch.arange(self.rank, len(split), self.world, device=self.device)
         self.batched = BatchedAugmentation(cfg, seed, split, self.device) if train else None
+        # Whole accumulation windows only: a last partial window of `accum` global batches is dropped too, so that an
+        # epoch is the same optimizer steps on the same images however the global batch is split into processes and
+        # micro-batches (docs/distributed.md)
+        self.accum = accum if train else 1
         if train and not len(self):   # every global batch is full, so an epoch would have no step at all
-            raise UserError(f"data.batch_size {cfg.batch_size} x {self.world} process(es) = "
-                            f"{cfg.batch_size * self.world} images per step, more than the training set's "
+            raise UserError(f"data.batch_size {cfg.batch_size} x {self.world} process(es)"
+                            f"{f' x {accum} accumulated' if accum > 1 else ''} = "
+                            f"{cfg.batch_size * self.world * accum} images per step, more than the training set's "
                             f"{len(split)} (data.loader=device drops a partial batch); lower data.batch_size or "
                             f"raise data.limit_train")
 
     def __len__(self):
         if self.train:
-            return len(self.labels) // (self.batch_size * self.world)
+            return len(self.labels) // (self.batch_size * self.world * self.accum) * self.accum
         return math.ceil(len(self.shard) / self.batch_size)
 
     def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -630,12 +638,14 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     return (n - 1) - ((n - 1) - i.abs()).abs()
 
 
-def build_batches(accelerator, cfg: DataConfig, seed: int):
-    """(train, test) batches; the main process reads (or downloads) first, the others wait for it."""
+def build_batches(accelerator, cfg: DataConfig, seed: int, accum: int = 1):
+    """(train, test) batches; the main process reads (or downloads) first, the others wait for it. accum: the
+    micro-batches of an optimizer step (the device path drops the epoch's last partial window)."""
     if cfg.source != "synthetic" and not cfg.download:
         prepare(cfg)                     # every rank can fail fast (and alike) without waiting for the others
     with accelerator.main_process_first():
         prepare(cfg)
         train, test = load_split(cfg, train=True), load_split(cfg, train=False)
     kind = DeviceBatches if cfg.loader == "device" else DataLoaderBatches
-    return kind(accelerator, train, cfg, True, seed), kind(accelerator, test, cfg, False, seed)
+    window = {"accum": accum} if kind is DeviceBatches else {}
+    return kind(accelerator, train, cfg, True, seed, **window), kind(accelerator, test, cfg, False, seed)

@@ -39,6 +39,7 @@ from .schedule import build_scheduler
 from .signals import StopRequest
 from .step import StepStats, feed, train_loss, train_step, windows
 from .tracking import run_info
+from .worlds import fit
 
 
 @dataclass
@@ -89,6 +90,7 @@ def train(cfg: Config) -> dict:
     except BaseException:              # refused (or nothing to do): the caller's own handlers come back
         stop.uninstall()
         raise
+    cfg = run.cfg                      # as this world size trains it (train.grad_accum_steps from data.global_batch)
     state, t = run.state, cfg.train
     result, ema_row, graphs_before, wall_start = None, {}, compiled_graphs(), run.meters.window_start
     run.report.training(run.total_steps, state.step)
@@ -253,6 +255,8 @@ def start_run(cfg: Config, stop: StopRequest) -> Run:
     """Data, model, optimizer and schedule for the config, resumed from a checkpoint when there is one, and the
     compile warm-up (timed apart)."""
     accelerator = make_accelerator(cfg)
+    # data.global_batch: the accumulation for this number of processes, or one line naming those that keep it
+    cfg = fit(cfg, accelerator.num_processes)
     output_dir = on_main(accelerator, lambda: cfg.output_dir or os.path.join(
         "runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     set_resume(resume_command(output_dir, given=bool(cfg.output_dir)))   # every "resume" advice names the folder
@@ -276,7 +280,7 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
                                                               vet=lambda path: vet(path, cfg, world, output_dir)))
     set_seed(cfg.seed)
     data_start = time.perf_counter()
-    train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
+    train_batches, test_batches = build_batches(accelerator, cfg.data, cfg.seed, t.grad_accum_steps)
     data_seconds = time.perf_counter() - data_start
     model = model_from_config(cfg.model, num_classes(cfg.data))
     if hasattr(model, "init_from_data"):          # e.g. FastNet's whitening filters
@@ -299,6 +303,7 @@ def _prepared(cfg: Config, stop: StopRequest, accelerator, output_dir: str, lock
     state, changes = TrainState(global_batch=global_batch, world_size=world), []
     if resumed_from:
         state, changes = resume(checkpoints, resumed_from, cfg, total_steps)
+        state.global_batch, state.world_size = global_batch, world     # what later checkpoints say was trained
         # a run that train.max_steps ended mid-epoch continues, when trained longer, at the next epoch's start (its
         # checkpoint counts that epoch as done): the epochs still to go are counted from there
         epochs = checkpoints.epochs = max(epochs, state.epoch + math.ceil((total_steps - state.step) / steps_per_epoch))

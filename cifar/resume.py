@@ -23,6 +23,7 @@ from .checkpoint import Checkpoints, TrainState, list_checkpoints, read_state, s
 from .config import Config, flatten, with_saved_defaults
 from .errors import AlreadyFinished, UserError
 from .run_folder import CHECKPOINTS, FINISHED, read_status, read_summary
+from .worlds import alternatives
 
 # Keys (and prefixes) that may change without changing what is trained: where the run writes, reads and logs.
 FREE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "data.num_workers",
@@ -31,8 +32,10 @@ FREE = ("output_dir", "checkpoint.", "wandb.", "data.root", "data.download", "da
 # global batch differently (another number of processes): a changed global batch is refused before this list counts.
 APPLIED = ("optim.lr", "optim.bias_lr", "optim.head_lr", "optim.weight_decay", "train.epochs", "train.max_steps",
            "train.grad_clip", "train.ema.", "train.tta", "train.target_acc", "train.compile", "train.channels_last",
-           "train.keep_freed_memory", "data.batch_size", "train.grad_accum_steps", "train.deterministic")
+           "train.keep_freed_memory", "data.batch_size", "train.grad_accum_steps", "train.deterministic",
+           "data.global_batch")
 LENGTH = ("train.epochs", "train.max_steps")
+SPLIT = ("data.batch_size", "train.grad_accum_steps", "data.global_batch")   # of a global batch vetted equal
 _FRESH = "start over with checkpoint.resume=never checkpoint.overwrite=true (or another output_dir)"
 
 
@@ -40,10 +43,7 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
     """Main process, with the run folder locked and before anything is loaded or written: refuse a checkpoint this
     config cannot honestly continue, in one line; AlreadyFinished when the run in run_dir has nothing left to do."""
     saved = read_state(path)
-    theirs, ours = saved["state"]["global_batch"], cfg.data.batch_size * world * cfg.train.grad_accum_steps
-    if theirs != ours:
-        raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has "
-                        f"{ours} (batch_size x processes x grad_accum_steps); keep it equal")
+    _refuse_another_global_batch(path, saved, cfg, world)
     diff = config_diff(saved["config"], cfg.to_dict())
     _refuse_what_cannot_change(path, diff)
     if diff and (newer := _newer_valid(run_dir, path)):
@@ -51,9 +51,32 @@ def vet(path: str, cfg: Config, world: int, run_dir: str) -> None:
                         f"would stay, from the old settings, for a later resume to pick up; resume the newest "
                         f"checkpoint, or resume this one in another output_dir (checkpoint.resume={path} "
                         f"output_dir=<new folder>)")
-    if not diff and _finished(run_dir, path):
+    # another split of the same global batch (a requeue onto another number of processes) trains nothing else
+    if not diff.keys() - set(SPLIT) and _finished(run_dir, path):
         raise AlreadyFinished(f"{run_dir} already finished (step {step_of(path)}); nothing to do; evaluate.py "
                               f"--checkpoint {run_dir} to evaluate it again")
+
+
+def _refuse_another_global_batch(path: str, saved: dict, cfg: Config, world: int) -> None:
+    """The global batch (batch_size x processes x grad_accum_steps) is what makes the continued run the same
+    training on any number of processes: another one is refused in one line naming the split that keeps it."""
+    state = saved["state"]
+    theirs, ours = state["global_batch"], cfg.data.batch_size * world * cfg.train.grad_accum_steps
+    if theirs == ours:
+        return
+    sections = {k: v for k, v in saved["config"].items() if isinstance(v, dict)}     # a hand-edited file: no guess
+    was = (f"{state.get('world_size', 1)} process(es)" + "".join(
+        f" x {section}.{key} {value}" for section, key in (("data", "batch_size"), ("train", "grad_accum_steps"))
+        if isinstance(value := sections.get(section, {}).get(key), int)))
+    now = f"{world} process(es) x data.batch_size {cfg.data.batch_size} x train.grad_accum_steps " \
+          f"{cfg.train.grad_accum_steps}"
+    if cfg.data.global_batch is not None:
+        fix = f"resume with data.global_batch={theirs}, or {_FRESH}"
+    else:
+        fix = (f"resume with data.global_batch={theirs} (train.grad_accum_steps then follows the number of "
+               f"processes: {alternatives(theirs, cfg.data.batch_size, world)})")
+    raise UserError(f"checkpoint {path} was trained with a global batch of {theirs}, this run has {ours} (saved by "
+                    f"{was}; now {now}); {fix}")
 
 
 def _refuse_what_cannot_change(path: str, diff: dict[str, tuple]) -> None:
@@ -91,6 +114,11 @@ def resume(checkpoints: Checkpoints, path: str, cfg: Config, total_steps: int) -
         log.info(f"resuming at step {step} with {change['key']}: {_text(change['from'])} -> {_text(change['to'])}, "
                  f"applied from step {step + 1} on (recorded in summary.json's config_changes)")
     state.config_changes = [*state.config_changes, *changes]
+    saved_world, world = saved["state"].get("world_size", 1), checkpoints.accelerator.num_processes
+    if saved_world != world:
+        log.info(f"resuming at step {step}, saved by {saved_world} process(es), on {world}: the same global batch of "
+                 f"{saved['state']['global_batch']} (train.grad_accum_steps {cfg.train.grad_accum_steps}); rank r "
+                 f"restores the RNG states of saved rank r mod {saved_world} (docs/distributed.md)")
     return state, changes
 
 

@@ -127,14 +127,22 @@ gpus_on_node() {
     echo 0
 }
 
-# Sets NPROC (training processes on this node) and DEVICE. CPU=1 forces the CPU (GPUs hidden); NPROC_PER_NODE
-# overrides the count (on CPU it is the only source: default 1).
+# Sets NPROC (training processes on this node) and DEVICE, from this start's allocation (a requeued job may get
+# another one: with data.global_batch in the recipe it resumes on it, docs/distributed.md). CPU=1 forces the CPU
+# (GPUs hidden); NPROC_PER_NODE overrides the count; on CPU, CPUS_PER_PROCESS=N runs one process per N CPUs of the
+# allocation (default: NPROC_PER_NODE, else 1).
 setup_devices() {
     local gpus
     gpus=$(gpus_on_node)
     if [[ ${CPU:-0} == 1 ]] || (( gpus == 0 )); then
         DEVICE=cpu
         NPROC=${NPROC_PER_NODE:-1}
+        if [[ -z ${NPROC_PER_NODE:-} && -n ${CPUS_PER_PROCESS:-} ]]; then
+            [[ $CPUS_PER_PROCESS =~ ^[1-9][0-9]*$ ]] || die "CPUS_PER_PROCESS must be a positive integer, got" \
+                "'$CPUS_PER_PROCESS'"
+            local allocated=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+            NPROC=$(( allocated / CPUS_PER_PROCESS > 0 ? allocated / CPUS_PER_PROCESS : 1 ))
+        fi
         export ACCELERATE_USE_CPU=1
         [[ ${CPU:-0} == 1 ]] && export CUDA_VISIBLE_DEVICES=""
         local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$NPROC}}

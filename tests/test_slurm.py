@@ -21,9 +21,10 @@ import time
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cifar.checkpoint import read_pointer, step_of, verify
-from conftest import DEBUG, ROOT, env, read_json, weights
+from conftest import DEBUG, ROOT, env, max_diff, read_json, weights
 from slurm_cluster import SlurmCluster, Unavailable, alive, ensure_installed
 from test_run_folder import hashes, hold_lock
 
@@ -236,6 +237,50 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path, baseline)
     assert resumed.keys() == uninterrupted.keys()
     different = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
     assert not different, f"weights differ after preemption + resume: {different}"
+
+
+# tests/test_worlds.py's recipe: a global batch of 32, 2 processes x 16 or 1 x 16 accumulated twice; 32 steps
+WORLDS = ["configs/debug.yaml", "data.limit_train=512", "data.limit_test=64", "data.global_batch=32",
+          "data.batch_size=16", "train.epochs=2", "train.ema.decay=0.9", "checkpoint.every_steps=4",
+          "train.log_every_steps=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.budget(seconds=150, reason="a 2-process SLURM job preempted mid-epoch and requeued (~6 s) on 1, and the "
+                                        "shared uninterrupted 2-process run it is compared with")
+def test_a_two_process_job_requeued_on_one_process_resumes_as_the_uninterrupted_run(cluster, tmp_path, baseline):
+    """The job's allocation changes while it waits to restart: 2 CPUs (CPUS_PER_PROCESS=1: 2 processes), preempted
+    mid-epoch while held after its save at step 20, requeued, its CPUs cut to 1 while pending (`scontrol update`, as
+    a requeue onto a smaller allocation); the same script and recipe, unedited, start 1 process, which resumes with
+    train.grad_accum_steps 2 and ends with the uninterrupted 2-process run's weights and moving average (within
+    1e-5: another order of float sums).
+
+    Checked that it fails: without data.global_batch in the recipe the restart was refused (the checkpoint's global
+    batch of 32 against 16) and the job FAILED with exit 2, not requeued."""
+    job, out = submit(cluster, tmp_path, "slurm/train.sbatch", WORLDS, sbatch=["--cpus-per-task=2"],
+                      CPUS_PER_PROCESS="1", CIFAR_FAULT="pause-after-save:20")
+    run = tmp_path / "runs" / f"debug-job{job}"
+    preempt_held(cluster, job, out)
+    deadline, info = time.monotonic() + 60, {}
+    while not (info.get("Restarts") == "1" and info.get("JobState") == "PENDING"):
+        assert time.monotonic() < deadline, f"job {job} not pending after its requeue: {info}\n{read(out)[-3000:]}"
+        time.sleep(0.1)
+        info = cluster.job(job)
+    update = cluster.run(["scontrol", "update", f"JobId={job}", "CPUsPerTask=1"])
+    assert update.returncode == 0, update.stderr
+    uninterrupted = baseline(*(["--config"] + WORLDS), procs=2)      # trained here while the job waits to restart
+    info = cluster.wait(job, {"COMPLETED"}, timeout=150)
+    log = read(out)
+    assert info["Restarts"] == "1" and "requeueing (restart 1" in log, log[-4000:]
+    first, second = log.split("restart 1 of this job: resuming")
+    assert "2 process(es) on cpu" in first and "1 process(es) on cpu" in second, log[-4000:]
+    stopped = re.search(r"^stopped: SIGUSR1 at step (\d+);", first, re.M)
+    assert stopped and int(stopped[1]) == 21, log[-4000:]                   # mid epoch 1
+    assert "resuming at step 21, saved by 2 process(es), on 1" in second, second[-3000:]
+    assert read_json(run / "summary.json")["world_size"] == 1
+    assert max_diff(weights(run), weights(uninterrupted)) <= 1e-5
+    ema = [load_file(folder / "model-ema.safetensors") for folder in (run, uninterrupted)]
+    assert max_diff(*ema) <= 1e-5
 
 
 @pytest.mark.slow
