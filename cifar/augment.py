@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from .errors import UserError
 from .registry import Registry
@@ -36,22 +35,30 @@ def no_policy(cfg) -> None:
     return None
 
 
+def _v2():
+    """torchvision.transforms.v2, imported by the policies that use it only: importing torchvision adds about 2 s to
+    every process start (train.py, each DDP rank, each sweep run), and most runs use no policy."""
+    from torchvision.transforms import v2
+    return v2
+
+
 @POLICIES.register("autoaugment")
 def autoaugment(cfg) -> Callable:
     """AutoAugment's policy learned on CIFAR-10 (Cubuk et al. 2019): 25 sub-policies of two operations each."""
+    v2 = _v2()
     return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
 
 
 @POLICIES.register("randaugment")
 def randaugment(cfg) -> Callable:
     """RandAugment (Cubuk et al. 2020): 2 operations at magnitude 9 of 31, torchvision's defaults."""
-    return v2.RandAugment()
+    return _v2().RandAugment()
 
 
 @POLICIES.register("trivialaugment")
 def trivialaugment(cfg) -> Callable:
     """TrivialAugment Wide (Mueller and Hutter 2021): one operation at a random magnitude; no parameters."""
-    return v2.TrivialAugmentWide()
+    return _v2().TrivialAugmentWide()
 
 
 def build_policy(cfg) -> Optional[Callable]:
