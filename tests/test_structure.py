@@ -1,7 +1,9 @@
 """The package's shape: imports run one way (no module imports one that imports it back, however far round), and
-nothing imports the project's own modules or the standard library from inside a function, where a cycle hides."""
+nothing imports the project's own modules or the standard library from inside a function, where a cycle hides; and a
+training start does not pay for heavy libraries it does not use."""
 import ast
 import os
+import subprocess
 import sys
 
 import pytest
@@ -78,3 +80,22 @@ def test_no_function_local_import_of_the_project_or_the_standard_library(module)
     local = [name for name, in_function in imports(module) if in_function
              and (name.startswith("cifar") or name in sys.stdlib_module_names)]
     assert local == [], f"cifar/{module}.py imports {local} inside a function; import at the top of the module"
+
+
+# Each of these costs seconds of import at every process start (train.py, each DDP rank, each sweep run), and a
+# training run needs none unless its config asks: torchvision for a policy or a torchvision: model, matplotlib for
+# evaluate's PNGs, wandb when W&B is on.
+HEAVY = ("torchvision", "matplotlib", "wandb")
+
+
+def test_a_training_start_imports_no_heavy_library_it_does_not_need():
+    """What train.py imports up to training (cifar.train_cli, the engine, a debug config resolved and checked) leaves
+    torchvision, matplotlib and wandb unimported. A process: sys.modules here holds whatever other tests imported."""
+    code = ("import sys; from cifar.train_cli import main; import cifar.engine; "
+            "from cifar.config import load_config; load_config('configs/debug.yaml', ['data.augment=true']); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    root = os.path.dirname(PACKAGE)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[]"], f"imported at a training start: {proc.stdout.strip()}"
