@@ -80,6 +80,9 @@ def free_port() -> int:
 def env(**extra) -> dict:
     e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     e.pop("ACCELERATE_MIXED_PRECISION", None)
+    # wandb records its backend's address in os.environ (WANDB_SERVICE) when a test uses it in-process; a child given
+    # it would use that test's backend (or a dead one) instead of starting its own, as a user's command does
+    e.pop("WANDB_SERVICE", None)
     e.update(extra)
     return e
 
