@@ -217,7 +217,6 @@ def test_halving_the_batch_changes_no_augmented_image_and_no_target(loader, poli
 
 
 @pytest.mark.slow
-@pytest.mark.budget(seconds=240, reason="a 1-process and a 2-process training run (accelerate launch), together")
 def test_two_processes_equal_one_process_with_double_batch_under_every_augmentation(baseline):
     """DOUBLE_BATCH (84 images, global batch 12) with a policy, erasing, Cutout, MixUp, CutMix and label smoothing
     on the DataLoader path: 2 processes x 6 train the weights 1 process x 12 trains (fp32, within 1e-5), and log the

@@ -246,7 +246,7 @@ WORLDS = ["configs/debug.yaml", "data.limit_train=512", "data.limit_test=64", "d
 
 
 @pytest.mark.slow
-@pytest.mark.budget(seconds=150, reason="a 2-process SLURM job preempted mid-epoch and requeued (~6 s) on 1, and the "
+@pytest.mark.budget(seconds=100, reason="a 2-process SLURM job preempted mid-epoch and requeued (~6 s) on 1, and the "
                                         "shared uninterrupted 2-process run it is compared with")
 def test_a_two_process_job_requeued_on_one_process_resumes_as_the_uninterrupted_run(cluster, tmp_path, baseline):
     """The job's allocation changes while it waits to restart: 2 CPUs (CPUS_PER_PROCESS=1: 2 processes), preempted

@@ -77,8 +77,6 @@ def killed(tmp_path, procs) -> os.PathLike:
 
 
 @pytest.mark.slow
-@pytest.mark.budget(seconds=120, reason="a 2-process run killed mid-epoch, resumed on 1, against the shared "
-                                        "uninterrupted 2-process run (each DDP run 10-20 s here)")
 def test_killed_on_two_processes_resumed_on_one_ends_as_the_uninterrupted_two_process_run(tmp_path, two, caplog):
     """The same command on 1 process: train.grad_accum_steps goes from 1 to 2 by itself (data.global_batch), each
     rank-0 state is restored, the data continues at the same sample of epoch 1, and the weights, the moving average
@@ -108,8 +106,6 @@ def test_killed_on_two_processes_resumed_on_one_ends_as_the_uninterrupted_two_pr
 
 
 @pytest.mark.slow
-@pytest.mark.budget(seconds=150, reason="a 1-process run killed mid-epoch, resumed on 2, against both shared "
-                                        "uninterrupted runs (each DDP run 10-20 s here)")
 def test_killed_on_one_process_resumed_on_two_ends_as_the_uninterrupted_runs(tmp_path, one, two):
     """The reverse: killed on 1 process (2 accumulation steps), resumed on 2 (1): the weights, moving average and
     losses of the uninterrupted 1-process run, and so of the 2-process one.
