@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from . import log
+from . import log, precedence
 from .config_help import help_text
 from .data import build_batches
 from .errors import cli, exit_as_command
@@ -39,6 +39,8 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     """Exact accuracy on the test split, a report and two PNGs, and, when W&B is on, an eval run (job_type eval,
     in the recipe's group) or, with into_train_run, the training run itself."""
     cfg, model, weights = load_trained(checkpoint, overrides, pick)
+    # the launcher's precision and the WANDB_* variables, over the run's saved config as over a recipe
+    cfg = precedence.applied(cfg, overrides, "evaluate.py", base="the run's saved config", compiles=False)
     bare = is_state_dict_file(weights)
     accelerator = make_accelerator(cfg)
     _, test_batches = build_batches(accelerator, cfg.data, cfg.seed)
@@ -48,7 +50,7 @@ def evaluate_run(checkpoint: str, overrides: list[str], tta: str, output_dir: st
     images, labels, preds = result.samples or (None, [], [])   # None: no test image on this rank
     ema = os.path.basename(weights) == EMA_WEIGHTS
     report = {"checkpoint": weights, "weights": "ema" if ema else "trained", "step": step, "tta": tta,
-              "world_size": accelerator.num_processes,
+              "world_size": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
               "model": cfg.model.name, "normalize": cfg.data.normalize, "dataset": cfg.data.dataset,
               "accuracy": result.accuracy, "loss": result.loss, "count": result.count, "top_k": result.top_k,
               **result.top_k_entry("accuracy"),

@@ -6,6 +6,8 @@ config.yaml, summary.json and W&B record what was really used:
 
     cfg, notes = resolve(cfg, given_keys(overrides), os.environ)    # notes: one line per value the user set that lost
 
+evaluate.py resolves its run's saved config the same way (applied(..., "evaluate.py", compiles=False)).
+
 `accelerate launch` exports ACCELERATE_MIXED_PRECISION=no and ACCELERATE_DYNAMO_BACKEND=NO also when it was given
 nothing, so the variable alone cannot say whether the user asked. The rule: a value other than accelerate's default
 (no / NO / default) was chosen by someone (the flag, `accelerate config`'s file, or the variable exported by the
@@ -23,6 +25,7 @@ import typing
 
 import torch
 
+from . import log
 from .config import Config, TrainConfig, flatten, parse_overrides
 from .errors import UserError, shorten
 from .tracking import resolve_mode
@@ -71,14 +74,17 @@ def launcher_options(environ=os.environ, parent: int | None = None) -> set[str] 
     return {a[2:].split("=")[0].replace("-", "_") for a in options if a.startswith("--")}
 
 
-def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None = None) -> tuple[Config, list[str]]:
+def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None = None, command: str = "train.py",
+            base: str = "the recipe", compiles: bool = True) -> tuple[Config, list[str]]:
     """cfg with the launcher's and W&B's variables applied where the command line did not set the key; and one
     line for each value the user set that is not the one used. A launcher value this trainer cannot run is a
-    UserError naming it. parent: the launcher's process id (default this process's parent)."""
+    UserError naming it. parent: the launcher's process id (default this process's parent). command and base name
+    the command line and what it starts from in the lines (evaluate.py: the run's saved config); compiles=False for
+    a command that compiles nothing (evaluate.py), whose launcher's dynamo settings are then not the config's."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), wandb=dataclasses.replace(cfg.wandb))
     notes: list[str] = []
     options = launcher_options(environ, parent)
-    chose = _chooser(cfg, given, notes)
+    chose = _chooser(cfg, given, notes, command, base)
 
     precision = environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
     if _asked(precision, "no", "mixed_precision", options):
@@ -86,7 +92,7 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
         if "train.mixed_precision" not in given:
             _runnable(precision, where)
         chose("train.mixed_precision", precision, where)
-    backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "").strip().lower()
+    backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "").strip().lower() if compiles else ""
     if _asked(backend, "no", "dynamo_backend", options):
         where = _launcher("ACCELERATE_DYNAMO_BACKEND", "--dynamo_backend", backend, options)
         if backend not in ("no", "inductor") and "train.compile" not in given:
@@ -94,7 +100,7 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
                             f"launch with --dynamo_backend inductor or no, or set train.compile on train.py's "
                             f"command line")
         chose("train.compile", backend == "inductor", where)
-    mode = environ.get("ACCELERATE_DYNAMO_MODE", "").strip()
+    mode = environ.get("ACCELERATE_DYNAMO_MODE", "").strip() if compiles else ""
     if _asked(mode, "default", "dynamo_mode", options):
         where = _launcher("ACCELERATE_DYNAMO_MODE", "--dynamo_mode", mode, options)
         if mode not in COMPILE_MODES and "train.compile_mode" not in given:
@@ -118,6 +124,15 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
 
     notes.extend(process_count(environ))
     return cfg, notes
+
+
+def applied(cfg: Config, overrides: list[str], command: str = "train.py", **kw) -> Config:
+    """resolve() for a command's config and its command line's overrides, its lines said once, by the first
+    process (every rank resolves the same)."""
+    cfg, notes = resolve(cfg, given_keys(overrides), os.environ, command=command, **kw)
+    for note in notes if os.environ.get("RANK", "0") == "0" else ():
+        log.warning(note)
+    return cfg
 
 
 def process_count(environ=os.environ) -> list[str]:
@@ -155,9 +170,9 @@ def _runnable(precision: str, where: str) -> None:
         raise UserError(f"{where}: this GPU does not support bf16; launch with --mixed_precision fp16 or no")
 
 
-def _chooser(cfg: Config, given: set[str], notes: list[str]):
-    """set(key, value, where): the value from `where` unless train.py's command line set the key; a note when a
-    value someone set loses."""
+def _chooser(cfg: Config, given: set[str], notes: list[str], command: str, base: str):
+    """set(key, value, where): the value from `where` unless the command line set the key; a note when a value
+    someone set loses."""
     def choose(key: str, value, where: str) -> None:
         section, name = key.split(".")
         node = getattr(cfg, section)
@@ -165,12 +180,12 @@ def _chooser(cfg: Config, given: set[str], notes: list[str]):
         if current == value:
             return
         if key in given:
-            notes.append(f"{key}={_text(current)} from train.py's command line wins over {where}")
+            notes.append(f"{key}={_text(current)} from {command}'s command line wins over {where}")
             return
         setattr(node, name, value)
         if current is not None and current != []:       # a value replaced (a null or empty one says nothing)
-            notes.append(f"{key}={_text(value)} from {where} wins over the recipe's {_text(current)}; set {key} on "
-                         f"train.py's command line to choose")
+            notes.append(f"{key}={_text(value)} from {where} wins over {base}'s {_text(current)}; set {key} on "
+                         f"{command}'s command line to choose")
     return choose
 
 

@@ -1,8 +1,6 @@
 """train.py's work (`cifar-train`): its command line (--config, overrides, --print-config) to engine.train."""
 import argparse
 
-import os
-
 from . import log, precedence, shipped
 from .config import load_config
 from .config_help import help_text
@@ -36,9 +34,7 @@ def main(argv=None):
     cfg = load_config(args.config, overrides)
     # the launcher's and W&B's variables, under train.py's own keys (cifar/precedence.py); every rank resolves the
     # same, the first says what lost
-    cfg, notes = precedence.resolve(cfg, precedence.given_keys(overrides), os.environ)
-    for note in notes if os.environ.get("RANK", "0") == "0" else ():
-        log.warning(note)
+    cfg = precedence.applied(cfg, overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return

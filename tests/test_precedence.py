@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import DOUBLE_BATCH, ROOT, env, free_port, max_diff, read_json, weights
 from inprocess import call, refusal
+from test_wandb_training import leet, runs_in, wandb_env
 
 from cifar import precedence
 from cifar.config import load_config
@@ -253,3 +254,36 @@ def test_torchrun_trains_as_accelerate_launch_does(tmp_path, baseline):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_json(out / "summary.json")["world_size"] == 2
     assert max_diff(weights(out), weights(two)) == 0.0
+
+
+
+@pytest.mark.slow
+def test_evaluate_resolves_like_train_over_the_runs_saved_config(tmp_path, capsys):
+    """evaluate.py: $ACCELERATE_MIXED_PRECISION=bf16 evaluates a run trained in `no` with bf16 autocast, says so in
+    one line and records it in eval.json; train.mixed_precision=no on evaluate.py's command line wins over it, with
+    its line; the launcher's dynamo backend is not evaluate's (it compiles nothing): no line. $WANDB_PROJECT lands
+    the W&B offline eval run in that project, over the saved config's, with its line. The run is trained in this
+    process; evaluate.py runs as a process, as launched (an Accelerator's precision is fixed per process)."""
+    run = tmp_path / "run"
+    call("train.py", "--config", DEBUG, "data.limit_train=64", "data.limit_test=32", "train.epochs=1",
+         f"output_dir={run}")
+
+    def evaluated(out, *overrides, **environ):
+        proc = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(run), "--output", str(out),
+                               *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=env(ACCELERATE_MIXED_PRECISION="bf16", ACCELERATE_DYNAMO_BACKEND="inductor",
+                                      **environ))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+        return read_json(out / "eval.json")["mixed_precision"], warnings
+
+    assert evaluated(tmp_path / "a", **wandb_env(tmp_path, WANDB_PROJECT="elsewhere")) == ("bf16", [
+        "warning: train.mixed_precision=bf16 from $ACCELERATE_MIXED_PRECISION=bf16 wins over the run's saved config's "
+        "no; set train.mixed_precision on evaluate.py's command line to choose",
+        "warning: wandb.project=elsewhere from $WANDB_PROJECT=elsewhere wins over the run's saved config's cifar10; "
+        "set wandb.project on evaluate.py's command line to choose"])
+    (eval_run,) = runs_in(tmp_path / "a")
+    assert [r["run"]["project"] for r in leet(eval_run) if r["type"] == "run"] == ["elsewhere"]
+    assert evaluated(tmp_path / "b", "train.mixed_precision=no") == ("no", [
+        "warning: train.mixed_precision=no from evaluate.py's command line wins over $ACCELERATE_MIXED_PRECISION=bf16"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "no"   # the run's own
