@@ -224,7 +224,7 @@ def make_rows(runs: list[RunRecord], loaded: list[RunRecord], by_seed: bool, dif
     return rows
 
 
-def build(args: argparse.Namespace) -> View:
+def build_view(args: argparse.Namespace) -> View:
     loaded = read_runs(args.runs)
     runs = select(loaded, args)
     by_seed = args.by_seed or (not args.each_run and any(len(g) > 1 for g in seed_groups(runs)))
@@ -269,8 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli
 def main(argv=None) -> None:
     args = parse_args(argv)
-    view = build(args)
-    compare_output.write(view, args.format)
+    view = build_view(args)
+    compare_output.print_view(view, args.format)
     compare_plot.save(compare_plot.figure(view.rows, view.plotted), args.output)
     # table: for a person, on stdout as always; md/csv/json: stdout holds only the data, so a pipe can read it
     print(f"wrote {args.output}", file=sys.stdout if args.format == "table" else sys.stderr)

@@ -128,7 +128,7 @@ def _csv_cell(value):
     return "" if value is None else show(value) if value is MISSING or isinstance(value, (bool, dict)) else value
 
 
-def write(view, fmt: str) -> None:
+def print_view(view, fmt: str) -> None:
     raws, texts = map(list, zip(*(record(row, view) for row in view.rows)))
     if fmt == "table":
         print_table(view, raws, texts)

@@ -106,7 +106,7 @@ def train(cfg: Config) -> dict:
             state.epoch, state.samples_in_epoch = epoch + 1, 0
             run.meters.epoch, run.meters.epoch_start = StepStats.start(run.accelerator.device), time.perf_counter()
             if run.checkpoints.should_save(state.step, epoch_end=epoch):
-                save(run, result.accuracy if evaluated else None)
+                save_checkpoint(run, result.accuracy if evaluated else None)
         check_finite(run)                              # the final weights, before anything writes them
     except Stopped:
         raise
@@ -149,7 +149,7 @@ def train_epoch(run: Run, epoch: int) -> dict:
         optimizer_step(run, window, epoch)
         stopping = run.stop.agreed(accelerator)
         if run.checkpoints.should_save(state.step, last_window=done == batches, stopping=stopping):
-            path = save(run)
+            path = save_checkpoint(run)
             if stopping:
                 run.report.stopped(state.step, run.stop.name, path)
                 # The handlers stay installed: the launcher's own SIGTERM to the other ranks (sent when the first
@@ -225,7 +225,7 @@ def evaluate_ema(run: Run) -> dict:
     return {"test/ema_loss": result.loss, "test/ema_acc": result.accuracy}
 
 
-def save(run: Run, acc: float | None = None) -> str | None:
+def save_checkpoint(run: Run, acc: float | None = None) -> str | None:
     """A checkpoint of where the loop stands now (every rank calls this; the main process writes); never of
     diverged weights."""
     state, meters = run.state, run.meters

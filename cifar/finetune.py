@@ -76,7 +76,7 @@ def source_model(weights: str) -> str | None:
         return None
 
 
-def _names(items: list[str]) -> str:
+def _listed(items: list[str]) -> str:
     more = f" and {len(items) - LISTED} more" if len(items) > LISTED else ""
     return ", ".join(items[:LISTED]) + more
 
@@ -104,12 +104,12 @@ def init_from(model: torch.nn.Module, cfg: ModelConfig) -> dict:
     digest = sha256(path)
     parts = [f"model.init_from: {len(fits)} of {len(own)} tensors from {path} (sha256 {digest[:12]})"]
     if reshaped:
-        parts.append("re-initialised, shape differs: " + _names(
+        parts.append("re-initialised, shape differs: " + _listed(
             [f"{k} {list(state[k].shape)} -> {list(own[k].shape)}" for k in reshaped]))
     if missing:
-        parts.append("not in the file, initialised: " + _names(missing))
+        parts.append("not in the file, initialised: " + _listed(missing))
     if unexpected:
-        parts.append("in the file but not in the model, ignored: " + _names(unexpected))
+        parts.append("in the file but not in the model, ignored: " + _listed(unexpected))
     log.info("; ".join(parts))
     return {"path": path, "sha256": digest, "loaded": len(fits), "reinitialised": reshaped, "missing": missing,
             "unexpected": unexpected}

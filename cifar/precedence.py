@@ -120,7 +120,7 @@ def resolve(cfg: Config, given: set[str], environ=os.environ, parent: int | None
             value = [t.strip() for t in text.split(",") if t.strip()]
         else:
             value = text
-        chose(f"wandb.{key}", value, f"${variable}={_text(text)}")
+        chose(f"wandb.{key}", value, f"${variable}={_shown(text)}")
 
     notes.extend(process_count(environ))
     return cfg, notes
@@ -154,7 +154,7 @@ def _asked(value: str, default: str, option: str, options: set[str] | None) -> b
 
 def _launcher(variable: str, flag: str, value: str, options: set[str] | None) -> str:
     if options is None:
-        return f"${variable}={_text(value)}"
+        return f"${variable}={_shown(value)}"
     return f"the launcher's {value} (accelerate launch {flag}, its config file or ${variable})"
 
 
@@ -180,19 +180,19 @@ def _chooser(cfg: Config, given: set[str], notes: list[str], command: str, base:
         if current == value:
             return
         if key in given:
-            notes.append(f"{key}={_text(current)} from {command}'s command line wins over {where}")
+            notes.append(f"{key}={_shown(current)} from {command}'s command line wins over {where}")
             return
         setattr(node, name, value)
         if current is not None and current != []:       # a value replaced (a null or empty one says nothing)
-            notes.append(f"{key}={_text(value)} from {where} wins over {base}'s {_text(current)}; set {key} on "
+            notes.append(f"{key}={_shown(value)} from {where} wins over {base}'s {_shown(current)}; set {key} on "
                          f"{command}'s command line to choose")
     return choose
 
 
-def _text(value) -> str:
+def _shown(value) -> str:
     """A value as an override writes it: true, null, a,b; a long string cut (errors.shorten)."""
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, list):
-        return ",".join(map(_text, value))
+        return ",".join(map(_shown, value))
     return shorten(value) if isinstance(value, str) and len(value) > 80 else str(value)

@@ -92,8 +92,8 @@ def _refuse_what_cannot_change(path: str, diff: dict[str, tuple]) -> None:
                         f"another output_dir")
     refused = {k: v for k, v in diff.items() if not k.startswith(APPLIED)}
     if refused:
-        changes = ", ".join(f"{k}: {_text(old)} -> {_text(new)}" for k, (old, new) in refused.items())
-        keep = " ".join(f"{k}={_text(old)}" for k, (old, _) in refused.items())
+        changes = ", ".join(f"{k}: {_as_yaml(old)} -> {_as_yaml(new)}" for k, (old, new) in refused.items())
+        keep = " ".join(f"{k}={_as_yaml(old)}" for k, (old, _) in refused.items())
         raise UserError(f"cannot resume {path} with another {', '.join(refused)} ({changes}): the steps already "
                         f"trained would belong to another recipe; resume with {keep}, or {_FRESH}")
 
@@ -105,13 +105,13 @@ def resume(checkpoints: Checkpoints, path: str, cfg: Config, total_steps: int) -
     step = saved["state"]["step"]
     diff = config_diff(saved["config"], cfg.to_dict())
     if diff.keys() & set(LENGTH) and total_steps <= step:
-        raise UserError(f"with {', '.join(f'{k}={_text(diff[k][1])}' for k in LENGTH if k in diff)} the run ends "
+        raise UserError(f"with {', '.join(f'{k}={_as_yaml(diff[k][1])}' for k in LENGTH if k in diff)} the run ends "
                         f"at step {total_steps}, but checkpoint {path} is at step {step}; train longer than that, or "
                         f"evaluate it as it is: evaluate.py --checkpoint {path}")
     state = checkpoints.load(path)
     changes = [{"step": step, "key": key, "from": old, "to": new} for key, (old, new) in diff.items()]
     for change in changes:   # every rank knows; the log shows it once (CIFAR_LOG_ALL_RANKS=1: from each)
-        log.info(f"resuming at step {step} with {change['key']}: {_text(change['from'])} -> {_text(change['to'])}, "
+        log.info(f"resuming at step {step} with {change['key']}: {_as_yaml(change['from'])} -> {_as_yaml(change['to'])}, "
                  f"applied from step {step + 1} on (recorded in summary.json's config_changes)")
     state.config_changes = [*state.config_changes, *changes]
     saved_world, world = saved["state"].get("world_size", 1), checkpoints.accelerator.num_processes
@@ -153,6 +153,6 @@ def _finished(run_dir: str, path: str) -> bool:
     return status.get("state") == FINISHED and summary.get("steps") == step_of(path)
 
 
-def _text(value) -> str:
+def _as_yaml(value) -> str:
     """A value as an override would spell it (null, true, 0.01)."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()

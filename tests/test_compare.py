@@ -19,7 +19,7 @@ from PIL import Image
 
 from cifar import compare_output, compare_plot, compare_runs, console, nested, tracking
 from cifar import config as config_module
-from cifar.compare import build, main, parse_args, read_run
+from cifar.compare import build_view, main, parse_args, read_run
 from conftest import ROOT, env, lock_held_by_child, read_json, read_jsonl
 from test_sweep import as_yaml, sweep_doc
 
@@ -118,7 +118,7 @@ TOP5_OUTCOME_KEYS = ["best", "final", "test/acc_top5", "steps", "time", "images_
 
 def view(*args):
     """What `python -m cifar.compare ARGS` shows, in-process (no PNG): the rows and the settings."""
-    return build(parse_args([*args]))
+    return build_view(parse_args([*args]))
 
 
 def names(v) -> list[str]:
@@ -201,7 +201,7 @@ def test_missing_keys_and_empty_runs(tmp_path, capsys):
         (tmp_path / name / "config.yaml").write_text(config + "\n")
     assert names(view(str(tmp_path), "--sort", "optim.lr")) == ["a", "b", "c"]
     assert names(view(str(tmp_path), "--sort", "-optim.lr")) == ["b", "a", "c"]
-    compare_output.write(view(str(tmp_path)), "csv")
+    compare_output.print_view(view(str(tmp_path)), "csv")
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows == [["run", "optim.lr", *OUTCOME_KEYS], ["a", "0.1", "", "", "", "", "", "killed"],
                     ["b", "0.3", "", "", "", "", "", "killed"], ["c", "-", "", "", "", "", "", "killed"]]
@@ -239,7 +239,7 @@ def test_a_binary_config_and_wrong_typed_rows_are_one_line_or_shown_never_a_trac
 
 @pytest.mark.parametrize("fmt", ["md", "csv"])  # json, and the PNG's line on stderr: test_the_columns_are_exactly...
 def test_formats_hold_only_their_output(runs, capsys, fmt):
-    compare_output.write(view(*runs), fmt)
+    compare_output.print_view(view(*runs), fmt)
     out, err = capsys.readouterr()
     assert err == ""
     if fmt == "csv":

@@ -137,7 +137,7 @@ def test_compare_shows_top5_when_a_run_has_it_and_old_runs_still_compare(tmp_pat
 def shown(fmt: str, *args: str) -> str:
     """What python -m cifar.compare ARGS --format FMT prints."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        compare_output.write(compare.build(compare.parse_args(list(args))), fmt)
+        compare_output.print_view(compare.build_view(compare.parse_args(list(args))), fmt)
     return out.getvalue()
 
 
